@@ -1,0 +1,176 @@
+"""Benchmarks: accuracy and time on real data (not run in CI, never a timed test).
+
+    python benchmarks/run.py --list
+    python benchmarks/run.py NAME [--data-dir DIR] [--device auto] [--repeat 3] [--set key=value ...]
+
+Entries live in ``benchmarks/weekNN.py`` files, each with a dict ``ENTRIES`` of
+``name -> Benchmark``. Every repeat runs in a fresh subprocess (so peak memory is per run);
+the result file ``benchmarks/results/NAME.json`` holds the median metric, the median wall time,
+every run, the peak resident memory, device, hardware, torch version and git commit, and one
+line is printed. Targets of the form "faster than X" run X inside the same entry and report
+the ratio, because this machine's absolute speed drifts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+@dataclass
+class Benchmark:
+    """``run(data_dir, device, options) -> {"metric": name, "value": number, ...extras}``."""
+
+    run: Callable[[str, str, dict], dict]
+    description: str
+    higher_is_better: bool = True
+
+
+def entries() -> dict[str, Benchmark]:
+    found: dict[str, Benchmark] = {}
+    sys.path.insert(0, str(HERE.parent))
+    for module_file in sorted(HERE.glob("week[0-9][0-9]*.py")):
+        module = importlib.import_module(f"benchmarks.{module_file.stem}")
+        for name, bench in getattr(module, "ENTRIES", {}).items():
+            if name in found:
+                raise SystemExit(f"benchmark {name!r} is defined twice")
+            found[name] = bench
+    return found
+
+
+def hardware() -> dict:
+    info = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"error: --set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def run_once(name: str, data_dir: str, device: str, options: dict) -> dict:
+    """Run one benchmark in this process; returns its result with wall time and peak memory."""
+    bench = entries()[name]
+    t0 = time.perf_counter()
+    result = bench.run(data_dir, device, options)
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("name", nargs="?", help="benchmark to run (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--data-dir", default="", help="data root holding the real data sets")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--repeat", type=int, default=1, help="runs (each a fresh process); the median is kept")
+    parser.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option for the entry (e.g. --set budget_s=60)")
+    parser.add_argument("--once", metavar="JSON_OUT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    table = entries()
+    if args.list:
+        for name, bench in table.items():
+            print(f"{name:22s} {bench.description}")
+        return 0
+    if args.name not in table:
+        parser.error(f"unknown benchmark {args.name!r}; run with --list to see them")
+    options = parse_options(args.options)
+    if args.once:  # child process: run and hand the result back through a file
+        Path(args.once).write_text(json.dumps(run_once(args.name, args.data_dir, args.device, options)))
+        return 0
+    runs = []
+    for i in range(max(args.repeat, 1)):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), args.name, "--data-dir", args.data_dir,
+                   "--device", args.device, "--once", str(out), *sum((["--set", o] for o in args.options), [])]
+            child = subprocess.run(cmd)
+            if child.returncode != 0:
+                print(f"error: benchmark {args.name} run {i + 1} failed (exit {child.returncode})", file=sys.stderr)
+                return child.returncode
+            runs.append(json.loads(out.read_text()))
+    bench = table[args.name]
+    values = [r["value"] for r in runs]
+    record = {
+        "name": args.name,
+        "description": bench.description,
+        "metric": runs[0]["metric"],
+        "value": statistics.median(values),
+        "wall_s": statistics.median(r["wall_s"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "repeats": len(runs),
+        "runs": runs,
+        "command": "python benchmarks/run.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
+        "device": args.device,
+        "hardware": hardware(),
+        "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    from common.io import atomic_write_text
+
+    atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
+    spread = f" (runs: {', '.join(f'{v:.4g}' for v in values)})" if len(values) > 1 else ""
+    print(f"{args.name}: {record['metric']}={record['value']:.4g}{spread} wall={record['wall_s']}s "
+          f"peak_rss={record['peak_rss_mib']}MiB -> {RESULTS / (args.name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Devices, seeds and mixed precision."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+
+import numpy as np
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; any other name is checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from common.errors import LabError
+
+        raise LabError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        from common.errors import LabError
+
+        raise LabError("--device mps was asked for but MPS is not available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch so CPU runs repeat exactly; returns a torch generator
+    (on the CPU) for code that wants its own stream of random numbers."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype worth using on this device, or None for full fp32.
+
+    bf16 keeps fp32's exponent range, so it needs no loss scaling; fp16 (older GPUs) does.
+    On the CPU autocast rarely pays off for these small models, so we stay in fp32.
+    """
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """A context manager for the forward pass: autocast on CUDA, a no-op elsewhere."""
+    dtype = amp_dtype(device) if enabled else None
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 autocast (bf16 and fp32 need none)."""
+    active = enabled and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=active)
+
+
+def describe(device: torch.device) -> dict:
+    """What ran the job: saved with every run so that figures can be compared honestly."""
+    info = {
+        "device": str(device),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = str(torch.version.cuda)
+    return info
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool = True,
+                  compile: bool = False) -> torch.nn.Module:
+    """Move ``model`` to ``device``; on CUDA store conv weights channels_last (NHWC), which
+    tensor cores prefer; optionally ``torch.compile`` it (worth it for long GPU runs only:
+    compiling costs tens of seconds up front)."""
+    model = model.to(device)
+    if channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
+    return model

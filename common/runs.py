@@ -1,0 +1,184 @@
+"""One folder per run, and an index of runs to compare them.
+
+    <out>/<weekNN>/<script>/<timestamp>/
+        config.yaml    the resolved config, library versions, device
+        metrics.csv    one row per epoch (or step)
+        summary.json   final metrics, wall time, device (tests and benchmarks read this)
+        *.png          plots
+        checkpoint.pt  where there is a model
+
+``<out>/index.jsonl`` gets one line per finished run. ``python -m common.runs`` prints the
+index as a table (only the config fields that differ between runs) and plots a metric
+of the chosen runs on one figure: the curriculum's "experiment log".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from common.device import describe
+from common.io import atomic_write_text
+
+
+def week_and_script(script_file: str | Path) -> tuple[str, str]:
+    """``.../week03_cnn/part2.py`` -> ("week03", "part2"); a copied script outside a week
+    folder is filed under its folder's name."""
+    path = Path(script_file).resolve()
+    match = re.match(r"(week\d\d)", path.parent.name)
+    return (match.group(1) if match else path.parent.name or "scripts"), path.stem
+
+
+class Run:
+    """The output folder of one run. Create it with ``Run.start(cfg, __file__, device)``."""
+
+    def __init__(self, directory: Path, out: Path, week: str, script: str, config: dict, device: torch.device):
+        self.dir, self.out, self.week, self.script = directory, out, week, script
+        self.config, self.device = config, device
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    @classmethod
+    def start(cls, cfg, script_file: str | Path, device: torch.device, quiet: bool = False) -> Run:
+        week, script = week_and_script(script_file)
+        out = Path(cfg.out)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        directory = out / week / script / stamp
+        n = 1
+        while directory.exists():  # two runs in the same second get -2, -3, ...
+            n += 1
+            directory = out / week / script / f"{stamp}-{n}"
+        directory.mkdir(parents=True)
+        config = cfg.to_dict()
+        run = cls(directory, out, week, script, config, device)
+        meta = {"script": f"{week}/{script}", "started": datetime.now().isoformat(timespec="seconds"),
+                "config": config, "environment": describe(device)}
+        atomic_write_text(directory / "config.yaml", yaml.safe_dump(meta, sort_keys=False))
+        if not quiet:
+            settings = " ".join(f"{k}={v}" for k, v in config.items())
+            print(f"[{week}/{script}] device={device} {settings}")
+            print(f"[{week}/{script}] writing to {directory}")
+        return run
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def log(self, **metrics: Any) -> None:
+        """Append one row (e.g. epoch=3, train_loss=..., val_acc=...) to metrics.csv."""
+        self.rows.append({k: _scalar(v) for k, v in metrics.items()})
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.dir / "metrics.csv", buffer.getvalue())
+
+    def history(self, key: str) -> list:
+        return [row[key] for row in self.rows if key in row]
+
+    def finish(self, **summary: Any) -> dict:
+        """Write summary.json, add the run to the index, and return the summary."""
+        summary = {k: _scalar(v) for k, v in summary.items()}
+        summary.update(wall_time_s=round(time.perf_counter() - self.started, 3), device=str(self.device),
+                       run_dir=str(self.dir))
+        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        entry = {"week": self.week, "script": self.script, "dir": str(self.dir), "config": self.config,
+                 "summary": summary}
+        with open(self.out / "index.jsonl", "a") as index:
+            index.write(json.dumps(entry) + "\n")
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if k != "run_dir")
+        print(f"[{self.week}/{self.script}] done: {shown}")
+        return summary
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()  # NumPy scalars
+    return value
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ----------------------------------------------------------------------------------------
+# The experiment log: compare runs from the index
+# ----------------------------------------------------------------------------------------
+def read_index(out: str | Path, script: str | None = None) -> list[dict]:
+    """Runs in ``<out>/index.jsonl``, oldest first; ``script`` filters on "weekNN/name"."""
+    index = Path(out) / "index.jsonl"
+    if not index.exists():
+        return []
+    entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    if script:
+        entries = [e for e in entries if f"{e['week']}/{e['script']}" == script or e["script"] == script]
+    return entries
+
+
+def compare_table(entries: list[dict], metrics: list[str] | None = None) -> str:
+    """A plain-text table: one row per run, the config fields that differ, and metrics."""
+    if not entries:
+        return "no runs found"
+    keys = list(dict.fromkeys(k for e in entries for k in e["config"]))
+    varying = [k for k in keys if len({json.dumps(e["config"].get(k)) for e in entries}) > 1
+               and k not in ("out", "data_dir")]
+    if metrics is None:
+        metrics = [k for k in dict.fromkeys(k for e in entries for k in e["summary"])
+                   if k not in ("run_dir", "device") and isinstance(entries[-1]["summary"].get(k), (int, float))]
+    header = ["run", *varying, *metrics]
+    rows = [[f"{e['week']}/{e['script']}/{Path(e['dir']).name}",
+             *(_fmt(e["config"].get(k)) for k in varying),
+             *(_fmt(e["summary"].get(k, "")) for k in metrics)] for e in entries]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def compare_plot(entries: list[dict], metric: str, path: str | Path, x: str = "epoch") -> Path | None:
+    """Plot ``metric`` against ``x`` from each run's metrics.csv on one figure."""
+    from common.plots import plot_curves
+
+    curves = {}
+    for e in entries:
+        csv_path = Path(e["dir"]) / "metrics.csv"
+        if not csv_path.exists():
+            continue
+        rows = list(csv.DictReader(csv_path.open()))
+        points = [(float(r[x]), float(r[metric])) for r in rows if r.get(metric) not in (None, "") and r.get(x)]
+        if points:
+            curves[Path(e["dir"]).name + " " + e["script"]] = points
+    if not curves:
+        return None
+    return plot_curves(curves, path, xlabel=x, ylabel=metric, title=f"{metric} by run")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compare runs from the run index (the experiment log).")
+    parser.add_argument("--out", default="runs", help="the --out folder the runs wrote to (default: runs)")
+    parser.add_argument("--script", help="only runs of this script, e.g. week02/optimizers")
+    parser.add_argument("--last", type=int, default=20, help="show the last N runs (default: 20)")
+    parser.add_argument("--plot", metavar="METRIC", help="also plot this metrics.csv column for each run")
+    args = parser.parse_args(argv)
+    entries = read_index(args.out, args.script)[-args.last:]
+    print(compare_table(entries))
+    if args.plot and entries:
+        path = compare_plot(entries, args.plot, Path(args.out) / f"compare_{args.plot}.png")
+        print(f"plot: {path}" if path else f"no run logged {args.plot!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Shared test fixtures: an offline environment for subprocess runs, and the repo root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOSED_PORT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections fail at once
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a script run as a learner would, but with no network and no data:
+    every proxy points at a closed local port and the data root is an empty folder."""
+    env = dict(os.environ)
+    for key in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        env[key] = CLOSED_PORT
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    env["DL_LABS_DATA"] = str(tmp_path / "empty-data-root")
+    env["DL_LABS_CACHE"] = str(tmp_path / "cache")
+    env["MPLBACKEND"] = "Agg"
+    # Two pytest workers share 2 cores: one thread per script avoids oversubscription.
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def run_script(script: Path | str, *args: str, tmp_path: Path, cwd: Path | None = None,
+               timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``python script args`` offline, capturing text output."""
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd or tmp_path, env=offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """The same offline environment for code run inside the test process."""
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    return tmp_path
