@@ -37,6 +37,7 @@ class BaseConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     data_dir: str = ""  # data root; empty: $DL_LABS_DATA, else ~/.cache/dl-labs/data
     out: str = "runs"  # runs are written to OUT/weekNN/script/timestamp/
+    resume: str = ""  # a checkpoint.pt to continue training from (scripts that train a model)
 
     # Field values that --smoke replaces (a script sets its own, e.g. {"epochs": 1}).
     SMOKE: ClassVar[dict[str, Any]] = {}
