@@ -32,7 +32,7 @@ from common.errors import LabError
 class BaseConfig:
     """The flags every script has. A script's Config subclasses this and adds its own."""
 
-    smoke: bool = False  # tiny offline synthetic data and few steps: finishes in seconds
+    smoke: bool = False  # tiny offline data (synthetic twins; bundled sets stay real), few steps: seconds
     seed: int = 0  # seeds Python, NumPy and torch so CPU runs repeat
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     data_dir: str = ""  # data root; empty: $DL_LABS_DATA, else ~/.cache/dl-labs/data

@@ -260,15 +260,15 @@ def _cifar10(root: Path) -> ImageData:
 def _sklearn(loader_name: str, test_fraction: float = 0.2) -> Callable[[Path], TabularData]:
     """Small real data sets bundled inside scikit-learn: offline, no download."""
 
-    def load_real(root: Path, seed: int = 0) -> TabularData:
+    def load_real(root: Path) -> TabularData:
         import sklearn.datasets
 
         bunch = getattr(sklearn.datasets, loader_name)()
         x = torch.tensor(bunch.data, dtype=torch.float32)
         is_classification = hasattr(bunch, "target_names")
         y = torch.tensor(bunch.target, dtype=torch.long if is_classification else torch.float32)
-        # A fixed stratified-enough split: shuffle with a fixed seed so every run sees the same.
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        # A fixed random split (seed 0), the same in every run, so test figures are comparable.
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
         n_test = int(round(test_fraction * len(x)))
         test, train = perm[:n_test], perm[n_test:]
         classes = [str(c) for c in bunch.target_names] if is_classification else []

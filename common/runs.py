@@ -47,6 +47,7 @@ class Run:
         self.dir, self.out, self.week, self.script = directory, out, week, script
         self.config, self.device = config, device
         self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []
         self.started = time.perf_counter()
 
     @classmethod
@@ -75,14 +76,24 @@ class Run:
         return self.dir / name
 
     def log(self, **metrics: Any) -> None:
-        """Append one row (e.g. epoch=3, train_loss=..., val_acc=...) to metrics.csv."""
-        self.rows.append({k: _scalar(v) for k, v in metrics.items()})
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        """Append one row (e.g. epoch=3, train_loss=..., val_acc=...) to metrics.csv.
+
+        Rows are appended; only when a row brings a new column is the file rewritten (with the
+        new header), so logging every step stays cheap.
+        """
+        row = {k: _scalar(v) for k, v in metrics.items()}
+        self.rows.append(row)
+        path = self.dir / "metrics.csv"
+        if self.columns and set(row) <= set(self.columns):
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+            return
+        self.columns = list(dict.fromkeys([*self.columns, *row]))
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer = csv.DictWriter(buffer, fieldnames=self.columns)
         writer.writeheader()
         writer.writerows(self.rows)
-        atomic_write_text(self.dir / "metrics.csv", buffer.getvalue())
+        atomic_write_text(path, buffer.getvalue())
 
     def history(self, key: str) -> list:
         return [row[key] for row in self.rows if key in row]
