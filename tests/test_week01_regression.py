@@ -1,0 +1,315 @@
+"""Week 1: hand gradients == finite differences == autograd, gradient descent == closed form,
+and the claims the lab makes (divergence above 2/lambda_max, overfitting with degree, ...)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.config import parse_config
+from common.errors import LabError
+from common.parity import assert_close, max_relative_error, numerical_grad, torch_reference
+from tests.conftest import ROOT, run_script
+from week01_regression import manual_vs_autograd, part1, part2, pipeline
+
+PART1 = ROOT / "week01_regression" / "part1.py"
+
+# Tolerances (float64). Hand-derived vs autograd: the same arithmetic in another order, so
+# only rounding differs. Finite differences carry O(eps^2) truncation + O(1e-16/eps) rounding.
+AUTOGRAD_RTOL, AUTOGRAD_ATOL = 1e-10, 1e-12
+FINITE_DIFF_MAX_REL_ERROR = 1e-7
+
+
+def regression_problem(n: int = 30, d: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = X @ rng.normal(size=d) + 0.7 + 0.1 * rng.normal(size=n)
+    return X, y, rng.normal(size=d), float(rng.normal())
+
+
+def classification_problem(n: int = 40, d: int = 5, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = (X @ rng.normal(size=d) + 0.5 * rng.normal(size=n) > 0).astype(np.float64)
+    return X, y, rng.normal(size=d), float(rng.normal())
+
+
+def check_gradients(loss_and_grad, torch_loss, w, b):
+    """hand == finite differences (max relative error) and hand == autograd (values too)."""
+    loss, grad_w, grad_b = loss_and_grad(w, b)
+    numeric = numerical_grad(lambda t: loss_and_grad(t[:-1], t[-1])[0], np.append(w, b))
+    assert max_relative_error(np.append(grad_w, grad_b), numeric) < FINITE_DIFF_MAX_REL_ERROR
+    out, (auto_w, auto_b) = torch_reference(torch_loss, w, np.array(b))
+    assert_close(loss, out, "loss", AUTOGRAD_RTOL, AUTOGRAD_ATOL)
+    assert_close(grad_w, auto_w, "dL/dw", AUTOGRAD_RTOL, AUTOGRAD_ATOL)
+    assert_close(grad_b, auto_b, "dL/db", AUTOGRAD_RTOL, AUTOGRAD_ATOL)
+
+
+# ----------------------------------------------------------------------------------------
+# Part 1: gradients
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("l2", [0.0, 0.7])
+def test_mse_gradient_matches_finite_differences_and_autograd(l2):
+    X, y, w, b = regression_problem()
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    check_gradients(lambda w, b: part1.mse_loss_and_grad(X, y, w, b, l2),
+                    lambda w, b: F.mse_loss(Xt @ w + b, yt) + l2 * (w * w).sum(), w, b)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+def test_logistic_gradient_matches_finite_differences_and_autograd(l2):
+    X, y, w, b = classification_problem()
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    check_gradients(lambda w, b: part1.logistic_loss_and_grad(X, y, w, b, l2),
+                    lambda w, b: F.binary_cross_entropy_with_logits(Xt @ w + b, yt) + l2 * (w * w).sum(), w, b)
+
+
+def test_logistic_loss_is_stable_for_extreme_logits():
+    X, y, w, b = classification_problem()
+    w_huge = 1e4 * w  # logits in the tens of thousands: exp(z) would overflow, sigmoid would round to 0/1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or divide-by-zero warning allowed
+        loss, grad_w, _ = part1.logistic_loss_and_grad(X, y, w_huge, b)
+        p = part1.sigmoid(np.array([-1e4, -30.0, 0.0, 30.0, 1e4]))
+    expected = F.binary_cross_entropy_with_logits(torch.from_numpy(X @ w_huge + b), torch.from_numpy(y)).item()
+    assert np.isfinite(loss) and np.all(np.isfinite(grad_w))
+    assert loss == pytest.approx(expected, rel=1e-12)
+    assert_close(p, torch.sigmoid(torch.tensor([-1e4, -30.0, 0.0, 30.0, 1e4], dtype=torch.float64)).numpy(),
+                 "sigmoid", rtol=1e-12, atol=0)
+
+
+def test_gradient_check_helper_reports_small_error_for_right_and_large_for_wrong_gradient():
+    X, y, w, b = regression_problem()
+    right = part1.gradient_check(lambda w, b: part1.mse_loss_and_grad(X, y, w, b), w, b)
+
+    def wrong(w, b):  # forgot the factor 2 of the derivative of the square
+        loss, grad_w, grad_b = part1.mse_loss_and_grad(X, y, w, b)
+        return loss, grad_w / 2, grad_b / 2
+
+    assert right < FINITE_DIFF_MAX_REL_ERROR
+    assert part1.gradient_check(wrong, w, b) > 0.1
+
+
+# ----------------------------------------------------------------------------------------
+# Part 1: gradient descent, closed form, ridge
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def diabetes():
+    return part1.load_arrays("diabetes")
+
+
+def test_features_are_standardized_with_training_statistics(diabetes):
+    assert_close(diabetes.x_train.mean(axis=0), np.zeros(10), "train mean", atol=1e-12)
+    assert_close(diabetes.x_train.std(axis=0), np.ones(10), "train std", atol=1e-12)
+    assert not np.allclose(diabetes.x_test.mean(axis=0), 0, atol=1e-3)  # test set: train statistics, not its own
+
+
+def test_gradient_descent_converges_to_the_closed_form(diabetes):
+    descent = part1.train_linear(diabetes.x_train, diabetes.y_train, lr=0.2, steps=10000)
+    w, b = part1.closed_form(diabetes.x_train, diabetes.y_train)
+    assert not descent.diverged
+    assert np.max(np.abs(descent.w - w)) < 1e-6 and abs(descent.b - b) < 1e-6
+    assert descent.losses[-1] < descent.losses[0] / 5
+
+
+def test_closed_form_zeroes_the_gradient_even_with_dependent_columns():
+    X, y, _, _ = regression_problem()
+    X = np.hstack([X, X[:, :1]])  # a duplicated column: X^T X is singular, inv() would fail
+    w, b = part1.closed_form(X, y)
+    _, grad_w, grad_b = part1.mse_loss_and_grad(X, y, w, b)
+    assert np.max(np.abs(grad_w)) < 1e-10 and abs(grad_b) < 1e-10
+
+
+@pytest.mark.parametrize("l2", [0.05, 2.0])
+def test_ridge_closed_form_matches_gradient_descent_with_l2(l2):
+    X, y, _, _ = regression_problem(n=50, d=6)
+    w_exact, b_exact = part1.closed_form(X, y, l2)
+    descent = part1.train_linear(X, y, lr=0.5 * part1.max_stable_lr(X, l2), steps=5000, l2=l2)
+    assert np.max(np.abs(descent.w - w_exact)) < 1e-8 and abs(descent.b - b_exact) < 1e-8
+    # The penalty shrinks the weights compared with plain least squares.
+    assert np.linalg.norm(w_exact) < np.linalg.norm(part1.closed_form(X, y)[0])
+
+
+def test_gradient_descent_stops_early_at_the_tolerance():
+    X, y, _, _ = regression_problem()
+    descent = part1.train_linear(X, y, lr=0.1, steps=100000, tol=1e-6)
+    _, grad_w, grad_b = part1.mse_loss_and_grad(X, y, descent.w, descent.b)
+    assert descent.steps < 100000 and np.sqrt(grad_w @ grad_w + grad_b**2) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------
+# Part 1: logistic regression, learning rates, overfitting
+# ----------------------------------------------------------------------------------------
+def test_logistic_regression_beats_chance_on_breast_cancer():
+    data = part1.load_arrays("breast_cancer")
+    descent = part1.train_logistic(data.x_train, data.y_train, lr=0.5, steps=500, l2=1e-3)
+    majority = max(data.y_test.mean(), 1 - data.y_test.mean())
+    assert part1.accuracy(data.x_test, data.y_test, descent.w, descent.b) > max(0.9, majority + 0.2)
+    assert descent.losses[0] == pytest.approx(np.log(2))  # w = 0 predicts p = 0.5 for everyone: BCE = log 2
+    assert descent.losses[-1] < 0.2
+
+
+def test_logistic_regression_separates_a_separable_set():
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    X = rng.normal(size=(200, 2)) + np.where(y[:, None] == 1, 3.0, -3.0)
+    descent = part1.train_logistic(X, y.astype(np.float64), lr=0.5, steps=300)
+    assert part1.accuracy(X, y, descent.w, descent.b) == 1.0
+
+
+def test_learning_rate_study_flags_too_small_good_and_diverging(diabetes):
+    bound = part1.max_stable_lr(diabetes.x_train)
+    assert 0.2 < bound < 0.3  # 2 / lambda_max of the Hessian (2/n) A^T A on standardized diabetes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # divergence is detected, not an overflow warning or a crash
+        results = part1.learning_rate_study(diabetes.x_train, diabetes.y_train,
+                                            [0.002, 0.1, 0.95 * bound, 1.05 * bound, 10.0], steps=1000)
+    assert [r["status"] for r in results] == ["too slow", "converged", "converged", "diverged", "diverged"]
+    assert results[-1]["steps"] < 20 and all(np.isfinite(r["losses"]).all() for r in results)
+
+
+def test_polynomial_features():
+    x = np.array([-2.0, 0.5, 3.0])
+    assert_close(part1.polynomial_features(x, 3), np.stack([x, x**2, x**3], axis=1), "features")
+
+
+def test_training_error_falls_with_degree_while_validation_error_rises():
+    x_train, y_train = part1.curve_data(20, seed=0)
+    x_val, y_val = part1.curve_data(500, seed=1)
+    train_mse, val_mse = part1.degree_study(x_train, y_train, x_val, y_val, list(range(1, 16)))
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(train_mse, train_mse[1:]))
+    best = int(np.argmin(val_mse))
+    assert 1 <= best < 10  # a line underfits sin(3x); a moderate degree is best
+    assert val_mse[-1] > 3 * val_mse[best] and train_mse[-1] < train_mse[best]  # degree 15 overfits
+
+
+def test_bad_study_lrs_is_a_lab_error(tmp_path):
+    with pytest.raises(LabError, match="study-lrs"):
+        part1.main(part1.Config(smoke=True, out=str(tmp_path), study_lrs="0.1,abc"))
+
+
+def test_part1_main_smoke_summary(tmp_path):
+    summary = part1.main(part1.Config(smoke=True, out=str(tmp_path), device="cpu"))
+    assert summary["grad_check_mse_rel_error"] < 1e-6 and summary["grad_check_bce_rel_error"] < 1e-6
+    assert summary["gd_vs_closed_form_max_abs_weight_diff"] < 1e-5
+    assert summary["gd_test_mse"] == pytest.approx(summary["closed_form_test_mse"], rel=1e-6)
+    assert 2000 < summary["closed_form_test_mse"] < 4500  # predicting the mean gives ~6000 here
+    assert summary["logistic_test_acc"] > 0.9
+    assert "0.3: diverged" in summary["lr_study"] and "0.1: converged" in summary["lr_study"]
+    assert summary["best_degree"] < 12 and summary["max_degree_val_mse"] > summary["best_degree_val_mse"]
+    run_dir = Path(summary["run_dir"])
+    for name in ("lr_study.png", "loss_landscape.png", "overfitting.png", "ridge_path.png", "metrics.csv"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert json.loads((run_dir / "summary.json").read_text())["logistic_test_acc"] == summary["logistic_test_acc"]
+
+
+# ----------------------------------------------------------------------------------------
+# Part 2 and the self-work scripts
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("x", [-1.5, 0.0, 2.0, 3.7])
+def test_polynomial_autograd_matches_the_hand_derivative(x):
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    part2.polynomial(t).backward()
+    assert t.grad.item() == pytest.approx(part2.polynomial_grad(x), rel=1e-12, abs=1e-12)
+
+
+def test_autograd_demo_shows_the_graph_and_accumulation(capsys):
+    result = part2.autograd_demo(2.0)
+    assert result["poly_grad_autograd"] == result["poly_grad_manual"] == 29.0
+    assert result["poly_grad_accumulated"] == 58.0
+    chain = part2.graph_chain(part2.polynomial(torch.tensor(1.0, requires_grad=True)).grad_fn)
+    assert chain[0] == "AddBackward0" and any("PowBackward0" in n for n in chain)
+    assert sum("AccumulateGrad" in n for n in chain) == 3  # x is used in three terms
+    assert "AccumulateGrad" in capsys.readouterr().out
+
+
+def test_part2_manual_linear_gradients_equal_autograd():
+    X, y, w, b = regression_problem()
+    args = [torch.from_numpy(a) for a in (X, y, w, np.array(b))]
+    for manual, auto in zip(part2.manual_mse_grads(*args), part2.autograd_mse_grads(*args)):
+        assert_close(manual.numpy(), auto.numpy(), "gradient", AUTOGRAD_RTOL, AUTOGRAD_ATOL)
+
+
+def test_bce_with_logits_stays_exact_where_sigmoid_then_bce_saturates():
+    result = part2.bce_stability_demo()
+    assert result["bce_with_logits_loss_z40"] == pytest.approx(40.0)
+    assert result["bce_after_sigmoid_loss_z40"] == pytest.approx(100.0)  # log(0) clamped by BCELoss
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU some kernels
+    (binary_cross_entropy_with_logits) wait milliseconds per call for a second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_part2_main_learns_both_models(tmp_path, one_thread):
+    summary = part2.main(part2.Config(smoke=True, out=str(tmp_path), device="cpu"))
+    assert summary["linear_grad_max_abs_diff"] < 1e-9
+    assert summary["linear_test_mse"] < 1.2 * summary["closed_form_test_mse"]
+    assert summary["logistic_test_acc"] > 0.9
+    assert summary["env_torch"] == torch.__version__ and summary["env_device"] == "cpu"
+
+
+def test_three_implementations_follow_the_same_trajectory():
+    X, y, _, _ = regression_problem(n=60, d=5)
+    runs = manual_vs_autograd.compare(X, y, lr=0.1, steps=200)
+    reference = runs["numpy, by hand"]
+    for trajectory in runs.values():
+        assert trajectory.params.shape == (201, 6)
+        assert np.max(manual_vs_autograd.max_abs_diff_per_step(reference, trajectory)) < 1e-10
+    assert reference.losses[-1] < reference.losses[0] / 10
+
+
+def test_pipeline_loss_falls_towards_least_squares(tmp_path, capsys):
+    summary = pipeline.main(pipeline.Config(out=str(tmp_path), device="cpu", steps=60))
+    assert summary["final_loss"] < summary["first_loss"] / 10
+    assert summary["final_w"] == pytest.approx(summary["least_squares_w"], abs=0.05)
+    assert summary["final_b"] == pytest.approx(summary["least_squares_b"], abs=0.05)
+    out = capsys.readouterr().out
+    assert "shape=(16, 1)" in out and "grad_fn=MseLossBackward0" in out
+
+
+# ----------------------------------------------------------------------------------------
+# The command line, as a learner meets it
+# ----------------------------------------------------------------------------------------
+def test_help_lists_every_field_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(part1.Config, ["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for f in dataclasses.fields(part1.Config):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+        assert f"(default: {f.default})" in text, f.name
+
+
+@pytest.mark.parametrize("args", [["--epochs", "-1"], ["--lr", "abc"]])
+def test_bad_flag_exits_2_with_one_line(args, tmp_path):
+    result = run_script(PART1, *args, "--out", str(tmp_path / "runs"), tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and args[0] in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # failed in parsing, before any work
+
+
+def test_script_copied_to_another_folder_runs(tmp_path):
+    copy = tmp_path / "my_experiments" / "regression.py"
+    copy.parent.mkdir()
+    shutil.copy(PART1, copy)
+    out = tmp_path / "runs"
+    result = run_script(copy, "--smoke", "--out", str(out), "--device", "cpu", tmp_path=tmp_path, cwd=copy.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = list(out.glob("my_experiments/regression/*/summary.json"))
+    assert len(summaries) == 1
+    assert json.loads(summaries[0].read_text())["logistic_test_acc"] > 0.9

@@ -1,0 +1,1 @@
+"""Week 1: linear and logistic regression, gradient descent, and autograd."""

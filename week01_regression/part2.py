@@ -1,0 +1,280 @@
+"""Week 1, Part 2: PyTorch basics: tensors, autograd, nn.Linear, torch.optim, BCEWithLogitsLoss.
+
+Part 1 derived every gradient by hand. Here PyTorch records the computation as a graph while it
+runs and walks it backwards (``.backward()``) to get the same numbers, which we check. Then the
+two Part 1 models again, written the way PyTorch code is written: a module, a loss, an optimizer.
+
+Run: python week01_regression/part2.py [--smoke] [--help]
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import BaseConfig, dataclass, run
+from common.data import TensorLoader
+from common.device import pick_device, seed_everything
+from common.plots import plot_curves
+from common.runs import Run
+from week01_regression.part1 import closed_form, load_arrays
+
+
+@dataclass
+class Config(BaseConfig):
+    """Week 1, Part 2: autograd, nn.Linear and torch.optim on diabetes and breast_cancer."""
+
+    epochs: int = 100  # passes over the training data for each model
+    batch_size: int = 32  # examples per SGD step
+    lr: float = 0.05  # SGD step size for linear regression (MSELoss)
+    logistic_lr: float = 0.1  # SGD step size for logistic regression (BCEWithLogitsLoss)
+    x: float = 2.0  # the point where the polynomial's derivative is taken
+    synthetic: bool = False  # use the synthetic twins of diabetes and breast_cancer instead of the real sets
+
+    SMOKE: ClassVar[dict] = {"epochs": 8}
+
+
+# ----------------------------------------------------------------------------------------
+# 1. The environment
+# ----------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    """What this machine offers PyTorch. Run it first on a new machine: it shows whether the
+    install sees your GPU (a CPU-only wheel reports CUDA available: False even with a GPU)."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": str(torch.version.cuda),  # the CUDA the wheel was built with ("None": CPU-only)
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "mps_available": torch.backends.mps.is_available(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    return info
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Autograd on a polynomial
+# ----------------------------------------------------------------------------------------
+def polynomial(x: torch.Tensor) -> torch.Tensor:
+    """f(x) = 3x^3 - 2x^2 + x."""
+    return 3 * x**3 - 2 * x**2 + x
+
+
+def polynomial_grad(x: float) -> float:
+    """f'(x) = 9x^2 - 4x + 1, by the power rule: the hand-derived answer autograd must match."""
+    return 9 * x**2 - 4 * x + 1
+
+
+def graph_chain(fn) -> list[str]:
+    """The names of the backward nodes reachable from ``fn`` (a tensor's ``grad_fn``), depth first.
+
+    Each operation run on a tensor that requires grad adds a node that knows how to pass a
+    gradient back to its inputs (``next_functions``). AccumulateGrad nodes are the leaves: they
+    add the incoming gradient into a leaf tensor's ``.grad``.
+    """
+    names, stack, seen = [], [(fn, 0)], set()
+    while stack:
+        node, depth = stack.pop()
+        if node is None:  # an input that needs no gradient (a constant)
+            continue
+        name = type(node).__name__
+        if hasattr(node, "variable"):  # AccumulateGrad: the leaf tensor whose .grad it fills
+            name += " (adds into the leaf tensor's .grad)"
+        if id(node) in seen:  # several paths lead here (x is used three times): don't repeat the subtree
+            names.append("  " * depth + name + " (same node as above)")
+            continue
+        seen.add(id(node))
+        names.append("  " * depth + name)
+        stack.extend((child, depth + 1) for child, _ in reversed(node.next_functions))
+    return names
+
+
+def autograd_demo(x_value: float) -> dict:
+    """f'(x) by autograd and by hand; what a second backward does to ``.grad``; and the fix."""
+    x = torch.tensor(x_value, dtype=torch.float64, requires_grad=True)  # a leaf: we want df/dx
+    y = polynomial(x)
+    print(f"f(x) = 3x^3 - 2x^2 + x at x={x_value}: f = {y.item():g}; y.grad_fn = {type(y.grad_fn).__name__}")
+    print("the graph autograd recorded (walked backwards from y):")
+    for line in graph_chain(y.grad_fn):
+        print("   " + line)
+    y.backward()  # fills x.grad with dy/dx, then frees the graph's saved tensors
+    autograd = x.grad.item()
+    manual = polynomial_grad(x_value)
+    print(f"dy/dx: autograd {autograd:.12g}, by hand 9x^2 - 4x + 1 = {manual:.12g}, "
+          f"difference {abs(autograd - manual):.1e}")
+
+    # The pitfall: .backward() ADDS into .grad (useful for summing over several losses), so a
+    # second pass without zeroing gives twice the gradient. Optimizers' zero_grad() exists for this.
+    polynomial(x).backward()
+    accumulated = x.grad.item()
+    print(f"after a second backward without zeroing: x.grad = {accumulated:g} (= 2 x {autograd:g}: accumulated)")
+    x.grad = None  # what optimizer.zero_grad() does by default (set_to_none=True)
+    polynomial(x).backward()
+    print(f"after x.grad = None and a fresh backward: x.grad = {x.grad.item():g}")
+    return {"poly_grad_autograd": autograd, "poly_grad_manual": manual, "poly_grad_accumulated": accumulated}
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Manual gradients vs autograd on the linear model
+# ----------------------------------------------------------------------------------------
+def manual_mse_grads(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Part 1's formulas in torch: r = X w + b - y, dL/dw = (2/n) X^T r, dL/db = (2/n) sum r."""
+    residual = X @ w + b - y
+    n = len(y)
+    return 2 / n * X.T @ residual, 2 / n * residual.sum()
+
+
+def autograd_mse_grads(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same gradients with autograd: build the loss, call backward, read .grad."""
+    w, b = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    loss = ((X @ w + b - y) ** 2).mean()
+    loss.backward()
+    return w.grad, b.grad
+
+
+# ----------------------------------------------------------------------------------------
+# 4. and 5. The two models, PyTorch style
+# ----------------------------------------------------------------------------------------
+def train(model: nn.Module, loader: TensorLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+          epochs: int, evaluate) -> list[dict]:
+    """The loop every PyTorch training script has. ``evaluate()`` returns a dict of test metrics."""
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total, seen = 0.0, 0
+        for xb, yb in loader:
+            prediction = model(xb)           # forward: builds the graph
+            loss = loss_fn(prediction, yb)   # a scalar at the end of the graph
+            optimizer.zero_grad()            # clear last step's .grad (backward accumulates)
+            loss.backward()                  # dloss/dparameter into each parameter's .grad
+            optimizer.step()                 # SGD: p <- p - lr * p.grad
+            total += loss.item() * len(xb)
+            seen += len(xb)
+        history.append({"epoch": epoch, "train_loss": total / seen, **evaluate()})
+    return history
+
+
+def bce_stability_demo() -> dict:
+    """Why BCEWithLogitsLoss(z, y) and not BCELoss(sigmoid(z), y).
+
+    For a confident wrong answer, z = 40 and y = 0, the true loss is log(1 + e^40) ~ 40. In
+    float32, sigmoid(40) rounds to exactly 1.0, so BCELoss must take log(1 - 1) = log(0):
+    PyTorch clamps it to -100 and the gradient through the rounded sigmoid is 0, so the model
+    stops learning from its worst mistakes. BCEWithLogitsLoss computes max(z, 0) - z y +
+    log(1 + e^-|z|) (the log-sum-exp trick) straight from z: exact, and its gradient
+    sigmoid(z) - y stays informative.
+    """
+    z = torch.tensor([40.0, -120.0], requires_grad=True)
+    y = torch.tensor([0.0, 1.0])
+    with_logits = nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
+    through_sigmoid = nn.functional.binary_cross_entropy(torch.sigmoid(z), y, reduction="none")
+    grad_with_logits = torch.autograd.grad(with_logits.sum(), z)[0]
+    grad_through_sigmoid = torch.autograd.grad(through_sigmoid.sum(), z)[0]
+    print("a confident wrong prediction, float32: logits z = [40, -120], targets y = [0, 1]")
+    print(f"  BCEWithLogitsLoss:     loss {with_logits.tolist()}, dloss/dz {grad_with_logits.tolist()}")
+    print(f"  sigmoid then BCELoss:  loss {through_sigmoid.tolist()}, dloss/dz {grad_through_sigmoid.tolist()}")
+    return {"bce_with_logits_loss_z40": with_logits[0].item(), "bce_after_sigmoid_loss_z40": through_sigmoid[0].item()}
+
+
+def main(cfg: Config) -> dict:
+    cfg = cfg.resolved()
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    reg = load_arrays("diabetes", cfg.data_dir, cfg.synthetic, cfg.seed)
+    clf = load_arrays("breast_cancer", cfg.data_dir, cfg.synthetic, cfg.seed)
+    run_ = Run.start(cfg, __file__, device)
+
+    print("\n== 1. environment")
+    env = environment(device)
+    for key, value in env.items():
+        print(f"  {key:15s} {value}")
+
+    print("\n== 2. autograd on a polynomial")
+    poly = autograd_demo(cfg.x)
+
+    print(f"\n== 3. manual gradients vs autograd (linear regression on {reg.name}, MSE, float64)")
+    X64, y64 = torch.from_numpy(reg.x_train), torch.from_numpy(reg.y_train)
+    w64 = torch.randn(X64.shape[1], dtype=torch.float64)
+    b64 = torch.tensor(0.5, dtype=torch.float64)
+    manual_w, manual_b = manual_mse_grads(X64, y64, w64, b64)
+    auto_w, auto_b = autograd_mse_grads(X64, y64, w64, b64)
+    grad_diff = max((manual_w - auto_w).abs().max().item(), (manual_b - auto_b).abs().item())
+    print(f"  dL/dw[:3] by hand {manual_w[:3].tolist()}\n  dL/dw[:3] autograd {auto_w[:3].tolist()}")
+    print(f"  max |difference| over all weights and the bias: {grad_diff:.1e}")
+
+    print(f"\n== 4. linear regression on {reg.name}: nn.Linear + MSELoss + optim.SGD")
+    # float32 tensors on the chosen device; targets shaped (n, 1) like the model's output.
+    def tensors(*arrays):
+        return [torch.as_tensor(a, dtype=torch.float32, device=device) for a in arrays]
+
+    x_tr, y_tr, x_te, y_te = tensors(reg.x_train, reg.y_train[:, None], reg.x_test, reg.y_test[:, None])
+    linear = nn.Linear(x_tr.shape[1], 1).to(device)
+    mse = nn.MSELoss()
+
+    @torch.inference_mode()
+    def evaluate_linear() -> dict:
+        linear.eval()
+        return {"test_mse": mse(linear(x_te), y_te).item()}
+
+    linear_history = train(linear, TensorLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, seed=cfg.seed), mse,
+                           torch.optim.SGD(linear.parameters(), lr=cfg.lr), cfg.epochs, evaluate_linear)
+    w_exact, b_exact = closed_form(reg.x_train, reg.y_train)
+    exact_test_mse = float(np.mean((reg.x_test @ w_exact + b_exact - reg.y_test) ** 2))
+    print(f"  after {cfg.epochs} epochs: train MSE {linear_history[-1]['train_loss']:.1f}, test MSE "
+          f"{linear_history[-1]['test_mse']:.1f} (closed form from Part 1: {exact_test_mse:.1f}; minibatch SGD "
+          f"with a constant step keeps jittering around the minimum)")
+
+    print(f"\n== 5. logistic regression on {clf.name}: nn.Linear + BCEWithLogitsLoss + optim.SGD")
+    stability = bce_stability_demo()
+    x_tr, y_tr, x_te, y_te = tensors(clf.x_train, clf.y_train[:, None], clf.x_test, clf.y_test[:, None])
+    logistic = nn.Linear(x_tr.shape[1], 1).to(device)  # outputs a logit z; p = sigmoid(z) only when needed
+    bce = nn.BCEWithLogitsLoss()
+
+    @torch.inference_mode()
+    def evaluate_logistic() -> dict:
+        logistic.eval()
+        logits = logistic(x_te)
+        # z >= 0 <=> p >= 0.5. (common.train.fit's accuracy is for int64 class labels, not this.)
+        predicted = (logits >= 0).float()
+        return {"test_loss": bce(logits, y_te).item(), "test_acc": (predicted == y_te).float().mean().item()}
+
+    logistic_history = train(logistic, TensorLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, seed=cfg.seed), bce,
+                             torch.optim.SGD(logistic.parameters(), lr=cfg.logistic_lr), cfg.epochs,
+                             evaluate_logistic)
+    majority = max(clf.y_test.mean(), 1 - clf.y_test.mean())
+    print(f"  after {cfg.epochs} epochs: train BCE {logistic_history[-1]['train_loss']:.3f}, test accuracy "
+          f"{logistic_history[-1]['test_acc']:.3f} (majority class: {majority:.3f})")
+
+    for lin, log in zip(linear_history, logistic_history):
+        run_.log(epoch=lin["epoch"], linear_train_mse=lin["train_loss"], linear_test_mse=lin["test_mse"],
+                 logistic_train_bce=log["train_loss"], logistic_test_bce=log["test_loss"],
+                 logistic_test_acc=log["test_acc"])
+    plot_curves({"train": [h["train_loss"] for h in linear_history], "test": [h["test_mse"] for h in linear_history]},
+                run_.path("linear_curves.png"), ylabel="MSE", title=f"linear regression on {reg.name}", logy=True)
+    plot_curves({"train BCE": [h["train_loss"] for h in logistic_history],
+                 "test BCE": [h["test_loss"] for h in logistic_history],
+                 "test accuracy": [h["test_acc"] for h in logistic_history]},
+                run_.path("logistic_curves.png"), title=f"logistic regression on {clf.name}")
+
+    return run_.finish(
+        **{f"env_{k}": v for k, v in env.items()},
+        **poly,
+        linear_grad_max_abs_diff=grad_diff,
+        linear_test_mse=linear_history[-1]["test_mse"],
+        closed_form_test_mse=exact_test_mse,
+        logistic_test_acc=logistic_history[-1]["test_acc"],
+        logistic_test_bce=logistic_history[-1]["test_loss"],
+        **stability,
+    )
+
+
+if __name__ == "__main__":
+    run(main, Config)
