@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import re
 
@@ -37,5 +38,5 @@ def test_script_anatomy(script):
     config = getattr(module, "Config", None)
     assert config is not None and issubclass(config, BaseConfig), "a script's Config subclasses BaseConfig"
     comments = field_comments(config)
-    missing = [f for f in config.__dataclass_fields__ if f not in comments]
+    missing = [f.name for f in dataclasses.fields(config) if f.name not in comments]
     assert not missing, f"Config fields without a '# comment' (their --help text): {missing}"
