@@ -50,6 +50,16 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products in hardware (AVX512-BF16 or AMX), as
+    oneDNN reports it. Without that, CPU bf16 is emulated and slower than float32; with it,
+    bf16 autocast roughly halves the time of a training step for the labs' small nets."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """A context manager for the forward pass: autocast on CUDA, a no-op elsewhere."""
     dtype = amp_dtype(device) if enabled else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 from common.augment import random_crop
 from common.config import BaseConfig, run
 from common.data import ImageData, TabularData, TensorLoader, load, normalizer, split
-from common.device import pick_device, seed_everything
+from common.device import cpu_has_native_bf16, pick_device, seed_everything
 from common.errors import LabError
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
 from common.runs import Run
@@ -111,16 +110,6 @@ def he_init(layer: nn.Linear, nonlinearity: str) -> nn.Linear:
     nn.init.kaiming_normal_(layer.weight, nonlinearity=nonlinearity)
     nn.init.zeros_(layer.bias)
     return layer
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX); Linux
-    only (reads /proc/cpuinfo). Elsewhere bf16 is emulated and slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def use_bf16(setting: str, device: torch.device) -> bool:

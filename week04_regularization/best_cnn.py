@@ -40,7 +40,7 @@ from common.augment import random_crop, random_flip
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import BaseConfig, dataclass, run
 from common.data import ImageData, load, normalizer
-from common.device import autocast, pick_device, prepare_model, seed_everything
+from common.device import autocast, cpu_has_native_bf16, pick_device, prepare_model, seed_everything
 from common.errors import Interrupted, NonFiniteLoss
 from common.plots import plot_history
 from common.runs import Run
@@ -248,21 +248,12 @@ def lr_factor(progress: float, warmup: float, start: float, end: float) -> float
     return 1 + (end - 1) * (progress - warmup) / (1 - warmup)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16, AMX); without it bf16 is
-    emulated and slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def mixed_precision(device: torch.device, enabled: bool):
     """bf16 autocast where it pays: on CUDA (common.device.autocast) and on bf16-capable CPUs,
     where it made a training step 1.7-1.9x faster here. Weights and the loss stay float32;
     convs and matmuls compute in bf16 (float32's range, ~3 significant digits: no loss scaling)."""
     if device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16) if enabled and cpu_has_bf16() else nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16) if enabled and cpu_has_native_bf16() else nullcontext()
     return autocast(device, enabled)
 
 
