@@ -1,6 +1,6 @@
 """Week 2 benchmark: the Part 2 MLP on real MNIST, test accuracy and wall time.
 
-    python benchmarks/run.py mnist_mlp --data-dir /work/shared/data [--repeat 3]
+    python benchmarks/run.py mnist_mlp --data-dir DATA [--repeat 3]
     python benchmarks/run.py mnist_mlp --data-dir DIR --set epochs=15 --set bf16=off
 
 Target: >= 98.5% test accuracy in under 60 s of wall time on a 2-core CPU (a classic Keras

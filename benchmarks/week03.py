@@ -1,7 +1,7 @@
 """Week 3 benchmarks: the Part 2 CNN on real MNIST and on the JPEG copy of CIFAR-10.
 
-    python benchmarks/run.py mnist_cnn --data-dir /work/shared/data
-    python benchmarks/run.py cifar10_cnn --data-dir /work/shared/data [--set budget_s=600]
+    python benchmarks/run.py mnist_cnn --data-dir DATA
+    python benchmarks/run.py cifar10_cnn --data-dir DATA [--set budget_s=600]
 
 ``--set key=value`` overrides any field of week03_cnn.part2.Config (e.g. ``--set epochs=4``),
 plus ``threads=N``: torch CPU threads, 1 by default. On a CPU shared with other busy

@@ -1,7 +1,7 @@
 """Week 4 benchmarks: the best-CNN recipe against the Week 3 CNN, and the LR-schedule comparison.
 
-    python benchmarks/run.py cifar10_best --data-dir /work/shared/data [--set budget_s=600]
-    python benchmarks/run.py cifar10_schedules --data-dir /work/shared/data [--set budget_s=240]
+    python benchmarks/run.py cifar10_best --data-dir DATA [--set budget_s=600]
+    python benchmarks/run.py cifar10_schedules --data-dir DATA [--set budget_s=240]
 
 cifar10_best trains week04_regularization/best_cnn.py and then, IN THE SAME RUN, the Week 3 CNN
 (week03_cnn/part2.py with the CIFAR-10 settings of benchmarks/week03.py) with the same
