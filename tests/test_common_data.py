@@ -36,7 +36,7 @@ def test_missing_data_in_a_script_is_one_line_exit_1_no_traceback(tmp_path):
 
         @dataclass
         class Config(BaseConfig):
-            pass
+            """No settings beyond the common ones."""
 
         def main(cfg):
             load("mnist", cfg.data_dir, smoke=cfg.smoke)
