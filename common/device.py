@@ -60,12 +60,29 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """A context manager for the forward pass: autocast on CUDA, a no-op elsewhere."""
+def autocast(device: torch.device, enabled: bool = True, cpu_bf16: bool = False):
+    """A context manager for the forward pass: autocast on CUDA; on the CPU only when
+    ``cpu_bf16`` asks for it (worth it where ``cpu_has_native_bf16()``); else a no-op."""
+    if enabled and cpu_bf16 and device.type == "cpu":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     dtype = amp_dtype(device) if enabled else None
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class CpuBFloat16(torch.nn.Module):
+    """Runs the wrapped model under bfloat16 autocast on the CPU (``common.train`` autocasts on
+    CUDA only). Weights stay float32; convolutions and matmuls compute in bfloat16, which has
+    float32's range (no loss scaling needed) but only ~3 significant digits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, cpu_bf16=True):
+            return self.model(x).float()
 
 
 def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:

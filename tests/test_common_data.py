@@ -188,3 +188,18 @@ def test_benchmark_runner_lists_entries_and_rejects_unknown(tmp_path):
     bad = run_script(ROOT / "benchmarks" / "run.py", "no_such_bench", tmp_path=tmp_path)
     assert bad.returncode == 2 and "--list" in bad.stderr
     assert sys.executable
+
+
+def test_cpu_bf16_autocast_only_when_asked():
+    from common.device import CpuBFloat16
+
+    cpu = torch.device("cpu")
+    a, b = torch.randn(2, 3), torch.randn(3, 2)
+    with autocast(cpu, cpu_bf16=True):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(cpu, enabled=False, cpu_bf16=True):
+        assert (a @ b).dtype == torch.float32
+    wrapped = CpuBFloat16(torch.nn.Linear(3, 2))
+    out = wrapped(a)
+    assert out.dtype == torch.float32 and wrapped.model.weight.dtype == torch.float32
+    torch.testing.assert_close(out, wrapped.model(a), rtol=2e-2, atol=2e-2)  # bf16: ~3 digits

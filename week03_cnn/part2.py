@@ -17,7 +17,7 @@ from torch import nn
 from common.augment import crop_flip, random_crop
 from common.config import BaseConfig, dataclass, run
 from common.data import ImageData, TensorLoader, load, normalizer, split
-from common.device import pick_device, prepare_model, seed_everything
+from common.device import CpuBFloat16, pick_device, prepare_model, seed_everything
 from common.errors import LabError
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
 from common.runs import Run
@@ -94,20 +94,6 @@ def training_transform(data: ImageData, augment: bool, seed: int):
         return lambda x: normalize(random_crop(x, padding=2, generator=generator))
     shift_and_mirror = crop_flip(padding=4, seed=seed)
     return lambda x: normalize(shift_and_mirror(x))
-
-
-class CpuBFloat16(nn.Module):
-    """Runs the wrapped model under bfloat16 autocast on the CPU (common.train autocasts on
-    CUDA only). Weights stay float32; convolutions and matmuls compute in bfloat16, which has
-    float32's range (no loss scaling needed) but only ~3 significant digits."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.model(x).float()
 
 
 def make_model(cfg: Config, data: ImageData) -> CNN:
