@@ -94,6 +94,30 @@ def parse_options(pairs: list[str]) -> dict:
     return options
 
 
+def config_options(options: dict, config_cls: type, default_threads: int = 0,
+                   extra_keys: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Split an entry's ``--set`` options into (fields of ``config_cls``, the entry's own keys).
+
+    ``threads=N`` (default ``default_threads``; 0 keeps torch's default) sets torch's CPU
+    threads here; any key that is neither a Config field nor in ``extra_keys`` stops the run
+    with the list of known fields.
+    """
+    import dataclasses
+
+    import torch
+
+    options = dict(options)
+    extra = {k: options.pop(k) for k in (*extra_keys, "threads") if k in options}
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(options) - known
+    if unknown:
+        raise SystemExit(f"error: unknown option(s) {sorted(unknown)}; Config fields: {sorted(known)}")
+    threads = int(extra.get("threads", default_threads))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return options, extra
+
+
 def run_once(name: str, data_dir: str, device: str, options: dict) -> dict:
     """Run one benchmark in this process; returns its result with wall time and peak memory."""
     bench = entries()[name]

@@ -10,12 +10,11 @@ week02_mlp.part2.Config; ``threads=N`` sets torch's CPU threads (0: torch's defa
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 
 import torch
 
-from benchmarks.run import Benchmark
+from benchmarks.run import Benchmark, config_options
 from week02_mlp.part2 import Config, main
 
 # The configuration measured in week02_mlp/README.md: two hidden layers of 1024, dropout 0.2,
@@ -27,13 +26,7 @@ MNIST_MLP = dict(dataset="mnist", hidden="1024,1024", dropout=0.2, optimizer="ad
 
 
 def mnist_mlp(data_dir: str, device: str, options: dict) -> dict:
-    options = dict(options)
-    threads = int(options.pop("threads", 0))
-    if threads > 0:
-        torch.set_num_threads(threads)
-    known = {f.name for f in dataclasses.fields(Config)}
-    if set(options) - known:
-        raise SystemExit(f"error: unknown option(s) {sorted(set(options) - known)}; Config fields: {sorted(known)}")
+    options, _ = config_options(options, Config)
     settings = {**MNIST_MLP, **options}
     with tempfile.TemporaryDirectory() as out:
         summary = main(Config(**settings, data_dir=data_dir, device=device, out=out))

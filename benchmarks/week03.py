@@ -13,12 +13,11 @@ for its slowest thread, and that thread is often descheduled. On an idle machine
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 
 import torch
 
-from benchmarks.run import Benchmark
+from benchmarks.run import Benchmark, config_options
 from week03_cnn.part2 import Config, main
 
 # The settings found by the measurements in week03_cnn/README.md.
@@ -31,14 +30,7 @@ CIFAR10 = dict(dataset="cifar10", epochs=100, batch_size=128, lr=4e-3, width=32,
 
 
 def _run_lab(defaults: dict, data_dir: str, device: str, options: dict) -> dict:
-    options = dict(options)
-    threads = int(options.pop("threads", 1))
-    if threads > 0:
-        torch.set_num_threads(threads)
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = set(options) - known
-    if unknown:
-        raise SystemExit(f"error: unknown option(s) {sorted(unknown)}; Config fields: {sorted(known)}")
+    options, _ = config_options(options, Config, default_threads=1)
     with tempfile.TemporaryDirectory() as out:
         summary = main(Config(**{**defaults, **options}, data_dir=data_dir, device=device, out=out))
     return {"metric": "test_acc", "value": summary["test_acc"], "epochs_done": summary["epochs_done"],

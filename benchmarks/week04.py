@@ -17,14 +17,13 @@ ablations); ``threads=N`` sets torch's CPU threads; any other key is a best_cnn 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import tempfile
 import time
 
 import torch
 
-from benchmarks.run import Benchmark
+from benchmarks.run import Benchmark, config_options
 from benchmarks.week03 import CIFAR10 as WEEK3_CIFAR10
 from common.data import load
 from common.device import pick_device
@@ -34,15 +33,7 @@ from week04_regularization import best_cnn, part2
 
 def _split_options(options: dict, config_cls: type) -> tuple[dict, dict]:
     """(Config fields, benchmark options); unknown keys stop with the list of known ones."""
-    options = dict(options)
-    extra = {k: options.pop(k) for k in ("budget_s", "compare", "threads") if k in options}
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(options) - known
-    if unknown:
-        raise SystemExit(f"error: unknown option(s) {sorted(unknown)}; Config fields: {sorted(known)}")
-    if int(extra.get("threads", 0)) > 0:
-        torch.set_num_threads(int(extra["threads"]))
-    return options, extra
+    return config_options(options, config_cls, extra_keys=("budget_s", "compare"))
 
 
 def week3_epochs_for_budget(budget_s: float, device: torch.device, settings: dict, n_train: int = 50_000) -> int:
