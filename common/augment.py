@@ -2,12 +2,21 @@
 
 torchvision.transforms works one PIL image at a time inside DataLoader workers; for data held
 in memory as tensors it is much faster to augment the batch in one go on the device it is on.
+
+``crop_flip`` and ``translate`` return augment functions ``(x, generator) -> x`` for
+``TensorLoader(augment=...)``. They take the random generator as an argument instead of owning
+one, so the loader can hand each batch a generator seeded from (seed, epoch, batch): the same
+epoch then gets the same augmentation, which is what makes a resumed run repeat exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -35,11 +44,21 @@ def random_crop(x: torch.Tensor, padding: int = 4, generator: torch.Generator | 
     return padded[batch, channel, rows, cols]
 
 
-def crop_flip(padding: int = 4, seed: int = 0):
-    """A batch transform: random crop (translate) then random flip, with its own seed."""
-    generator = torch.Generator().manual_seed(seed)
+def crop_flip(padding: int = 4) -> Augment:
+    """Random crop (translate by up to ``padding`` pixels), then random left-right flip: for
+    photos (CIFAR-10), where a mirrored scene is still the same class."""
 
-    def augment(x: torch.Tensor) -> torch.Tensor:
+    def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return random_flip(random_crop(x, padding, generator), generator)
+
+    return augment
+
+
+def translate(padding: int) -> Augment:
+    """Random shifts by up to ``padding`` pixels, never a mirror: for digits and letters,
+    where a flipped 2 is not a 2."""
+
+    def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return random_crop(x, padding, generator)
 
     return augment

@@ -1,14 +1,18 @@
-"""Checkpoints: model + optimizer + scheduler + epoch + config in one file.
+"""Checkpoints: model + optimizer + scheduler + epoch + config (+ random-number state) in one file.
 
 Saved atomically (temp file, then rename) and loaded with ``weights_only=True``, which
 refuses to unpickle arbitrary objects: a checkpoint from the internet cannot run code on load.
 That is why the config is stored as a plain dict and not as the dataclass itself.
+
+Resuming is exact: the file also holds torch's random-number state, so dropout masks after a
+resume are the ones the uninterrupted run would have drawn (``TensorLoader.set_epoch`` does
+the same for the order of the batches and their augmentation).
 """
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ from common.errors import CheckpointError
 from common.io import atomic_write
 
 FORMAT = "dl-labs-checkpoint/1"
+# Entries every checkpoint has, and their types: anything else is a damaged or foreign file.
+REQUIRED = {"format": str, "model_class": str, "model": dict, "epoch": int, "config": dict, "extra": dict}
 
 
 def save_checkpoint(
@@ -28,20 +34,38 @@ def save_checkpoint(
     scheduler: Any | None = None,
     epoch: int = 0,
     config: dict | None = None,
+    script: str = "",
     **extra: Any,
 ) -> Path:
-    """Write everything needed to resume training (or just to use the model) to ``path``."""
+    """Write everything needed to resume training (or just to use the model) to ``path``.
+    ``script`` ("week03/part2") lets a resume refuse another script's checkpoint."""
     payload = {
         "format": FORMAT,
+        "script": script,
         "model_class": type(model).__name__,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch,
         "config": _plain(config or {}),
+        "rng": rng_state(),
         "extra": _plain(extra),
     }
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's random-number generators (CPU, and every GPU's): what dropout draws from."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _plain(value: Any) -> Any:
@@ -55,6 +79,12 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _reason(e: BaseException) -> str:
+    """The first line of an exception, cut at a word boundary."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return textwrap.shorten(text, width=140, placeholder=" ...")
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load and validate a checkpoint file; every failure is a one-line CheckpointError."""
     path = Path(path)
@@ -62,10 +92,9 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (runs are under --out)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # truncated zip, random bytes, text, pickles with code: all are "not a checkpoint"
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a PyTorch file ({reason[:120]}); "
+            f"checkpoint {path} is corrupt or not a PyTorch file ({_reason(e)}); "
             "use another checkpoint or start without --resume"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -73,6 +102,12 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path} is not a checkpoint written by these labs (no '{FORMAT}' marker); "
             "to use a bare state_dict, call model.load_state_dict(torch.load(path, weights_only=True))"
         )
+    for key, kind in REQUIRED.items():
+        if not isinstance(payload.get(key), kind) or (kind is int and isinstance(payload[key], bool)):
+            raise CheckpointError(f"checkpoint {path} is damaged (its '{key}' entry is missing or not a "
+                                  f"{kind.__name__}); use another checkpoint or start without --resume")
+    if not all(isinstance(v, torch.Tensor) for v in payload["model"].values()):
+        raise CheckpointError(f"checkpoint {path} is damaged (its weights are not all tensors)")
     return payload
 
 
@@ -81,10 +116,16 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
+    script: str = "",
+    restore_rng: bool = True,
 ) -> dict:
-    """Restore ``model`` (and optimizer/scheduler if given) from ``path``; returns the payload
-    (``epoch``, ``config``, ``extra``) so the caller can resume where it stopped."""
+    """Restore ``model`` (and optimizer/scheduler if given, and the random-number state) from
+    ``path``; returns the payload (``epoch``, ``config``, ``extra``) so the caller can go on
+    where it stopped. ``script`` set: refuse a checkpoint that another script wrote."""
     payload = read_checkpoint(path)
+    if script and payload.get("script") and payload["script"] != script:
+        raise CheckpointError(f"{path} was written by {payload['script']}, not {script}; "
+                              f"resume it with that script, or pass a checkpoint of this one")
     expected = type(model).__name__
     if payload["model_class"] != expected:
         raise CheckpointError(
@@ -92,15 +133,42 @@ def load_checkpoint(
         )
     try:
         model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        lines = str(e).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else _reason(e)
         raise CheckpointError(
-            f"{path} is a {expected} of another shape ({detail[:150]}); "
+            f"{path} is a {expected} of another shape ({textwrap.shorten(detail, 150, placeholder=' ...')}); "
             "use the same model settings as the run that saved it"
         ) from None
-    if optimizer is not None and payload["optimizer"] is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-    if scheduler is not None and payload["scheduler"] is not None:
-        scheduler.load_state_dict(payload["scheduler"])
+    try:
+        if optimizer is not None and payload.get("optimizer") is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None and payload.get("scheduler") is not None:
+            restore_scheduler(scheduler, payload["scheduler"])
+        if restore_rng and isinstance(payload.get("rng"), dict) and "cpu" in payload["rng"]:
+            set_rng_state(payload["rng"])
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: its optimizer or scheduler state does not fit this run ({_reason(e)}); "
+                              "use the same settings as the run that saved it") from None
     return payload
+
+
+# Scheduler entries that change as it steps; the rest describe its plan (peak, length, shape).
+_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
+             "best", "num_bad_epochs", "cooldown_counter"}
+
+
+def restore_scheduler(scheduler: Any, state: dict) -> None:
+    """Load a scheduler's saved state, or, if the plan changed (``--resume ... --epochs 20`` on a
+    run planned for 10: OneCycle's length, cosine's T_max), replay its saved number of steps
+    on the new plan, so the learning rate is where the longer schedule has it at that step."""
+    fresh = scheduler.state_dict()
+    same_plan = all(fresh.get(k) == v for k, v in state.items() if k not in _PROGRESS)
+    if same_plan:
+        scheduler.load_state_dict(state)
+        return
+    steps = int(state.get("last_epoch", 0))
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            scheduler.step()

@@ -1,12 +1,30 @@
 """A script's ``@dataclass Config`` becomes its command line.
 
 Every field is a ``--flag`` (underscores become dashes) whose help text is the comment written
-beside the field, with its default shown. Numbers must be finite and >= 0, ``Literal`` fields
-become choices, ``bool`` fields get ``--flag / --no-flag``. ``--config FILE.yaml`` sets fields
-from a file; flags given on the command line win over the file. Bad values stop in parsing
-with one line and exit status 2 (argparse's convention), before any work starts.
+beside the field, with its default. ``Literal`` fields become choices, ``bool`` fields get
+``--flag / --no-flag``, tuple fields take several values (``--hidden 256 128``). A field's
+allowed range is declared once, on the field, and checked for flags, ``--config`` files and
+defaults alike::
 
-``run(main, Config)`` is what every script's ``if __name__ == "__main__":`` calls.
+    epochs: Annotated[int, Range(1)] = 10                      # >= 1
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # in [0, 1)
+
+Where a value comes from, strongest first (DESIGN.md 2):
+
+    explicit flag  >  --config FILE.yaml  >  --smoke preset  >  data-set preset  >  Config default
+
+``SMOKE`` (a class attribute) is the ``--smoke`` preset; ``PRESETS`` maps a field's value to the
+defaults that suit it (e.g. ``{"dataset": {"iris": {"epochs": 30}}}``). A preset never replaces
+what the user said, and the values it applied are printed. ``--resume CHECKPOINT`` (in scripts
+whose Config subclasses ``ResumableConfig``) starts from the settings saved in the checkpoint:
+a resumed run keeps them, except the few that may change (``RESUME_MAY_CHANGE``).
+
+Bad values stop in parsing with one line and exit status 2 (argparse's convention), before any
+work starts. ``run(main, Config)`` is what every script's ``if __name__ == "__main__":`` calls.
+
+Why not ``tyro``, which turns dataclasses into CLIs too? It prints multi-line error panels (we
+promise one line and exit 2), has no notion of ranges or of our preset precedence, and this
+module is short enough for a learner to read.
 """
 
 from __future__ import annotations
@@ -16,16 +34,48 @@ import dataclasses
 import inspect
 import io
 import math
+import os
+import signal
 import sys
 import tokenize
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
-from common.errors import LabError
+from common.errors import ConfigError, Interrupted, LabError
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number field: ``lo <= value <= hi`` (either end may be open or absent)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __str__(self) -> str:
+        lo, hi = _number_text(self.lo), _number_text(self.hi)
+        if self.hi is None:
+            return f"> {lo}" if self.lo_open else f">= {lo}"
+        if self.lo is None:
+            return f"< {hi}" if self.hi_open else f"<= {hi}"
+        return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+    def contains(self, value: float) -> bool:
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        return not (self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)))
+
+
+def _number_text(value: float | None) -> str:
+    """1 -> "1", 4294967295 -> "4294967295", 0.001 -> "0.001"."""
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 @dataclass
@@ -33,21 +83,117 @@ class BaseConfig:
     """The flags every script has. A script's Config subclasses this and adds its own."""
 
     smoke: bool = False  # tiny offline data (synthetic twins; bundled sets stay real), few steps: seconds
-    seed: int = 0  # seeds Python, NumPy and torch so CPU runs repeat
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # seeds Python, NumPy and torch so CPU runs repeat
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     data_dir: str = ""  # data root; empty: $DL_LABS_DATA, else ~/.cache/dl-labs/data
     out: str = "runs"  # runs are written to OUT/weekNN/script/timestamp/
-    resume: str = ""  # a checkpoint.pt to continue training from (scripts that train a model)
 
-    # Field values that --smoke replaces (a script sets its own, e.g. {"epochs": 1}).
-    SMOKE: ClassVar[dict[str, Any]] = {}
+    SMOKE: ClassVar[dict[str, Any]] = {}  # field values of the --smoke preset (a script sets its own)
+    PRESETS: ClassVar[dict[str, dict[Any, dict[str, Any]]]] = {}  # field -> its value -> preset values
 
-    def resolved(self):
-        """This config with the SMOKE overrides applied when ``smoke`` is set."""
-        return dataclasses.replace(self, **self.SMOKE) if self.smoke else self
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, _checked(type(self), f.name, getattr(self, f.name)))
+        if not self.out.strip():
+            raise ConfigError("--out must name a folder (e.g. runs), not an empty string")
+        self.check()
+
+    def check(self) -> None:
+        """Checks that involve several fields; a script overrides this and raises ConfigError."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (tuples as lists), ready for YAML, JSON and checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class ResumableConfig(BaseConfig):
+    """The Config of a script that trains a model and can continue an interrupted run."""
+
+    resume: str = ""  # checkpoint.pt of an earlier run of this script to continue (its settings are kept)
+
+    # What may differ from the checkpoint's settings when resuming (e.g. --epochs to train on).
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("epochs", "device", "data_dir", "resume", "out")
+
+
+# ----------------------------------------------------------------------------------------
+# Field types: what a flag accepts, and the range check
+# ----------------------------------------------------------------------------------------
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _unpack(hint: Any) -> tuple[Any, Range | None]:
+    """``Annotated[int, Range(1)]`` -> (int, Range(1)); ``int`` -> (int, None)."""
+    if typing.get_origin(hint) is Annotated:
+        base, *extras = typing.get_args(hint)
+        return base, next((e for e in extras if isinstance(e, Range)), None)
+    return hint, None
+
+
+def _item_type(kind: Any) -> Any | None:
+    """The element type of ``tuple[int, ...]`` or ``list[int]``; None for other types."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        args = typing.get_args(kind)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+    if origin is list:
+        return typing.get_args(kind)[0]
+    return None
+
+
+def _convert_one(kind: Any, value: Any, bounds: Range | None) -> Any:
+    """Convert ``value`` (text from a flag, or a YAML/Python value) to ``kind``; ValueError says why."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"must be true or false, got {value!r}")
+    if typing.get_origin(kind) is Literal:
+        choices = list(typing.get_args(kind))
+        if value not in choices:
+            raise ValueError(f"must be one of {choices}, got {value!r}")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"expected {'an int' if kind is int else 'a float'}, got {value!r}")
+        try:
+            number = kind(value) if kind is float or isinstance(value, (int, str)) else None
+            if number is None:  # a float given for an int field: only whole numbers pass
+                raise ValueError
+        except (ValueError, TypeError, OverflowError):
+            raise ValueError(f"expected {'an int' if kind is int else 'a float'}, got {value!r}") from None
+        if kind is float and not math.isfinite(number):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if bounds is not None and not bounds.contains(number):
+            raise ValueError(f"must be {bounds}, got {value!r}")
+        if kind is int and abs(number) >= 2**63:  # torch stores ints in 64 bits
+            raise ValueError(f"is too large, got {value!r}")
+        return number
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected text, got {value!r}")
+        return value
+    raise TypeError(f"unsupported Config field type {kind!r} (use int, float, str, bool, Literal, tuple[X, ...])")
+
+
+def _checked(cls: type, name: str, value: Any) -> Any:
+    """``value`` converted to the type of field ``name`` and checked against its range."""
+    kind, bounds = _unpack(_hints(cls)[name])
+    item = _item_type(kind)
+    try:
+        if item is None:
+            return _convert_one(kind, value, bounds)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list of values, got {value!r}")
+        items = [_convert_one(item, v, bounds) for v in value]
+        return tuple(items) if typing.get_origin(kind) is tuple else items
+    except ValueError as e:
+        raise ConfigError(f"{_flag(name)} {e}") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -62,7 +208,7 @@ def field_comments(cls: type) -> dict[str, str]:
             continue
         last_name = None
         for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.NEWLINE or tok.type == tokenize.NL:
+            if tok.type in (tokenize.NEWLINE, tokenize.NL):
                 last_name = None if tok.type == tokenize.NEWLINE else last_name
             if tok.type == tokenize.NAME and tok.start[1] == 4 and last_name is None:
                 last_name = tok.string
@@ -72,26 +218,9 @@ def field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
-def _number(kind: type, name: str):
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-        return value
-
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
+# ----------------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------------
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage block before an error; we print one line."""
 
@@ -99,93 +228,232 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _cli_type(kind: Any, bounds: Range | None, name: str):
+    """A converter from flag text to a checked value, for argparse's ``type=``."""
+
+    def convert(text: str):
+        try:
+            return _convert_one(kind, text, bounds)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = getattr(kind, "__name__", "value")
+    return convert
+
+
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per Config field, plus ``--config FILE.yaml``."""
-    parser = OneLineErrorParser(description=description or (cls.__doc__ or "").strip() or None)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of Config fields (flags win over it)")
+    """An argparse parser with one flag per Config field, plus ``--config FILE.yaml``.
+
+    Defaults are suppressed, so the parsed namespace holds only what the user typed: that is
+    how presets know what they may fill in."""
+    parser = OneLineErrorParser(description=description or (cls.__doc__ or "").strip() or None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file of Config fields (a run's own config.yaml works too); flags win over it")
     comments = field_comments(cls)
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in fields(cls):
-        kind = hints[f.name]
-        help_text = comments.get(f.name, " ")
+        kind, bounds = _unpack(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text + f" (default: {default})"}
+        shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+        extra = f"; {bounds}" if bounds is not None else ""
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
+                                  "help": f"{comments.get(f.name, '')} (default: {shown}{extra})".strip()}
+        item = _item_type(kind)
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is Literal:
             kwargs["choices"] = list(typing.get_args(kind))
+        elif item is not None:
+            kwargs.update(nargs="*", type=_cli_type(item, bounds, f.name), metavar=item.__name__.upper())
         elif kind in (int, float):
-            kwargs["type"] = _number(kind, f.name)
-            kwargs["metavar"] = kind.__name__.upper()
+            kwargs.update(type=_cli_type(kind, bounds, f.name), metavar=kind.__name__.upper())
         elif kind is str:
             kwargs["metavar"] = "TEXT"
         else:
-            raise TypeError(f"Config field {f.name}: unsupported type {kind!r} (use int, float, str, bool, Literal)")
+            raise TypeError(f"Config field {f.name}: unsupported type {kind!r}")
         parser.add_argument(_flag(f.name), dest=f.name, **kwargs)
     return parser
 
 
-def _from_yaml(parser: argparse.ArgumentParser, cls: type, path: str) -> dict[str, Any]:
+def _from_yaml(cls: type, path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
-        parser.error(f"--config {path}: cannot read it ({e.strerror})")
-    except yaml.YAMLError as e:
-        parser.error(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        parser.error(f"--config {path}: expected a mapping of Config fields, got {type(data).__name__}")
-    # Accept the config.yaml a run wrote: its fields sit under "config".
-    if "config" in data and isinstance(data["config"], dict):
+        raise ConfigError(f"--config {path}: expected a mapping of Config fields, got {type(data).__name__}")
+    if isinstance(data.get("config"), dict):  # a run's config.yaml: the fields sit under "config"
         data = data["config"]
-    known = {f.name: f for f in fields(cls)}
-    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
     values = {}
     for key, value in data.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name not in known:
-            parser.error(f"--config {path}: unknown field {key!r} (known: {', '.join(known)})")
-        # Re-use the command-line checks so a file cannot smuggle in a bad value.
-        values[name] = _check_value(parser, path, name, hints[name], value)
+            raise ConfigError(f"--config {path}: unknown field {key!r} (known: {', '.join(sorted(known))})")
+        try:
+            values[name] = _checked(cls, name, value)
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: field {name!r}: {str(e).split(' ', 1)[1]}") from None
     return values
 
 
-def _check_value(parser, path, name, kind, value):
-    where = f"--config {path}: field {name!r}"
-    if kind is bool:
-        if not isinstance(value, bool):
-            parser.error(f"{where} must be true or false, got {value!r}")
-        return value
-    if typing.get_origin(kind) is Literal:
-        if value not in typing.get_args(kind):
-            parser.error(f"{where} must be one of {list(typing.get_args(kind))}, got {value!r}")
-        return value
-    if kind in (int, float):
+@dataclass
+class Resolved:
+    """A parsed config and where its values came from (printed by ``run``)."""
+
+    config: Any
+    preset_notes: list[str]
+
+
+def resolve(cls: type, argv: list[str] | None = None, description: str | None = None) -> Resolved:
+    """Parse ``argv`` into ``cls`` with the precedence of the module docstring."""
+    parser = build_parser(cls, description)
+    explicit = vars(parser.parse_args(argv))
+    try:
+        config_file = explicit.pop("config", None)
+        from_file = _from_yaml(cls, config_file) if config_file else {}
+        said = {**from_file, **explicit}  # what the user chose, one way or the other
+        values = {f.name: getattr(cls(), f.name) for f in fields(cls)}
+        notes: list[str] = []
+        if said.get("resume"):
+            values.update(_resumed_settings(cls, said))
+            notes.append(f"resuming {said['resume']} with its own settings")
+        else:
+            for field_name, table in cls.PRESETS.items():
+                chosen = said.get(field_name, values[field_name])
+                notes += _apply(values, table.get(chosen, {}), said, f"{field_name}={chosen} preset")
+            if said.get("smoke", values["smoke"]):
+                notes += _apply(values, cls.SMOKE, said, "--smoke preset")
+        values.update(said)
+        cfg = cls(**values)
+        check_out(cfg.out)
+    except ConfigError as e:
+        parser.error(str(e))
+    return Resolved(cfg, notes)
+
+
+def _apply(values: dict, preset: dict, said: dict, label: str) -> list[str]:
+    """Put ``preset`` into ``values`` except where the user said otherwise; a note of what changed."""
+    applied = {k: v for k, v in preset.items() if k not in said and values.get(k) != v}
+    values.update(applied)
+    return [f"{label}: " + " ".join(f"{k}={v}" for k, v in applied.items())] if applied else []
+
+
+def _resumed_settings(cls: type, said: dict) -> dict[str, Any]:
+    """The settings stored in the checkpoint being resumed; a flag may change only the fields
+    in ``RESUME_MAY_CHANGE``, because the saved weights and optimizer belong to the others."""
+    from common.checkpoint import read_checkpoint
+    from common.errors import CheckpointError
+
+    try:
+        saved = read_checkpoint(said["resume"])["config"]
+    except CheckpointError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    known = {f.name for f in fields(cls)}
+    settings = {}
+    for name, value in saved.items():
+        if name not in known:
+            continue
         try:
-            return _number(kind, name)(str(value))
-        except argparse.ArgumentTypeError as e:
-            parser.error(f"{where} {e}")
-    return str(value)
+            settings[name] = _checked(cls, name, value)
+        except ConfigError:
+            raise ConfigError(f"--resume {said['resume']}: its saved {name}={value!r} is not valid for this script")\
+                from None
+    may_change = getattr(cls, "RESUME_MAY_CHANGE", ())
+    for name, value in said.items():
+        if name in settings and name not in may_change and settings[name] != value:
+            raise ConfigError(f"{_flag(name)} {value} differs from the run being resumed ({name}={settings[name]}); "
+                              f"a resumed run keeps its settings (only {', '.join(map(_flag, may_change))} may change)")
+    return settings
+
+
+def check_out(out: str) -> None:
+    """``--out`` must be a folder we can create or write into; checked before any work."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; pass a folder for the run outputs")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot write in {existing} (permission denied); pass a writable folder")
 
 
 def parse_config(cls: type, argv: list[str] | None = None, description: str | None = None):
     """Parse ``argv`` (default: sys.argv) into an instance of the dataclass ``cls``."""
-    parser = build_parser(cls, description)
-    args = vars(parser.parse_args(argv))
-    config_file = args.pop("config", None)
-    values = _from_yaml(parser, cls, config_file) if config_file else {}
-    values.update(args)
-    return cls(**values)
+    return resolve(cls, argv, description).config
+
+
+# ----------------------------------------------------------------------------------------
+# Running a script
+# ----------------------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by ``kill``, ``timeout``, job schedulers): handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def run(main, cls: type, argv: list[str] | None = None) -> dict:
-    """Parse the command line into ``cls``, call ``main(cfg)``, and turn a LabError into
-    one line on stderr and a non-zero exit instead of a traceback."""
-    cfg = parse_config(cls, argv, description=(sys.modules[main.__module__].__doc__ or "").strip() or None)
+    """Parse the command line into ``cls``, call ``main(cfg)``, and turn a LabError or Ctrl-C /
+    SIGTERM into one line on stderr and a non-zero exit instead of a traceback."""
+    module_doc = (sys.modules[main.__module__].__doc__ or "").strip() or None
+    if threading_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return main(cfg)
+        resolved = resolve(cls, argv, description=module_doc)
+        for note in resolved.preset_notes:
+            print(note)
+        finished = finished_run(resolved.config)
+        return finished if finished is not None else main(resolved.config)
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt as e:
+        from common.runs import Run
+
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: {Run.interrupted_message()}", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Terminated) else Interrupted.exit_code) from None
 
 
-__all__ = ["BaseConfig", "dataclass", "field", "parse_config", "run", "build_parser"]
+def finished_run(cfg) -> dict | None:
+    """``--resume`` of a run that already finished, with no more epochs asked for: say so and
+    return its summary, instead of training zero epochs (or tripping over a finished schedule)."""
+    resume = getattr(cfg, "resume", "")
+    summary_path = Path(resume).parent / "summary.json" if resume else None
+    if summary_path is None or not summary_path.is_file():
+        return None
+    import json
+
+    from common.checkpoint import read_checkpoint
+
+    payload = read_checkpoint(resume)
+    done, stopped = payload["epoch"], bool(payload["extra"].get("stopped"))
+    if not stopped and getattr(cfg, "epochs", done) > done:
+        return None  # train on to the new total
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return None
+    why = "stopped early" if stopped else "finished its epochs"
+    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+                     if not isinstance(v, (dict, list)) and k != "run_dir")
+    print(f"nothing to do: the run in {summary_path.parent} {why} at epoch {done}. Its summary: {shown}")
+    if not stopped:
+        print(f"(to train on, pass --epochs with more than {done})")
+    return summary
+
+
+def threading_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+__all__ = ["BaseConfig", "ResumableConfig", "Range", "parse_config", "resolve", "run", "build_parser"]

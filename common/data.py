@@ -1,33 +1,37 @@
-"""Data: one registry of data sets, their synthetic twins, and fast in-memory batching.
+"""Data: one registry of data sets, each loaded and checked once.
 
     data = load("mnist", cfg.data_dir, smoke=cfg.smoke)      # -> ImageData / TabularData
-    train = TensorLoader(data.x_train, data.y_train, batch_size=128, shuffle=True)
 
 Real data sets are downloaded the standard way (torchvision) into one data root:
 ``--data-dir``, else ``$DL_LABS_DATA``, else ``~/.cache/dl-labs/data``. Files already there
 are never downloaded again. Offline with nothing on disk, ``load`` raises ``DataUnavailable``
 naming the data set, where it looked, and the two ways on. It never falls back to fake data:
-you get the synthetic twin only when you ask for it (``smoke=True`` or ``synthetic=True``).
+you get the synthetic twin (``common.twins``) only when you ask for it (``smoke=True`` or
+``synthetic=True``). Batching is in ``common.loader``, augmentation in ``common.augment``.
 
-Every real data set has a twin with the same shapes and classes, generated in memory, that a
-model has to actually learn (class = shape x texture at a random place, size and colour).
+Every set is validated once, here, before any training: inputs and labels have the same
+number of rows, images are uint8 (N, C, H, W), class labels are int64 in [0, num_classes).
+A damaged file on disk (a truncated download, a corrupt archive) becomes a one-line
+``DataError`` naming the data set and the file, not a reshape error in the middle of an epoch.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
+import shutil
 import socket
 import tarfile
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.errors import DataUnavailable
+from common.errors import DataError, DataUnavailable
+from common.twins import synthetic_images, synthetic_tabular
 
 DOWNLOAD_TIMEOUT_S = 30
 
@@ -59,6 +63,7 @@ class ImageData:
     std: tuple[float, ...]
     name: str = ""
     synthetic: bool = False
+    source: str = ""  # where it was read from (a folder or file), for messages
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +82,7 @@ class TabularData:
     feature_names: list[str]
     name: str = ""
     synthetic: bool = False
+    source: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -84,78 +90,10 @@ class TabularData:
 
 
 # ----------------------------------------------------------------------------------------
-# Synthetic twins
+# Errors a learner can act on
 # ----------------------------------------------------------------------------------------
-SHAPES = ("disk", "square", "ring", "cross", "triangle")
-
-
-def synthetic_images(n: int, channels: int = 1, size: int = 28, num_classes: int = 10,
-                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` uint8 images (n, channels, size, size) whose class is a shape and a texture.
-
-    Class k draws shape ``SHAPES[k % 5]``, solid when k < 5, striped (random angle and
-    frequency) when k >= 5. Position, size, brightness (or colours) and noise are random, so a
-    model must learn shape and texture, not a pixel lookup. All vectorized: no Python loop.
-    """
-    if not 2 <= num_classes <= 2 * len(SHAPES):
-        raise ValueError(f"synthetic_images supports 2..{2 * len(SHAPES)} classes, got {num_classes}")
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % num_classes  # balanced classes, then shuffled
-    y = y[torch.randperm(n, generator=g)]
-
-    def uniform(lo, hi, *shape):
-        return lo + (hi - lo) * torch.rand(n, *shape, generator=g)
-
-    grid = torch.linspace(-1, 1, size)
-    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
-    cx, cy, scale = uniform(-0.3, 0.3, 1, 1), uniform(-0.3, 0.3, 1, 1), uniform(0.4, 0.65, 1, 1)
-    dx, dy = (xx - cx) / scale, (yy - cy) / scale
-    radius = torch.sqrt(dx**2 + dy**2)
-    masks = torch.stack([
-        radius < 1.0,                                                         # disk
-        torch.maximum(dx.abs(), dy.abs()) < 0.8,                              # square
-        (radius > 0.55) & (radius < 1.0),                                     # ring
-        ((dx.abs() < 0.3) & (dy.abs() < 1)) | ((dy.abs() < 0.3) & (dx.abs() < 1)),  # cross
-        (dy > 2 * dx.abs() - 1) & (dy < 0.8),                                 # triangle
-    ], dim=1).float()  # (n, 5, H, W)
-    mask = masks[torch.arange(n), y % len(SHAPES)]
-    theta, freq = uniform(0, math.pi, 1, 1), uniform(2.5, 4.0, 1, 1)
-    stripes = (torch.sin(freq * math.pi * (dx * torch.cos(theta) + dy * torch.sin(theta))) > 0).float()
-    striped = (y >= len(SHAPES)).float().view(n, 1, 1)
-    texture = striped * (0.25 + 0.75 * stripes) + (1 - striped)
-    if channels == 1:
-        background, foreground = uniform(0.0, 0.25, 1, 1, 1), uniform(0.7, 1.0, 1, 1, 1)
-    else:  # random colours; keep foreground and background apart in brightness
-        background = uniform(0.0, 0.35, channels, 1, 1)
-        foreground = (background + uniform(0.4, 0.65, channels, 1, 1)).clamp(max=1)
-    image = background + (foreground - background) * (mask * texture).unsqueeze(1)
-    image = image + 0.08 * torch.randn(image.shape, generator=g)
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8), y
-
-
-def synthetic_tabular(n: int, num_features: int, num_classes: int, seed: int = 0,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian blobs for classification (``num_classes`` >= 2) or a noisy nonlinear target
-    for regression (``num_classes`` == 0), float32 features."""
-    g = torch.Generator().manual_seed(seed)
-    if num_classes == 0:
-        x = torch.randn(n, num_features, generator=g)
-        w = torch.randn(num_features, generator=g)
-        y = x @ w + 0.5 * torch.sin(2 * x[:, 0]) + 0.3 * torch.randn(n, generator=g)
-        return x, y
-    centers = 2.0 * torch.randn(num_classes, num_features, generator=g)
-    y = torch.arange(n) % num_classes
-    x = centers[y] + 1.2 * torch.randn(n, num_features, generator=g)
-    perm = torch.randperm(n, generator=g)
-    return x[perm], y[perm]
-
-
-# ----------------------------------------------------------------------------------------
-# Real data sets
-# ----------------------------------------------------------------------------------------
-MNIST_CLASSES = [str(d) for d in range(10)]
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+WAYS_ON = "pass --data-dir PATH to a folder that has it, or run with --smoke to use its synthetic twin"
+DAMAGED = "the files are damaged: delete them to download again (or pass --data-dir PATH to a good copy, or --smoke)"
 
 
 def _missing(name: str, root: Path, reason: str) -> DataUnavailable:
@@ -166,12 +104,77 @@ def _missing(name: str, root: Path, reason: str) -> DataUnavailable:
     )
 
 
-def _torchvision(cls, name: str, root: Path, train: bool):
-    """Open a torchvision data set, downloading it if needed, with a timeout and clear error."""
+def _damaged(name: str, what: str, where: Path | str, remedy: str = DAMAGED) -> DataError:
+    return DataError(f"{name}: {what} (in {where}); {remedy}")
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as a short single line (torchvision's download errors span several)."""
+    text = " ".join(str(e).split())
+    return (text[:197] + "...") if len(text) > 200 else text or type(e).__name__
+
+
+def _checked_root(name: str, data_dir: str | Path | None) -> Path:
+    """The data root; an explicit ``--data-dir`` must exist: a typo should not quietly start a
+    download into a new folder (and it is never created)."""
+    if data_dir:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            problem = "is not a folder" if path.exists() else "does not exist (nothing was created)"
+            raise DataUnavailable(f"{name}: --data-dir {data_dir} {problem}; {WAYS_ON}")
+    return data_root(data_dir)
+
+
+def _new_folders(root: Path) -> tuple[Path | None, set[Path]]:
+    """What exists before a download: the topmost missing folder of ``root`` (None if it
+    exists) and the entries already in it."""
+    top = None
+    for folder in (root, *root.parents):
+        if folder.exists():
+            break
+        top = folder
+    return top, (set(root.iterdir()) if top is None and root.is_dir() else set())
+
+
+def _remove_empty_new_folders(root: Path, before: tuple[Path | None, set[Path]]) -> None:
+    """After a failed download, remove the folders it created if they hold no file: a failed
+    offline run leaves nothing on disk (a partly downloaded file is kept and resumed)."""
+    top, entries = before
+    created = [top] if top is not None else [p for p in root.iterdir() if p not in entries] if root.is_dir() else []
+    for folder in created:
+        if folder.is_dir() and not folder.is_symlink() and all(
+                p.is_dir() and not p.is_symlink() for p in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Real data sets
+# ----------------------------------------------------------------------------------------
+MNIST_CLASSES = [str(d) for d in range(10)]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+
+Damage = tuple[Path, str]  # a file and what is wrong with it ("is truncated (...)")
+
+
+def _torchvision(cls, name: str, root: Path, train: bool, find_damage: Callable[[Path, bool], Damage | None]):
+    """Open a torchvision data set, downloading it if needed, with a timeout and clear errors.
+
+    torchvision reports a damaged file with whatever its reader tripped on (an assert, a
+    reshape error, "not found or corrupted") and no file name; ``find_damage`` looks at the
+    files on disk to name the one that is bad.
+    """
+    split = "training" if train else "test"
+    folder = root / (getattr(cls, "base_folder", None) or cls.__name__)
     try:
         return cls(root=str(root), train=train, download=False)
-    except RuntimeError:
-        pass  # not on disk yet
+    except Exception as e:  # torchvision raises anything from RuntimeError to AssertionError
+        if not (isinstance(e, RuntimeError) and "not found" in str(e)):  # the files are there but do not read
+            damage = find_damage(root, train)
+            if damage:
+                raise _damaged(name, f"{damage[0].name} {damage[1]}", damage[0].parent) from None
+            raise _damaged(name, f"the {split} files could not be read ({_reason(e)})", folder) from None
+    before = _new_folders(root)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
@@ -179,10 +182,64 @@ def _torchvision(cls, name: str, root: Path, train: bool):
         print(f"downloading {name} to {root} (once) ...", flush=True)
         return cls(root=str(root), train=train, download=True)
     except Exception as e:  # URLError, timeouts, HTTP errors, checksum mismatch, read-only folder
-        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-        raise _missing(name, root, reason) from None
+        _remove_empty_new_folders(root, before)
+        damage = find_damage(root, train)  # e.g. a CIFAR batch file whose checksum is wrong
+        if damage:
+            raise _damaged(name, f"{damage[0].name} {damage[1]}, and no good copy could be downloaded "
+                                 f"({_reason(e)})", damage[0].parent) from None
+        raise _missing(name, root, _reason(e)) from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _idx_problem(path: Path, ndim: int) -> str | None:
+    """What is wrong with an MNIST idx file, or None (also when it is absent: then it is
+    downloaded). The header gives the dimensions, so the exact file size is known."""
+    if not path.is_file():
+        return None
+    size, header_size = path.stat().st_size, 4 + 4 * ndim
+    with open(path, "rb") as f:
+        header = f.read(header_size)
+    if len(header) < header_size:
+        return f"is truncated ({size} bytes, shorter than its {header_size}-byte header)"
+    if header[:4] != bytes([0, 0, 0x08, ndim]):
+        return f"is not an MNIST idx file of {ndim}-d uint8 data (it starts with {header[:4].hex()})"
+    expected = header_size + int(np.prod([int.from_bytes(header[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]))
+    if size != expected:
+        return f"is {'truncated' if size < expected else 'too long'} ({size:,} bytes, expected {expected:,})"
+    return None
+
+
+def _idx_damage(cls) -> Callable[[Path, bool], Damage | None]:
+    def find(root: Path, train: bool) -> Damage | None:
+        folder, prefix = root / cls.__name__ / "raw", "train" if train else "t10k"
+        for path, ndim in ((folder / f"{prefix}-images-idx3-ubyte", 3), (folder / f"{prefix}-labels-idx1-ubyte", 1)):
+            problem = _idx_problem(path, ndim)
+            if problem:
+                return path, problem
+        return None
+
+    return find
+
+
+def _cifar_damage(root: Path, train: bool) -> Damage | None:
+    """A CIFAR-10 batch file (or the tarball) whose checksum is not the original's."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / CIFAR10.base_folder
+    if folder.is_dir():
+        meta = [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]
+        for filename, md5 in [*CIFAR10.train_list, *CIFAR10.test_list, meta]:
+            path = folder / filename
+            if not path.exists():
+                return path, "is missing"
+            if not check_integrity(str(path), md5):
+                return path, "is damaged (its checksum is not the original's)"
+    tarball = root / CIFAR10.filename
+    if tarball.is_file() and not check_integrity(str(tarball), CIFAR10.tgz_md5):
+        return tarball, "is damaged (its checksum is not the original's)"
+    return None
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -192,52 +249,83 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
 
 def _mnist_like(cls, name: str, classes: list[str]):
     def load_real(root: Path) -> ImageData:
-        train, test = _torchvision(cls, name, root, True), _torchvision(cls, name, root, False)
+        find_damage = _idx_damage(cls)
+        train = _torchvision(cls, name, root, True, find_damage)
+        test = _torchvision(cls, name, root, False, find_damage)
         x_train, x_test = train.data.unsqueeze(1), test.data.unsqueeze(1)
         mean, std = _channel_stats(x_train)
-        return ImageData(x_train, train.targets.long(), x_test, test.targets.long(), classes, mean, std, name)
+        return ImageData(x_train, train.targets.long(), x_test, test.targets.long(), classes, mean, std, name,
+                         source=str(root / cls.__name__ / "raw"))
 
     return load_real
+
+
+JPG_DAMAGED = ("the copy is damaged: replace it, or delete it to download the standard CIFAR-10 "
+               "(or pass --data-dir PATH to a good copy, or --smoke)")
+
+
+def _decode_cifar10_jpg(source: Path) -> dict[str, torch.Tensor]:
+    """Decode ``{train,test}/<class>/*.jpg`` from a folder or a .tar.gz into uint8 tensors."""
+    from PIL import Image
+
+    images: dict[str, list] = {"train": [], "test": []}
+    labels: dict[str, list] = {"train": [], "test": []}
+
+    def add(member_path: str, data: bytes):
+        parts = Path(member_path).parts
+        if len(parts) < 4 or parts[-3] not in images or not parts[-1].endswith(".jpg"):
+            return
+        split, cls = parts[-3], parts[-2]
+        if cls not in CIFAR10_CLASSES:
+            raise ValueError(f"{cls!r} is not a CIFAR-10 class")
+        images[split].append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        labels[split].append(CIFAR10_CLASSES.index(cls))
+
+    member = str(source)
+    try:
+        if source.is_dir():
+            for path in sorted(source.rglob("*.jpg")):
+                member = str(path)
+                add(member, path.read_bytes())
+        else:
+            with tarfile.open(source) as tar:
+                for info in tar:
+                    member = f"{source}:{info.name}"
+                    if info.isfile():
+                        add(info.name, tar.extractfile(info).read())
+        member = str(source)
+        for split in images:
+            if not images[split]:
+                raise ValueError(f"no {split}/<class>/*.jpg images")
+            if len({im.shape for im in images[split]}) > 1:
+                raise ValueError(f"{split} images of different sizes")
+    except (OSError, EOFError, ValueError, tarfile.TarError, zlib.error) as e:  # PIL's errors are OSErrors
+        raise _damaged("cifar10", f"could not decode {member} ({_reason(e)})", source, JPG_DAMAGED) from None
+    blob = {f"x_{s}": torch.from_numpy(np.stack(images[s])).permute(0, 3, 1, 2).contiguous() for s in images}
+    blob.update({f"y_{s}": torch.tensor(labels[s], dtype=torch.long) for s in labels})
+    return blob
 
 
 def _cifar10_jpg(source: Path) -> ImageData:
     """The JPEG copy of CIFAR-10 (``cifar10_jpg/{train,test}/<class>/*.jpg``), a folder or
     its .tar.gz, decoded once and cached as tensors (decoding 60k JPEGs takes a while)."""
-    from PIL import Image
+    from common.io import atomic_write
 
     stat = source.stat()
     cache = cache_root() / f"cifar10_jpg-{stat.st_size}-{int(stat.st_mtime)}.pt"
+    blob = None
     if cache.exists():
-        blob = torch.load(cache, weights_only=True)
-    else:
+        try:
+            blob = torch.load(cache, weights_only=True)
+        except Exception as e:  # our own cache: decode again rather than fail
+            print(f"the cache {cache} does not load ({_reason(e)}); decoding again", flush=True)
+    if blob is None:
         print(f"decoding {source} once into {cache} ...", flush=True)
-        images: dict[str, list] = {"train": [], "test": []}
-        labels: dict[str, list] = {"train": [], "test": []}
-
-        def add(member_path: str, data: bytes):
-            parts = Path(member_path).parts
-            if len(parts) < 4 or parts[-3] not in images or not parts[-1].endswith(".jpg"):
-                return
-            split, cls = parts[-3], parts[-2]
-            images[split].append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-            labels[split].append(CIFAR10_CLASSES.index(cls))
-
-        if source.is_dir():
-            for path in sorted(source.rglob("*.jpg")):
-                add(str(path), path.read_bytes())
-        else:
-            with tarfile.open(source) as tar:
-                for member in tar:
-                    if member.isfile():
-                        add(member.name, tar.extractfile(member).read())
-        blob = {f"x_{s}": torch.from_numpy(np.stack(images[s])).permute(0, 3, 1, 2).contiguous() for s in images}
-        blob.update({f"y_{s}": torch.tensor(labels[s]) for s in labels})
-        from common.io import atomic_write
-
+        blob = _decode_cifar10_jpg(source)
         atomic_write(cache, lambda tmp: torch.save(blob, tmp))
     mean, std = _channel_stats(blob["x_train"])
     return ImageData(blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"], CIFAR10_CLASSES,
-                     mean, std, "cifar10")
+                     mean, std, "cifar10", source=str(source))
 
 
 def _cifar10(root: Path) -> ImageData:
@@ -249,12 +337,14 @@ def _cifar10(root: Path) -> ImageData:
         for candidate in (root / "cifar10_jpg", root / "cifar10_jpg.tar.gz"):
             if candidate.exists():
                 return _cifar10_jpg(candidate)
-    train, test = _torchvision(CIFAR10, "cifar10", root, True), _torchvision(CIFAR10, "cifar10", root, False)
+    train = _torchvision(CIFAR10, "cifar10", root, True, _cifar_damage)
+    test = _torchvision(CIFAR10, "cifar10", root, False, _cifar_damage)
     x_train = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()
     x_test = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
     mean, std = _channel_stats(x_train)
-    return ImageData(x_train, torch.tensor(train.targets), x_test, torch.tensor(test.targets),
-                     CIFAR10_CLASSES, mean, std, "cifar10")
+    return ImageData(x_train, torch.tensor(train.targets, dtype=torch.long), x_test,
+                     torch.tensor(test.targets, dtype=torch.long), CIFAR10_CLASSES, mean, std, "cifar10",
+                     source=str(root / CIFAR10.base_folder))
 
 
 def _sklearn(loader_name: str, test_fraction: float = 0.2) -> Callable[[Path], TabularData]:
@@ -273,7 +363,7 @@ def _sklearn(loader_name: str, test_fraction: float = 0.2) -> Callable[[Path], T
         test, train = perm[:n_test], perm[n_test:]
         classes = [str(c) for c in bunch.target_names] if is_classification else []
         return TabularData(x[train], y[train], x[test], y[test], classes, [str(f) for f in bunch.feature_names],
-                           loader_name.removeprefix("load_"))
+                           loader_name.removeprefix("load_"), source=f"sklearn.datasets.{loader_name}")
 
     return load_real
 
@@ -291,7 +381,7 @@ def _image_twin(name: str, channels: int, size: int, classes: list[str]):
         x, y = synthetic_images(n_train + n_test, channels, size, len(classes), seed)
         mean, std = _channel_stats(x[:n_train])
         return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes, mean, std,
-                         f"{name} (synthetic twin)", synthetic=True)
+                         f"{name} (synthetic twin)", synthetic=True, source="common.twins")
 
     return make
 
@@ -302,7 +392,8 @@ def _tabular_twin(name: str, num_features: int, num_classes: int):
         x, y = synthetic_tabular(n_train + n_test, num_features, num_classes, seed)
         classes = [f"class{i}" for i in range(num_classes)]
         return TabularData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes,
-                           [f"x{i}" for i in range(num_features)], f"{name} (synthetic twin)", synthetic=True)
+                           [f"x{i}" for i in range(num_features)], f"{name} (synthetic twin)", synthetic=True,
+                           source="common.twins")
 
     return make
 
@@ -331,76 +422,63 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
+# ----------------------------------------------------------------------------------------
+# Validation, once, on load
+# ----------------------------------------------------------------------------------------
+def validate(name: str, data: ImageData | TabularData, remedy: str = DAMAGED) -> None:
+    """Raise ``DataError`` naming the set, the split and the source unless ``data`` is sound:
+    as many labels as inputs, images uint8 (N, C, H, W) of one size, features finite float32
+    (N, D), class labels int64 in [0, num_classes), regression targets float.
+
+    Cheap (a few reductions), and it turns damaged files into a clear message at load time
+    instead of a device-side assert or a silently wrong loss hours into training.
+    """
+
+    def fail(what: str):
+        raise _damaged(name, what, data.source or "memory", remedy)
+
+    image = isinstance(data, ImageData)
+    for split, x, y in (("training", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        if len(x) != len(y):
+            fail(f"the {split} set has {len(x)} inputs but {len(y)} labels")
+        if len(x) == 0:
+            fail(f"the {split} set is empty")
+        if image and (x.dtype != torch.uint8 or x.ndim != 4):
+            fail(f"{split} images must be uint8 (N, C, H, W), found {x.dtype} {tuple(x.shape)}")
+        if image and x.shape[1:] != data.x_train.shape[1:]:
+            fail(f"{split} images are {tuple(x.shape[1:])} but training images {tuple(data.x_train.shape[1:])}")
+        if not image and (x.dtype != torch.float32 or x.ndim != 2 or not torch.isfinite(x).all()):
+            fail(f"{split} features must be finite float32 (N, D), found {x.dtype} {tuple(x.shape)}")
+        if y.ndim != 1:
+            fail(f"{split} labels must be one per row (N,), found shape {tuple(y.shape)}")
+        if data.classes:
+            k = len(data.classes)
+            if y.dtype != torch.int64:
+                fail(f"{split} labels must be int64 class indices, found {y.dtype}")
+            bad = y[(y < 0) | (y >= k)]
+            if len(bad):
+                fail(f"{split} labels must be in 0..{k - 1}, found {bad[0].item()}")
+        elif not y.is_floating_point():
+            fail(f"{split} targets of a regression set must be float, found {y.dtype}")
+
+
 def load(name: str, data_dir: str | Path | None = None, smoke: bool = False, synthetic: bool = False,
          n_synthetic: int = 512, seed: int = 0) -> ImageData | TabularData:
-    """Load a data set from the registry.
+    """Load a data set from the registry, and check it (see ``validate``).
 
     ``smoke`` gives the tiny synthetic twin (bundled sets, already offline and small, stay
     real); ``synthetic`` always gives the twin, with ``n_synthetic`` training examples.
+    An explicit ``data_dir`` must exist; the default data root is created to download into
+    (and removed again if the download fails and leaves it empty).
     """
     if name not in REGISTRY:
         raise DataUnavailable(f"unknown data set {name!r}; known: {', '.join(sorted(REGISTRY))}")
     entry = REGISTRY[name]
     if synthetic or (smoke and not entry.bundled):
-        return entry.make_twin(n_synthetic, seed)
-    return entry.load_real(data_root(data_dir))
-
-
-# ----------------------------------------------------------------------------------------
-# Batching tensors that are already in memory
-# ----------------------------------------------------------------------------------------
-class TensorLoader:
-    """Mini-batches by indexing tensors held in memory (on the GPU when training there).
-
-    Replaces ``DataLoader`` for data that fits in memory: no per-sample Python calls, no worker
-    processes, one gather per batch. ``transform`` runs on each whole batch (e.g. uint8 ->
-    normalized float, random crops and flips), so augmentation is vectorized too.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, drop_last: bool = False,
-                 device: torch.device | str | None = None, seed: int = 0):
-        if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device = torch.device(device) if device is not None else x.device
-        self.x, self.y = x.to(device), y.to(device)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.transform = transform
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-
-    def __len__(self) -> int:
-        n = len(self.x)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.x)
-        order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle else None
-        for i in range(len(self)):
-            if order is None:
-                xb, yb = self.x[i * self.batch_size:(i + 1) * self.batch_size], \
-                    self.y[i * self.batch_size:(i + 1) * self.batch_size]
-            else:
-                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-                xb, yb = self.x[idx], self.y[idx]
-            yield (self.transform(xb) if self.transform else xb), yb
-
-
-def normalizer(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 images (N, C, H, W) -> float32, scaled to [0, 1], then standardized per channel."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-
-    def normalize(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255 - m.to(x.device)) / s.to(x.device)
-
-    return normalize
-
-
-def split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int = 0):
-    """Hold out a random ``val_fraction`` of (x, y) for validation: (x_tr, y_tr, x_val, y_val)."""
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(val_fraction * len(x)))
-    val, train = perm[:n_val], perm[n_val:]
-    return x[train], y[train], x[val], y[val]
+        data, remedy = entry.make_twin(n_synthetic, seed), "a bug in common/twins.py"
+    elif entry.bundled:
+        data, remedy = entry.load_real(data_root(data_dir)), "scikit-learn's bundled copy is damaged: reinstall it"
+    else:
+        data, remedy = entry.load_real(_checked_root(name, data_dir)), DAMAGED
+    validate(name, data, remedy)
+    return data

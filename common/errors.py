@@ -11,8 +11,18 @@ class LabError(Exception):
     exit_code = 1
 
 
+class ConfigError(LabError):
+    """A setting is out of its range or contradicts another; found before any work starts."""
+
+    exit_code = 2  # argparse's status for a bad command line
+
+
 class DataUnavailable(LabError):
     """A real data set is not on disk and could not be downloaded."""
+
+
+class DataError(LabError):
+    """A data set is on disk but damaged or not what it should be."""
 
 
 class CheckpointError(LabError):
@@ -24,6 +34,6 @@ class NonFiniteLoss(LabError):
 
 
 class Interrupted(LabError):
-    """Ctrl-C: the run saved a checkpoint and stopped."""
+    """Ctrl-C or SIGTERM: the run stopped; its last checkpoint (if any) is on disk."""
 
-    exit_code = 130
+    exit_code = 130  # 128 + SIGINT, the shell's convention

@@ -15,6 +15,7 @@ of the chosen runs on one figure: the curriculum's "experiment log".
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import json
@@ -43,37 +44,97 @@ def week_and_script(script_file: str | Path) -> tuple[str, str]:
 class Run:
     """The output folder of one run. Create it with ``Run.start(cfg, __file__, device)``."""
 
+    current: Run | None = None  # the run in progress: Ctrl-C's message names its checkpoint
+
     def __init__(self, directory: Path, out: Path, week: str, script: str, config: dict, device: torch.device):
         self.dir, self.out, self.week, self.script = directory, out, week, script
         self.config, self.device = config, device
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = []
+        self.prefix, self.extra_columns = "", {}
         self.started = time.perf_counter()
+
+    @property
+    def name(self) -> str:
+        """"week03/part2": checkpoints carry it, so a resume can refuse another script's file."""
+        return f"{self.week}/{self.script}"
 
     @classmethod
     def start(cls, cfg, script_file: str | Path, device: torch.device, quiet: bool = False) -> Run:
+        """A new run folder, or, when ``cfg.resume`` names a checkpoint, that run's own folder:
+        a resumed run goes on in it, with the metrics rows saved up to the checkpoint."""
         week, script = week_and_script(script_file)
-        out = Path(cfg.out)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        directory = out / week / script / stamp
-        n = 1
-        while directory.exists():  # two runs in the same second get -2, -3, ...
-            n += 1
-            directory = out / week / script / f"{stamp}-{n}"
-        directory.mkdir(parents=True)
         config = cfg.to_dict()
+        resume = getattr(cfg, "resume", "")
+        if resume:
+            directory = Path(resume).resolve().parent
+            out = directory.parents[2] if len(directory.parents) > 2 else directory
+            from common.checkpoint import read_checkpoint
+
+            rows = read_checkpoint(resume)["extra"].get("rows", [])
+        else:
+            out = Path(cfg.out)
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            directory = out / week / script / stamp
+            n = 1
+            while directory.exists():  # two runs in the same second get -2, -3, ...
+                n += 1
+                directory = out / week / script / f"{stamp}-{n}"
+            directory.mkdir(parents=True)
+            rows = []
         run = cls(directory, out, week, script, config, device)
-        meta = {"script": f"{week}/{script}", "started": datetime.now().isoformat(timespec="seconds"),
+        meta = {"script": run.name, "started": datetime.now().isoformat(timespec="seconds"),
                 "config": config, "environment": describe(device)}
+        if resume:
+            meta["resumed_from"] = str(resume)
         atomic_write_text(directory / "config.yaml", yaml.safe_dump(meta, sort_keys=False))
+        for row in rows:  # metrics.csv again holds exactly the epochs the checkpoint has seen
+            run.log(**row)
+        if not rows:
+            (directory / "metrics.csv").unlink(missing_ok=True)
         if not quiet:
             settings = " ".join(f"{k}={v}" for k, v in config.items())
-            print(f"[{week}/{script}] device={device} {settings}")
-            print(f"[{week}/{script}] writing to {directory}")
+            print(f"[{run.name}] device={device} {settings}")
+            print(f"[{run.name}] {'continuing in' if resume else 'writing to'} {directory}")
+        Run.current = run
         return run
 
+    def sub(self, prefix: str, **columns: Any) -> Run:
+        """A view of this run for one of several models trained in it (e.g. one per schedule):
+        file names get ``prefix_`` and every metrics row gets ``columns``; same folder and CSV."""
+        view = copy.copy(self)
+        view.prefix, view.extra_columns = f"{prefix}_", columns
+        return view
+
+    @staticmethod
+    def interrupted_message() -> str:
+        """What Ctrl-C / SIGTERM prints: where the last checkpoint is and how to go on."""
+        run = Run.current
+        checkpoints = sorted(run.dir.glob("*checkpoint.pt")) if run is not None else []
+        if not checkpoints:
+            return "stopped before a checkpoint was saved; nothing to resume"
+        from common.checkpoint import read_checkpoint
+        from common.errors import CheckpointError
+
+        try:
+            epoch = read_checkpoint(checkpoints[-1])["epoch"]
+        except CheckpointError:
+            return f"stopped; {checkpoints[-1]} could not be read back"
+        return (f"stopped; the checkpoint of epoch {epoch} is {checkpoints[-1]} "
+                f"(continue with --resume {checkpoints[-1]}; the unfinished epoch is redone)")
+
+    def save_checkpoint(self, model, optimizer=None, scheduler=None, epoch: int = 0, **extra: Any) -> Path:
+        """``checkpoint.pt`` in this run's folder, with the config, the script's name and the
+        metrics rows so far (a resumed run rewrites metrics.csv from them)."""
+        from common.checkpoint import save_checkpoint
+
+        rows = [r for r in self.rows if not self.extra_columns or
+                all(r.get(k) == v for k, v in self.extra_columns.items())]
+        return save_checkpoint(self.path("checkpoint.pt"), model, optimizer, scheduler, epoch=epoch,
+                               config=self.config, script=self.name, rows=rows, **extra)
+
     def path(self, name: str) -> Path:
-        return self.dir / name
+        return self.dir / (self.prefix + name)
 
     def log(self, **metrics: Any) -> None:
         """Append one row (e.g. epoch=3, train_loss=..., val_acc=...) to metrics.csv.
@@ -81,14 +142,14 @@ class Run:
         Rows are appended; only when a row brings a new column is the file rewritten (with the
         new header), so logging every step stays cheap.
         """
-        row = {k: _scalar(v) for k, v in metrics.items()}
+        row = {**self.extra_columns, **{k: _scalar(v) for k, v in metrics.items()}}
         self.rows.append(row)
         path = self.dir / "metrics.csv"
         if self.columns and set(row) <= set(self.columns):
             with open(path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(row)
             return
-        self.columns = list(dict.fromkeys([*self.columns, *row]))
+        self.columns[:] = list(dict.fromkeys([*self.columns, *row]))  # in place: shared with sub() views
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns)
         writer.writeheader()
@@ -109,7 +170,8 @@ class Run:
         with open(self.out / "index.jsonl", "a") as index:
             index.write(json.dumps(entry) + "\n")
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if k != "run_dir")
-        print(f"[{self.week}/{self.script}] done: {shown}")
+        print(f"[{self.name}] done: {shown}")
+        Run.current = None
         return summary
 
 
@@ -134,6 +196,8 @@ def read_index(out: str | Path, script: str | None = None) -> list[dict]:
     if not index.exists():
         return []
     entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    # A resumed run that finished again (e.g. trained on to more epochs) is one run: keep its last line.
+    entries = list({e["dir"]: e for e in entries}.values())
     if script:
         entries = [e for e in entries if f"{e['week']}/{e['script']}" == script or e["script"] == script]
     return entries

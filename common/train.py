@@ -1,31 +1,69 @@
-"""The training loop: plain PyTorch, one function per idea.
+"""The training loop: plain PyTorch, one screen.
 
-    result = fit(model, train_loader, val_loader, optimizer, epochs=10, device=device, run=run)
+    loop = fit(model, optimizer, train_batches, val_batches, epochs=10, scheduler=one_cycle, run=run)
 
 ``train_epoch`` is the loop every lab teaches (forward, loss, ``zero_grad``, ``backward``,
-``step``); ``fit`` adds what real runs need around it: evaluation, an LR scheduler (per epoch,
-per batch, or on plateau), early stopping that restores the best weights, gradient clipping,
-a NaN/inf guard, mixed precision on CUDA, a checkpoint every epoch, resume, and Ctrl-C.
+``step``); ``fit`` repeats it for ``epochs``, evaluates after each, logs a metrics row and saves
+a checkpoint (when given a ``run``), and can resume from one exactly. The ``scheduler`` given
+to ``fit`` is stepped after every batch (one-cycle, warmup). Everything else hooks in through
+``callbacks``: objects with ``on_after_backward`` (gradient clipping), ``on_step_end`` and
+``on_epoch_end`` (per-epoch or plateau schedules, early stopping: Week 4 writes those), and
+``state_dict`` / ``load_state_dict`` so that a resumed run has their state too.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint
 from common.device import autocast, grad_scaler
-from common.errors import Interrupted, NonFiniteLoss
+from common.errors import NonFiniteLoss
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Loop:
+    """Where training stands; what callbacks read (and ``stop`` is how they end it)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epochs: int
+    epoch: int = 0  # the epoch in progress (1-based); after fit: the last one done
+    step: int = 0  # optimizer steps taken since the start of training
+    loss: torch.Tensor | None = None  # the last batch's loss (detached)
+    row: dict = field(default_factory=dict)  # the metrics of the epoch that just ended
+    rows: list[dict] = field(default_factory=list)  # one row per epoch
+    stop: bool = False  # a callback sets it to end training after this epoch
+
+    @property
+    def last(self) -> dict:
+        return self.rows[-1] if self.rows else {}
+
+
+class Callback:
+    """Hooks into ``fit``; override the ones you need."""
+
+    def on_after_backward(self, loop: Loop) -> None:
+        """Gradients are in ``.grad`` and the optimizer has not stepped yet (clip here)."""
+
+    def on_step_end(self, loop: Loop) -> None:
+        """After each optimizer step; ``loop.loss`` is that batch's loss."""
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        """After validation; ``loop.row`` holds the epoch's metrics, ``loop.stop = True`` ends training."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (on resume)."""
 
 
 def _correct(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
@@ -35,57 +73,50 @@ def _correct(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     return (output.argmax(dim=1) == target).sum()
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int, checkpoint: Path | None) -> None:
+def _check_finite(loss: torch.Tensor, loop: Loop, where: str) -> None:
     if not torch.isfinite(loss):
-        kept = f"the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else \
-            "no checkpoint was written yet"
-        raise NonFiniteLoss(
-            f"loss became {loss.item()} at epoch {epoch} step {step}; stopped ({kept}). "
-            "Try a smaller --lr, gradient clipping, or check the data for NaNs"
-        )
+        raise NonFiniteLoss(f"loss became {loss.item()} in epoch {loop.epoch} ({where}); stopped, keeping the "
+                            "last checkpoint (if any). Try a smaller --lr, or check the data for NaNs")
 
 
-def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                device: torch.device, scheduler=None, clip_grad: float = 0.0, amp: bool = True,
-                scaler: torch.amp.GradScaler | None = None, epoch: int = 1,
-                checkpoint: Path | None = None, progress: bool = True,
-                deadline: float | None = None) -> dict[str, float]:
-    """One pass over ``batches``; ``scheduler`` here is stepped after every batch (OneCycle).
-    ``deadline`` (a ``time.perf_counter()`` value) ends the pass early: time-budgeted runs."""
+def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, loss_fn, loop: Loop,
+                scheduler=None, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+    """One pass over ``batches``: forward, loss, zero_grad, backward, step. Returns mean loss
+    (and accuracy, for classification) over the pass."""
     model.train()
-    scaler = scaler or grad_scaler(device, amp)
-    total_loss = torch.zeros((), device=device)
-    total_correct = torch.zeros((), device=device)
+    device = next(model.parameters()).device
+    scaler = grad_scaler(device)  # active only for float16 autocast (older GPUs)
+    total_loss, total_correct = torch.zeros((), device=device), torch.zeros((), device=device)
     seen, has_accuracy = 0, True
-    # The guard syncs with the GPU, so check every step on the CPU but only now and then on CUDA.
-    check_every = 1 if device.type == "cpu" else 25
-    for step, (x, y) in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None if progress
-                                       else True), start=1):
+    check_every = 1 if device.type == "cpu" else 50  # the NaN check waits for the GPU: not every step
+    for x, y in tqdm(batches, desc=f"epoch {loop.epoch}", leave=False, disable=None):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, amp):
+        with autocast(device):  # bf16 on CUDA; a no-op on the CPU
             output = model(x)
             loss = loss_fn(output, y)
-        if step % check_every == 0 or step == 1:
-            _check_finite(loss.detach(), epoch, step, checkpoint)
+        if loop.step % check_every == 0:
+            _check_finite(loss.detach(), loop, f"step {loop.step + 1}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if clip_grad > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.unscale_(optimizer)  # true gradients for the callbacks (a no-op without float16)
+        for callback in callbacks:
+            callback.on_after_backward(loop)
         scaler.step(optimizer)
         scaler.update()
         if scheduler is not None:
             scheduler.step()
+        loop.step, loop.loss = loop.step + 1, loss.detach()
+        for callback in callbacks:
+            callback.on_step_end(loop)
         total_loss += loss.detach().float() * len(x)
         correct = _correct(output.detach(), y)
-        if correct is None:
-            has_accuracy = False
-        else:
+        has_accuracy = has_accuracy and correct is not None
+        if correct is not None:
             total_correct += correct
         seen += len(x)
-        if deadline is not None and time.perf_counter() > deadline:
-            break
-    _check_finite(total_loss / max(seen, 1), epoch, step if seen else 0, checkpoint)
+    if seen == 0:
+        raise ValueError("train_epoch got no batches (is the training set smaller than one batch with drop_last?)")
+    _check_finite(total_loss, loop, "epoch mean")
     metrics = {"loss": (total_loss / seen).item()}
     if has_accuracy:
         metrics["acc"] = (total_correct / seen).item()
@@ -93,129 +124,72 @@ def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optim
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Batches, loss_fn: Callable, device: torch.device,
-             amp: bool = True) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) over ``batches``, without gradients."""
-    model.eval()
-    total_loss, total_correct, seen, has_accuracy = 0.0, 0, 0, True
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, amp):
-            output = model(x)
-        total_loss += loss_fn(output.float(), y).item() * len(x)
-        correct = _correct(output, y)
-        if correct is None:
-            has_accuracy = False
-        else:
-            total_correct += correct.item()
-        seen += len(x)
-    metrics = {"loss": total_loss / seen}
-    if has_accuracy:
-        metrics["acc"] = total_correct / seen
+def evaluate(model: nn.Module, batches: Batches, loss_fn=nn.CrossEntropyLoss()) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) over ``batches``, in eval mode (dropout off,
+    BatchNorm with its running statistics), without gradients."""
+    outputs, targets = predict(model, batches)
+    metrics = {"loss": loss_fn(outputs, targets).item()}
+    correct = _correct(outputs, targets)
+    if correct is not None:
+        metrics["acc"] = correct.item() / len(targets)
     return metrics
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, batches: Batches, device: torch.device, amp: bool = True,
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model outputs (float32, on the CPU) and targets for every batch, concatenated."""
+def predict(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model outputs (float32, on the CPU) and targets for every batch, concatenated, in eval mode."""
     model.eval()
+    device = next(model.parameters()).device
     outputs, targets = [], []
     for x, y in batches:
-        with autocast(device, amp):
+        with autocast(device):
             outputs.append(model(x.to(device, non_blocking=True)).float().cpu())
         targets.append(y.cpu())
     return torch.cat(outputs), torch.cat(targets)
 
 
-@dataclass
-class FitResult:
-    rows: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
-    best_epoch: int = 0  # the epoch with the lowest validation loss
-    best_val_loss: float = math.inf
-    stopped_early: bool = False
-    out_of_time: bool = False  # stopped by time_budget_s
-
-    @property
-    def last(self) -> dict:
-        return self.rows[-1] if self.rows else {}
-
-
-def fit(model: nn.Module, train_batches: Batches, val_batches: Batches | None, optimizer: torch.optim.Optimizer,
-        epochs: int, device: torch.device, loss_fn: Callable = nn.CrossEntropyLoss(), run=None,
-        scheduler=None, scheduler_per_batch: bool = False, patience: int = 0, clip_grad: float = 0.0,
-        amp: bool = True, resume: str | Path | None = None, config: dict | None = None,
-        time_budget_s: float = 0.0, verbose: bool = True) -> FitResult:
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches: Batches, val_batches: Batches | None,
+        epochs: int, loss_fn=nn.CrossEntropyLoss(), scheduler=None, callbacks: Sequence[Callback] = (),
+        run=None, resume: str = "") -> Loop:
     """Train for ``epochs`` epochs, evaluating on ``val_batches`` after each.
 
-    scheduler            stepped per epoch, per batch (``scheduler_per_batch``), or with the
-                         validation loss when it is ReduceLROnPlateau
-    patience             > 0: stop after that many epochs without a lower validation loss and
-                         restore the best weights (early stopping)
-    clip_grad            > 0: clip the global gradient norm to this value
-    run                  a ``common.runs.Run``: metrics.csv rows, checkpoint.pt each epoch
-    resume               a checkpoint to continue from (model, optimizer, scheduler, epoch)
-    time_budget_s        > 0: stop training (mid-epoch if need be) once this many seconds have
-                         passed; the last epoch is still evaluated. For equal-budget comparisons.
+    scheduler   stepped after every batch (per-epoch schedules are callbacks)
+    run         a ``common.runs.Run``: a metrics.csv row and checkpoint.pt after every epoch
+    resume      a checkpoint.pt of this run to continue from: model, optimizer, scheduler,
+                callbacks, random-number state and epoch are restored, so the run ends with
+                the weights an uninterrupted one would have
     """
-    deadline = time.perf_counter() + time_budget_s if time_budget_s > 0 else None
-    checkpoint = run.path("checkpoint.pt") if run is not None else None
-    scaler = grad_scaler(device, amp)
-    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    result, best_state, start = FitResult(), None, 1
+    loop = Loop(model, optimizer, epochs)
     if resume:
-        payload = load_checkpoint(resume, model, optimizer, scheduler)
-        start = payload["epoch"] + 1
-        if verbose:
-            print(f"resumed from {resume} at epoch {start}")
-
-    def save(epoch: int) -> None:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, epoch=epoch, config=config,
-                            best_epoch=result.best_epoch)
-
-    epoch = start - 1
-    try:
-        for epoch in range(start, epochs + 1):
-            t0 = time.perf_counter()
-            train = train_epoch(model, train_batches, optimizer, loss_fn, device,
-                                scheduler if scheduler_per_batch else None, clip_grad, amp, scaler, epoch,
-                                checkpoint, deadline=deadline)
-            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}}
-            if val_batches is not None:
-                row.update({f"val_{k}": v for k, v in evaluate(model, val_batches, loss_fn, device, amp).items()})
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
-            if scheduler is not None and not scheduler_per_batch:
-                scheduler.step(row["val_loss"]) if plateau else scheduler.step()
-            result.rows.append(row)
-            if run is not None:
-                run.log(**row)
-            if verbose:
-                print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            monitored = row.get("val_loss", row["train_loss"])
-            if monitored < result.best_val_loss:
-                result.best_val_loss, result.best_epoch = monitored, epoch
-                if patience > 0:  # keep a copy of the best weights to restore at the end
-                    best_state = copy.deepcopy(model.state_dict())
-            save(epoch)
-            if deadline is not None and time.perf_counter() > deadline:
-                result.out_of_time = True
-                if verbose:
-                    print(f"time budget of {time_budget_s:g}s used up after epoch {epoch}")
-                break
-            if patience > 0 and epoch - result.best_epoch >= patience:
-                result.stopped_early = True
-                if verbose:
-                    print(f"early stop: no better validation loss for {patience} epochs (best: epoch "
-                          f"{result.best_epoch})")
-                break
-    except KeyboardInterrupt:
-        save(epoch - 1 if epoch > start - 1 else epoch)  # the interrupted epoch is redone on resume
-        where = f"; checkpoint saved to {checkpoint} (resume with --resume {checkpoint})" if checkpoint else ""
-        raise Interrupted(f"interrupted during epoch {epoch}{where}") from None
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        if verbose and result.best_epoch != result.rows[-1]["epoch"]:
-            print(f"restored the best weights (epoch {result.best_epoch}, val_loss={result.best_val_loss:.4g})")
-    return result
+        payload = load_checkpoint(resume, model, optimizer, scheduler, script=run.name if run else "")
+        loop.epoch, loop.step = payload["epoch"], payload["extra"].get("step", 0)
+        loop.rows = list(payload["extra"].get("rows", []))
+        for callback, state in zip(callbacks, payload["extra"].get("callbacks", [])):
+            callback.load_state_dict(state)
+        loop.stop = bool(payload["extra"].get("stopped"))  # early stopping had ended it: stay stopped
+        print(f"resumed from {resume} after epoch {loop.epoch}")
+    # Checkpoints are written between epochs only, so the one on disk is always consistent: after
+    # Ctrl-C (common.config.run names it) the unfinished epoch is redone, from the same batches
+    # and random numbers.
+    for epoch in range(loop.epoch + 1, epochs + 1):
+        if loop.stop:
+            break
+        loop.epoch = epoch
+        if hasattr(train_batches, "set_epoch"):
+            train_batches.set_epoch(epoch)  # the same batches as an uninterrupted run would see
+        t0 = time.perf_counter()
+        train = train_epoch(model, train_batches, optimizer, loss_fn, loop, scheduler, callbacks)
+        loop.row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}}
+        if val_batches is not None:
+            loop.row.update({f"val_{k}": v for k, v in evaluate(model, val_batches, loss_fn).items()})
+        loop.row["lr"] = optimizer.param_groups[0]["lr"]
+        loop.row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
+        for callback in callbacks:
+            callback.on_epoch_end(loop)
+        loop.rows.append(loop.row)
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in loop.row.items()))
+        if run is not None:
+            run.log(**loop.row)
+            run.save_checkpoint(model, optimizer, scheduler, epoch=epoch, step=loop.step, stopped=loop.stop,
+                                callbacks=[c.state_dict() for c in callbacks])
+    return loop

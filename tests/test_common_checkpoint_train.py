@@ -1,16 +1,23 @@
-"""common.checkpoint and common.train: round trip, resume, bad files, NaN guard, Ctrl-C."""
+"""common.checkpoint and common.train: round trip, exact resume, damaged files, NaN guard, Ctrl-C, SIGTERM."""
 
 from __future__ import annotations
+
+import io
+import json
+import random
+import zipfile
 
 import pytest
 import torch
 from torch import nn
 
 from common.checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
-from common.data import TensorLoader
-from common.errors import CheckpointError, Interrupted, NonFiniteLoss
-from common.runs import Run
-from common.train import evaluate, fit, predict
+from common.config import run
+from common.errors import CheckpointError, NonFiniteLoss
+from common.loader import TensorLoader
+from common.train import Callback, evaluate, fit, predict
+from tests import tiny_lab
+from tests.conftest import ROOT, run_script
 
 
 class Tiny(nn.Module):
@@ -26,85 +33,122 @@ class Other(Tiny):
     """The same layers under another class name."""
 
 
-def blobs(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    x = torch.randn(n, 4, generator=g) + 3 * nn.functional.one_hot(y, 4).float()
-    return x, y
-
-
 def setup(seed=0):
     torch.manual_seed(seed)
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = tiny_lab.blobs(96)
+    return model, opt, TensorLoader(x, y, 16, shuffle=True), TensorLoader(x, y, 48)
+
+
+def lab(tmp_path, *argv: str) -> dict:
+    """Run tests/tiny_lab.py in this process as its command line would; the summary or the exit code."""
+    try:
+        return run(tiny_lab.main, tiny_lab.Config, ["--out", str(tmp_path), *argv])
+    except SystemExit as e:
+        return {"exit": e.code}
+
+
+def final_weights(summary: dict) -> dict:
+    from pathlib import Path
+
+    return torch.load(Path(summary["run_dir"]) / "final_weights.pt", weights_only=True)
+
+
+def checkpoint_of(tmp_path):
+    (path,) = tmp_path.glob("*/tiny_lab/*/checkpoint.pt")
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------
+def test_round_trip_restores_model_optimizer_scheduler_epoch_config_and_rng(tmp_path):
+    model, opt, train, val = setup()
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    x, y = blobs()
-    return model, opt, sched, TensorLoader(x, y, 16), TensorLoader(x, y, 48)
-
-
-class FakeRun:
-    def __init__(self, path):
-        self.dir, self.rows = path, []
-
-    def path(self, name):
-        return self.dir / name
-
-    def log(self, **row):
-        self.rows.append(row)
-
-
-def test_round_trip_restores_model_optimizer_scheduler_epoch_config(tmp_path):
-    model, opt, sched, train, val = setup()
-    fit(model, train, val, opt, epochs=2, device=torch.device("cpu"), scheduler=sched, verbose=False)
+    fit(model, opt, train, val, epochs=2, callbacks=[tiny_lab.EpochStep(sched)])
+    rng = torch.get_rng_state()
     path = save_checkpoint(tmp_path / "c.pt", model, opt, sched, epoch=2, config={"lr": 0.1, "p": tmp_path})
-    model2, opt2, sched2, *_ = setup(seed=1)
+    expected_draw = torch.rand(3)
+    model2 = Tiny()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
+    torch.manual_seed(123)
     payload = load_checkpoint(path, model2, opt2, sched2)
     assert payload["epoch"] == 2 and payload["config"] == {"lr": 0.1, "p": str(tmp_path)}
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
     assert opt2.state_dict()["state"][0]["momentum_buffer"].equal(opt.state_dict()["state"][0]["momentum_buffer"])
     assert sched2.last_epoch == sched.last_epoch and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(torch.rand(3), expected_draw)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"], "the atomic write leaves no temp file"
-
-
-def test_resume_continues_exactly_where_training_stopped(tmp_path):
-    cpu = torch.device("cpu")
-    model, opt, sched, train, val = setup()
-    fit(model, train, val, opt, epochs=4, device=cpu, scheduler=sched, verbose=False)
-    straight = [p.clone() for p in model.parameters()]
-
-    model, opt, sched, train, val = setup()
-    fit(model, train, val, opt, epochs=2, device=cpu, scheduler=sched, run=FakeRun(tmp_path), verbose=False)
-    model, opt, sched, train, val = setup(seed=5)  # fresh objects, different init
-    result = fit(model, train, val, opt, epochs=4, device=cpu, scheduler=sched, resume=tmp_path / "checkpoint.pt",
-                 verbose=False)
-    assert [r["epoch"] for r in result.rows] == [3, 4]
-    for a, b in zip(straight, model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_missing_corrupt_and_foreign_files_give_clear_errors(tmp_path):
     model = Tiny()
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt", model)
-    (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch file"):
-        load_checkpoint(tmp_path / "junk.pt", model)
-    good = save_checkpoint(tmp_path / "good.pt", model)
-    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:300])  # a truncated download
-    with pytest.raises(CheckpointError, match="corrupt"):
-        read_checkpoint(tmp_path / "cut.pt")
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(CheckpointError, match="not a checkpoint written by these labs"):
         load_checkpoint(tmp_path / "bare.pt", model)
+    torch.save({"format": FORMAT, "model": {}}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="damaged"):
+        read_checkpoint(tmp_path / "partial.pt")
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-    path = save_checkpoint(tmp_path / "c.pt", Tiny(hidden=8))
+def damaged_files(good: bytes, seed: int = 0):
+    """Truncations at many offsets, random bytes, text, flipped bytes, zips with wrong members."""
+    rng = random.Random(seed)
+    for cut in sorted({0, 1, 6, 100, 300, 1000, 5000, len(good) // 2, len(good) - 1} | {rng.randrange(len(good))
+                                                                                         for _ in range(12)}):
+        if cut < len(good):
+            yield f"truncated at {cut}", good[:cut]
+    for n in (6, 64, 4096):
+        yield f"{n} random bytes", bytes(rng.randrange(256) for _ in range(n))
+    yield "text", b"hello\n"
+    yield "yaml", b"format: dl-labs-checkpoint/1\nmodel: {}\n"
+    for i in range(10):
+        flipped = bytearray(good)
+        for _ in range(8):
+            flipped[rng.randrange(len(flipped))] ^= 0xFF
+        yield f"flipped bytes {i}", bytes(flipped)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+    yield "zip with a junk pickle", buffer.getvalue()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("something/else.txt", b"hi")
+    yield "zip with other members", buffer.getvalue()
+
+
+def test_fuzz_every_damaged_file_is_a_checkpoint_error_with_a_readable_reason(tmp_path):
+    model = Tiny()
+    opt = torch.optim.Adam(model.parameters())
+    good = save_checkpoint(tmp_path / "good.pt", model, opt, epoch=3, config={"lr": 1e-3}).read_bytes()
+    loaded = 0
+    for name, data in damaged_files(good):
+        path = tmp_path / "bad.pt"
+        path.write_bytes(data)
+        try:
+            load_checkpoint(path, Tiny(), torch.optim.Adam(Tiny().parameters()))
+            loaded += 1  # a flip inside tensor data can leave a valid file: that is fine
+        except CheckpointError as e:
+            message = str(e)
+            assert "\n" not in message and str(path) in message, f"{name}: {message!r}"
+            assert message.rstrip().endswith(("without --resume", "...)", "labs", "this run", "model")) or \
+                ")" in message, f"{name}: reason cut badly: {message!r}"
+    assert loaded <= 10, "almost every damaged file must be refused"
+
+
+def test_checkpoint_of_another_model_or_script_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", Tiny(hidden=8), script="week03/part2")
     with pytest.raises(CheckpointError, match="holds a Tiny, not a Other"):
         load_checkpoint(path, Other())
     with pytest.raises(CheckpointError, match="another shape"):
         load_checkpoint(path, Tiny(hidden=16))
+    with pytest.raises(CheckpointError, match="written by week03/part2, not week02/part2"):
+        load_checkpoint(path, Tiny(), script="week02/part2")
 
 
 def test_pickled_code_is_not_executed_on_load(tmp_path):
@@ -117,98 +161,157 @@ def test_pickled_code_is_not_executed_on_load(tmp_path):
         read_checkpoint(tmp_path / "evil.pt")
 
 
+# ------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------
 def test_loss_falls_and_accuracy_beats_chance():
-    model, opt, _, train, val = setup()
-    result = fit(model, train, val, opt, epochs=5, device=torch.device("cpu"), verbose=False)
-    assert result.rows[-1]["train_loss"] < result.rows[0]["train_loss"]
-    assert result.rows[-1]["val_acc"] > 0.8
-    metrics = evaluate(model, val, nn.CrossEntropyLoss(), torch.device("cpu"))
-    outputs, targets = predict(model, val, torch.device("cpu"))
-    assert outputs.shape == (96, 3) and (outputs.argmax(1) == targets).float().mean().item() == metrics["acc"]
+    model, opt, train, val = setup()
+    loop = fit(model, opt, train, val, epochs=5)
+    assert loop.rows[-1]["train_loss"] < loop.rows[0]["train_loss"] / 2
+    assert loop.rows[-1]["val_acc"] > 0.8
+    metrics = evaluate(model, val)
+    outputs, targets = predict(model, val)
+    assert outputs.shape == (96, 3) and (outputs.argmax(1) == targets).sum().item() / 96 == metrics["acc"]
+
+
+def test_evaluate_and_predict_switch_to_eval_mode():
+    """Dropout on during evaluation would give noisy, lower numbers; BN would use batch statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Dropout(0.9), nn.Linear(64, 3))
+    x, y = tiny_lab.blobs(96)
+    batches = TensorLoader(x, y, 32)
+    model.train()
+    first, second = predict(model, batches)[0], predict(model, batches)[0]
+    assert torch.equal(first, second) and not model.training
+    model.train()
+    assert evaluate(model, batches)["loss"] == pytest.approx(nn.functional.cross_entropy(model.eval()(x), y).item())
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
-    model, opt, _, train, val = setup()
-    calls = {"n": 0}
+    from common.config import BaseConfig
+    from common.runs import Run
 
-    def poisoned(output, target):
-        calls["n"] += 1  # 6 training batches per epoch; poison the 2nd epoch's 3rd batch
+    run_ = Run.start(BaseConfig(out=str(tmp_path)), "/x/week01_regression/demo.py", torch.device("cpu"), quiet=True)
+    model, opt, train, val = setup()
+
+    def poisoned(output, target):  # 6 training batches per epoch: poison the 2nd epoch's 3rd
         loss = nn.functional.cross_entropy(output, target)
-        return loss * float("nan") if calls["n"] > 6 and model.training and calls["n"] > 9 else loss
+        return loss * float("nan") if torch.is_grad_enabled() and loop_steps() >= 8 else loss
 
-    with pytest.raises(NonFiniteLoss, match=r"loss became nan at epoch 2 .*last good checkpoint"):
-        fit(model, train, val, opt, epochs=3, device=torch.device("cpu"), loss_fn=poisoned, run=FakeRun(tmp_path),
-            verbose=False)
-    payload = read_checkpoint(tmp_path / "checkpoint.pt")
+    steps = []
+    loop_steps = lambda: len(steps)  # noqa: E731
+
+    class Count(Callback):
+        def on_step_end(self, loop):
+            steps.append(loop.step)
+
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan in epoch 2 .*keeping the last checkpoint"):
+        fit(model, opt, train, val, epochs=3, loss_fn=poisoned, run=run_, callbacks=[Count()])
+    payload = read_checkpoint(run_.path("checkpoint.pt"))
     assert payload["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in payload["model"].values())
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    model, opt, _, train, val = setup()
-    calls = {"n": 0}
-
-    def interrupted(output, target):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
-        return nn.functional.cross_entropy(output, target)
-
-    with pytest.raises(Interrupted, match="checkpoint saved to .*--resume") as info:
-        fit(model, train, val, opt, epochs=3, device=torch.device("cpu"), loss_fn=interrupted,
-            run=FakeRun(tmp_path), verbose=False)
-    assert info.value.exit_code == 130
-    assert read_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
-
-
-def test_early_stopping_restores_best_weights(tmp_path):
-    model, opt, _, train, _ = setup()
-    # Validation labels are a permutation of the truth: as the model learns, val loss rises.
-    x, y = blobs()
-    wrong = TensorLoader(x, (y + 1) % 3, 48)
-    snapshots = {}
-
-    class Spy(FakeRun):
-        def log(self, **row):
-            snapshots[row["epoch"]] = [p.clone() for p in model.parameters()]
-
-    result = fit(model, train, wrong, opt, epochs=20, device=torch.device("cpu"), patience=2, run=Spy(tmp_path),
-                 verbose=False)
-    assert result.stopped_early and len(result.rows) == result.best_epoch + 2
-    for a, b in zip(snapshots[result.best_epoch], model.parameters()):
-        assert torch.equal(a, b)
-
-
-def test_gradient_clipping_bounds_the_update():
-    model, _, _, train, _ = setup()
+def test_gradient_clipping_callback_bounds_the_update():
+    model, _, _, _ = setup()
     before = [p.clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    x, y = blobs(16)
-    fit(model, [(x * 1000, y)], None, opt, epochs=1, device=torch.device("cpu"), clip_grad=0.01, verbose=False)
+    x, y = tiny_lab.blobs(16)
+
+    class Clip(Callback):
+        def on_after_backward(self, loop):
+            nn.utils.clip_grad_norm_(loop.model.parameters(), 0.01)
+
+    fit(model, opt, [(x * 1000, y)], None, epochs=1, callbacks=[Clip()])
     step = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(before, model.parameters())))
     assert step.item() == pytest.approx(0.01, rel=1e-3)
 
 
-def test_plateau_scheduler_gets_the_validation_loss():
-    model, opt, _, train, _ = setup()
-    x, y = blobs()
-    wrong = TensorLoader(x, (y + 1) % 3, 48)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
-    result = fit(model, train, wrong, opt, epochs=4, device=torch.device("cpu"), scheduler=plateau, verbose=False)
-    assert result.rows[-1]["lr"] < 0.1
-
-
-def test_time_budget_stops_training(tmp_path):
-    model, opt, _, train, val = setup()
-    result = fit(model, train, val, opt, epochs=1000, device=torch.device("cpu"), time_budget_s=0.2, verbose=False)
-    assert result.out_of_time and len(result.rows) < 1000
-
-
 def test_fit_with_a_real_run_writes_metrics_and_checkpoint(tmp_path):
-    from common.config import BaseConfig
+    summary = lab(tmp_path, "--epochs", "2")
+    run_dir = checkpoint_of(tmp_path).parent
+    assert (run_dir / "metrics.csv").read_text().startswith("epoch,train_loss,train_acc,val_loss,val_acc,lr")
+    assert summary["epochs_done"] == 2 and summary["val_acc"] > 0.6
+    payload = read_checkpoint(run_dir / "checkpoint.pt")
+    assert payload["script"] == "tests/tiny_lab" and [r["epoch"] for r in payload["extra"]["rows"]] == [1, 2]
 
-    run = Run.start(BaseConfig(out=str(tmp_path)), "/x/week01_regression/demo.py", torch.device("cpu"), quiet=True)
-    model, opt, _, train, val = setup()
-    fit(model, train, val, opt, epochs=2, device=torch.device("cpu"), run=run, verbose=False)
-    assert (run.dir / "checkpoint.pt").exists()
-    assert (run.dir / "metrics.csv").read_text().startswith("epoch,train_loss,train_acc,val_loss,val_acc,lr")
+
+# ------------------------------------------------------------------------------------------
+# Resume: Ctrl-C at any step, then --resume, ends with the uninterrupted run's weights
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule, patience, stop_at", [
+    ("onecycle", 0, 3),     # per-batch schedule, Ctrl-C in epoch 1 (no checkpoint yet)
+    ("onecycle", 0, 9),     # ... in epoch 2, mid-epoch
+    ("onecycle", 0, 18),    # ... on the last step of epoch 3
+    ("step", 0, 14),        # per-epoch schedule (a callback)
+    ("none", 1, 8),         # early stopping (a callback with state)
+])
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, schedule, patience, stop_at, capsys):
+    args = ["--schedule", schedule, "--patience", str(patience), "--epochs", "4"]
+    straight = lab(tmp_path / "straight", *args)
+    assert lab(tmp_path / "cut", *args, "--interrupt-at", str(stop_at)) == {"exit": 130}
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: stopped") and err.count("\n") == 1
+    if stop_at <= 6:  # 6 steps per epoch: stopped before the first checkpoint
+        assert "nothing to resume" in err
+        return
+    checkpoint = checkpoint_of(tmp_path / "cut")
+    assert f"--resume {checkpoint}" in err
+    resumed = lab(tmp_path / "cut", "--resume", str(checkpoint), "--interrupt-at", "0")
+    assert resumed["run_dir"] == str(checkpoint.parent), "a resumed run continues its own folder"
+    for name, value in final_weights(straight).items():
+        assert torch.equal(value, final_weights(resumed)[name]), name
+    assert resumed["epochs_done"] == straight["epochs_done"]
+    rows = (checkpoint.parent / "metrics.csv").read_text().splitlines()
+    straight_rows = (checkpoint_of(tmp_path / "straight").parent / "metrics.csv").read_text().splitlines()
+    strip_time = lambda lines: [",".join(line.split(",")[:-1]) for line in lines]  # noqa: E731 (epoch_time_s)
+    assert strip_time(rows) == strip_time(straight_rows), "metrics.csv holds every epoch once, as uninterrupted"
+    from common.runs import read_index
+
+    assert [e["dir"] for e in read_index(tmp_path / "cut")] == [str(checkpoint.parent)], "one run in the log"
+
+
+def test_resume_of_a_finished_run_says_nothing_to_do_and_can_train_on(tmp_path, capsys):
+    lab(tmp_path, "--epochs", "2")
+    checkpoint = checkpoint_of(tmp_path)
+    capsys.readouterr()
+    again = lab(tmp_path, "--resume", str(checkpoint))
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "finished its epochs at epoch 2" in out and "--epochs" in out
+    assert again["epochs_done"] == 2
+    more = lab(tmp_path, "--resume", str(checkpoint), "--epochs", "4")  # OneCycle planned for 2 epochs
+    assert more["epochs_done"] == 4
+    lrs = [float(line.split(",")[5]) for line in (checkpoint.parent / "metrics.csv").read_text().splitlines()[1:]]
+    assert len(lrs) == 4 and lrs[3] < lrs[2], "the schedule was stretched to the new total and anneals again"
+    from common.runs import read_index
+
+    assert len(read_index(tmp_path)) == 1
+
+
+def test_resume_refuses_changed_settings_and_foreign_checkpoints(tmp_path, capsys):
+    lab(tmp_path, "--epochs", "1")
+    checkpoint = checkpoint_of(tmp_path)
+    capsys.readouterr()
+    assert lab(tmp_path, "--resume", str(checkpoint), "--lr", "0.5") == {"exit": 2}
+    assert "--lr 0.5 differs from the run being resumed" in capsys.readouterr().err
+    foreign = save_checkpoint(tmp_path / "foreign.pt", Tiny(), script="week03/part2")
+    assert lab(tmp_path, "--resume", str(foreign), "--epochs", "3") == {"exit": 1}
+    assert "written by week03/part2, not tests/tiny_lab" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk!!")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert lab(tmp_path, "--resume", str(tmp_path / "junk.pt")) == {"exit": 2}
+    assert "corrupt or not a PyTorch file" in capsys.readouterr().err
+    assert sorted(p for p in tmp_path.rglob("*")) == before, "a failed --resume creates nothing"
+
+
+def test_sigterm_saves_and_exits_with_one_line(tmp_path):
+    result = run_script(ROOT / "tests" / "tiny_lab.py", "--out", str(tmp_path / "runs"), "--signal-at", "15",
+                        tmp_path=tmp_path)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.startswith("terminated: stopped; the checkpoint of epoch 2") and \
+        result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    (checkpoint,) = (tmp_path / "runs").glob("*/tiny_lab/*/checkpoint.pt")
+    resumed = run_script(ROOT / "tests" / "tiny_lab.py", "--resume", str(checkpoint), "--signal-at", "0",
+                         tmp_path=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((checkpoint.parent / "summary.json").read_text())["epochs_done"] == 4

@@ -1,27 +1,36 @@
-"""common.config: a dataclass becomes a CLI with checked values, YAML configs, one-line errors."""
+"""common.config: a dataclass becomes a CLI with ranges, list fields, presets, YAML configs, one-line errors."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
-from typing import ClassVar, Literal
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import pytest
 
-from common.config import BaseConfig, dataclass, parse_config, run
-from common.errors import LabError
+from common.config import BaseConfig, Range, parse_config, resolve, run
+from common.errors import ConfigError, LabError
 from tests.conftest import run_script
 
 
 @dataclass
 class Config(BaseConfig):
-    """A test config."""
+    """A test config.
 
-    epochs: int = 5  # passes over the training data
-    lr: float = 0.1  # step size
+    Run: python lab.py --epochs 3
+         python lab.py --smoke
+    """
+
+    epochs: Annotated[int, Range(1)] = 5  # passes over the training data
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.1  # step size
+    x: float = -1.0  # any finite number, negative too
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # a probability
     optimizer: Literal["sgd", "adam"] = "sgd"  # which optimizer
     nesterov: bool = False  # Nesterov momentum
-    SMOKE: ClassVar[dict] = {"epochs": 1}
+    hidden: Annotated[tuple[int, ...], Range(1)] = (64, 32)  # hidden widths
+    dataset: Literal["mnist", "iris"] = "mnist"  # data set
+    SMOKE: ClassVar[dict] = {"epochs": 1, "hidden": (8,)}
+    PRESETS: ClassVar[dict] = {"dataset": {"iris": {"hidden": (16,), "epochs": 30, "lr": 0.01}}}
 
 
 def test_defaults_and_flags():
@@ -36,21 +45,29 @@ def test_help_lists_every_field_with_comment_and_default(capsys):
         parse_config(Config, ["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag, help_text in [("--epochs", "passes over the training data (default: 5)"),
-                            ("--lr", "step size (default: 0.1)"), ("--optimizer", "(default: sgd)"),
+    for flag, help_text in [("--epochs", "passes over the training data (default: 5; >= 1)"),
+                            ("--lr", "step size (default: 0.1; > 0)"), ("--optimizer", "(default: sgd)"),
                             ("--nesterov", "(default: False)"), ("--smoke", "(default: False)"),
-                            ("--seed", "(default: 0)"), ("--device", "(default: auto)"),
+                            ("--seed", "(default: 0; in [0, 4294967295])"), ("--device", "(default: auto)"),
                             ("--data-dir", "data root"), ("--out", "(default: runs)"), ("--config", "YAML")]:
         assert flag in text and help_text in text, f"{flag}: {help_text!r} missing from --help"
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--epochs", "-1"], "argument --epochs: must be >= 0, got '-1'"),
+    (["--epochs", "0"], "argument --epochs: must be >= 1, got '0'"),
+    (["--lr", "0"], "argument --lr: must be > 0, got '0'"),
+    (["--dropout", "1"], "argument --dropout: must be in [0, 1), got '1'"),
+    (["--dropout", "-0.1"], "must be in [0, 1)"),
     (["--lr", "abc"], "argument --lr: expected a float, got 'abc'"),
     (["--lr", "nan"], "must be a finite number"),
-    (["--epochs", "2.5"], "expected a int"),
+    (["--x", "inf"], "must be a finite number"),
+    (["--epochs", "2.5"], "expected an int"),
+    (["--seed", "123456789012345678901"], "--seed: must be in [0, 4294967295]"),
+    (["--hidden", "8", "0"], "argument --hidden: must be >= 1, got '0'"),
+    (["--hidden", "8", "x"], "expected an int, got 'x'"),
     (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--out", ""], "--out must name a folder"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_values_fail_in_parsing_with_one_line_and_exit_2(argv, message, capsys):
@@ -77,7 +94,10 @@ def test_yaml_written_by_a_run_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("epoch: 3\n", "unknown field 'epoch'"),
-    ("epochs: -4\n", "field 'epochs' must be >= 0"),
+    ("epochs: 0\n", "field 'epochs': must be >= 1, got 0"),
+    ("dropout: 1.5\n", "field 'dropout': must be in [0, 1)"),
+    ("hidden: [8, -1]\n", "field 'hidden': must be >= 1"),
+    ("hidden: 8\n", "field 'hidden': expected a list of values"),
     ("optimizer: lion\n", "must be one of ['sgd', 'adam']"),
     ("nesterov: 3\n", "must be true or false"),
     ("[1, 2]\n", "expected a mapping"),
@@ -90,7 +110,7 @@ def test_bad_yaml_is_one_line_exit_2(tmp_path, content, message, capsys):
         parse_config(Config, ["--config", str(path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert message in err and err.count("\n") == 1, err
 
 
 def test_missing_yaml_file(capsys):
@@ -99,9 +119,83 @@ def test_missing_yaml_file(capsys):
     assert "cannot read it" in capsys.readouterr().err
 
 
-def test_smoke_overrides_apply_only_with_smoke():
-    assert Config(epochs=9).resolved().epochs == 9
-    assert Config(epochs=9, smoke=True).resolved().epochs == 1
+def test_negative_numbers_pass_where_the_field_allows_them():
+    assert parse_config(Config, ["--x", "-3"]).x == -3.0
+
+
+def test_list_fields_from_flags_yaml_and_empty(tmp_path):
+    assert parse_config(Config, ["--hidden", "256", "128"]).hidden == (256, 128)
+    assert parse_config(Config, ["--hidden"]).hidden == ()
+    (tmp_path / "c.yaml").write_text("hidden: [4, 5]\n")
+    assert parse_config(Config, ["--config", str(tmp_path / "c.yaml")]).hidden == (4, 5)
+    assert Config(hidden=[3]).to_dict()["hidden"] == [3], "lists in YAML/JSON, tuples in the dataclass"
+
+
+def test_ranges_hold_for_defaults_and_direct_construction_too():
+    with pytest.raises(ConfigError, match="--dropout must be in"):
+        Config(dropout=2.0)
+
+    @dataclass
+    class Broken(BaseConfig):
+        epochs: Annotated[int, Range(1)] = 0  # a default outside its own range
+
+    with pytest.raises(ConfigError, match="--epochs must be >= 1, got 0"):
+        Broken()
+
+
+@pytest.mark.parametrize("argv, yaml_text, expected", [
+    ([], "", 5),                                                  # the Config default
+    (["--smoke"], "", 1),                                         # smoke preset > default
+    (["--smoke"], "epochs: 7\n", 7),                              # --config file > smoke preset
+    (["--smoke", "--epochs", "3"], "epochs: 7\n", 3),              # explicit flag > file
+    (["--epochs", "3"], "smoke: true\n", 3),                      # smoke from the file, flag still wins
+    (["--dataset", "iris"], "", 30),                              # data-set preset > default
+    (["--dataset", "iris", "--smoke"], "", 1),                    # smoke > data-set preset
+    (["--dataset", "iris", "--epochs", "2"], "", 2),              # explicit > data-set preset
+])
+def test_precedence_flag_file_smoke_preset_default(tmp_path, argv, yaml_text, expected):
+    if yaml_text:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        argv = [*argv, "--config", str(tmp_path / "c.yaml")]
+    assert parse_config(Config, argv).epochs == expected
+
+
+def test_presets_say_what_they_applied_and_respect_edited_defaults():
+    resolved = resolve(Config, ["--smoke", "--hidden", "48"])
+    assert resolved.config.hidden == (48,) and resolved.config.epochs == 1
+    assert resolved.preset_notes == ["--smoke preset: epochs=1"]
+    iris = resolve(Config, ["--dataset", "iris", "--lr", "0.5"])
+    assert (iris.config.hidden, iris.config.epochs, iris.config.lr) == ((16,), 30, 0.5)
+    assert iris.preset_notes == ["dataset=iris preset: hidden=(16,) epochs=30"]
+
+    @dataclass
+    class Edited(Config):  # a learner's copy with an edited default
+        epochs: Annotated[int, Range(1)] = 9  # edited
+
+    assert parse_config(Edited, []).epochs == 9
+    assert resolve(Edited, ["--smoke"]).preset_notes == ["--smoke preset: epochs=1 hidden=(8,)"]
+
+
+def test_help_keeps_the_docstring_line_breaks_and_shows_ranges(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--help"], description=Config.__doc__)
+    out = capsys.readouterr().out
+    assert "Run: python lab.py --epochs 3\n" in out and "python lab.py --smoke" in out
+    assert "(default: 0.2; in [0, 1))" in " ".join(out.split())
+
+
+def test_out_must_be_a_writable_folder(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--out", str(tmp_path / "a_file")])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    import os
+
+    if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check then
+        return
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--out", str(locked / "runs")])
 
 
 def test_run_turns_lab_errors_into_one_line_and_exit_1(capsys):
@@ -118,11 +212,15 @@ def test_script_cli_errors_have_no_traceback(tmp_path):
     script = tmp_path / "lab.py"
     script.write_text(textwrap.dedent('''
         """A tiny lab."""
-        from common.config import BaseConfig, dataclass, run
+        from dataclasses import dataclass
+
+        from typing import Annotated
+
+        from common.config import BaseConfig, Range, run
 
         @dataclass
         class Config(BaseConfig):
-            epochs: int = 2  # passes
+            epochs: Annotated[int, Range(1)] = 2  # passes
 
         def main(cfg):
             return {}
@@ -133,4 +231,3 @@ def test_script_cli_errors_have_no_traceback(tmp_path):
     result = run_script(script, "--epochs", "-1", tmp_path=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
-    assert sys.executable  # the same interpreter the suite runs under

@@ -1,30 +1,113 @@
-"""common.data, common.augment, common.device, common.parity, benchmarks/run.py."""
+"""common.data, common.twins, common.loader, common.augment, common.device, common.parity,
+benchmarks/run.py."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from common.augment import crop_flip, random_crop, random_flip
-from common.data import REGISTRY, TensorLoader, data_root, load, normalizer, split, synthetic_images
+from common.augment import crop_flip, random_crop, random_flip, translate
+from common.data import REGISTRY, data_root, load, validate
 from common.device import autocast, pick_device, seed_everything
-from common.errors import DataUnavailable, LabError
+from common.errors import DataError, DataUnavailable, LabError
+from common.loader import TensorLoader, normalizer, split
 from common.parity import assert_close, max_relative_error, numerical_grad, torch_reference
+from common.twins import synthetic_images
 from tests.conftest import ROOT, run_script
 
 
-def test_missing_mnist_offline_gives_the_clear_error(offline):
-    root = offline / "empty-data-root"
+def test_missing_mnist_offline_gives_the_clear_error_and_leaves_nothing_on_disk(offline):
+    root = offline / "empty-data-root"  # the default root ($DL_LABS_DATA), not there yet
     with pytest.raises(DataUnavailable) as info:
-        load("mnist", root)
+        load("mnist")
     message = str(info.value)
-    assert "mnist" in message and str(root) in message
+    assert "mnist" in message and str(root) in message and "could not be downloaded" in message
     assert "--data-dir PATH" in message and "--smoke" in message
     assert "\n" not in message
+    assert not root.exists(), "the folder created to download into is removed again"
+    root.mkdir()  # an existing root keeps existing, without the empty MNIST/raw the download made
+    with pytest.raises(DataUnavailable):
+        load("mnist")
+    assert root.is_dir() and list(root.iterdir()) == []
+
+
+def test_a_data_dir_that_does_not_exist_is_an_error_and_is_not_created(offline):
+    typo = offline / "dtaa"
+    with pytest.raises(DataUnavailable) as info:
+        load("mnist", typo)
+    message = str(info.value)
+    assert f"--data-dir {typo} does not exist" in message and message.startswith("mnist")
+    assert "--smoke" in message and "\n" not in message
+    assert not typo.exists()
+    assert load("mnist", typo, smoke=True).synthetic  # --smoke never looks at the data root
+
+
+def write_idx(path: Path, array) -> None:
+    """An MNIST idx file: magic (0, 0, uint8, ndim), big-endian dimensions, raw bytes."""
+    array = np.asarray(array, dtype=np.uint8)
+    dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(bytes([0, 0, 0x08, array.ndim]) + dims + array.tobytes())
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path) -> Path:
+    """A data root holding a tiny MNIST in torchvision's layout (30 training, 10 test digits)."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    return tmp_path / "data"
+
+
+def test_mnist_from_disk_loads_and_is_validated(offline, tiny_mnist):
+    data = load("mnist", tiny_mnist)
+    assert not data.synthetic and data.x_train.shape == (30, 1, 28, 28) and data.y_test.tolist() == list(range(10))
+    write_idx(tiny_mnist / "MNIST" / "raw" / "train-labels-idx1-ubyte", [3] * 10 + [12] + [3] * 19)
+    with pytest.raises(DataError) as info:
+        load("mnist", tiny_mnist)
+    message = str(info.value)
+    assert message.startswith("mnist: ") and "training labels must be in 0..9, found 12" in message
+    assert str(tiny_mnist / "MNIST" / "raw") in message and "delete" in message and "\n" not in message
+
+
+def test_truncated_mnist_file_is_reported_as_damaged_naming_the_file(offline, tiny_mnist):
+    images = tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])  # a download cut short
+    with pytest.raises(DataError) as info:
+        load("mnist", tiny_mnist)
+    message = str(info.value)
+    assert "train-images-idx3-ubyte is truncated (5,000 bytes" in message and str(images.parent) in message
+    assert "could not be downloaded" not in message and "\n" not in message
+
+
+def test_damaged_cifar_batch_offline_is_named(offline, tmp_path):
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match=r"^cifar10: data_batch_1 is damaged .*checksum") as info:
+        load("cifar10", tmp_path / "data")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda d: setattr(d, "y_train", d.y_train[:-1]), "has 50 inputs but 49 labels"),
+    (lambda d: setattr(d, "x_test", d.x_test.float()), "test images must be uint8"),
+    (lambda d: setattr(d, "y_train", d.y_train.float()), "training labels must be int64"),
+    (lambda d: setattr(d, "y_test", d.y_test - 1), "test labels must be in 0..9, found -1"),
+])
+def test_validate_rejects_malformed_data(change, problem):
+    data = load("mnist", synthetic=True, n_synthetic=50)
+    validate("mnist", data)
+    change(data)
+    with pytest.raises(DataError, match=f"^mnist: .*{problem}"):
+        validate("mnist", data)
 
 
 def test_missing_data_in_a_script_is_one_line_exit_1_no_traceback(tmp_path):
@@ -150,7 +233,76 @@ def test_random_crop_is_a_translation_and_flip_mirrors():
     same = (flipped == u8).flatten(1).all(1)
     mirrored = (flipped == u8.flip(3)).flatten(1).all(1)
     assert (same | mirrored).all() and 10 < mirrored.sum() < 54
-    assert crop_flip(4)(torch.zeros(3, 3, 32, 32)).shape == (3, 3, 32, 32)
+    assert crop_flip(4)(torch.zeros(3, 3, 32, 32), torch.Generator()).shape == (3, 3, 32, 32)
+
+
+def test_translate_never_mirrors_but_crop_flip_does():
+    x = torch.zeros(200, 1, 8, 16, dtype=torch.uint8)
+    x[..., 8:] = 255  # dark left half, bright right half: a mirror swaps them
+    g = torch.Generator().manual_seed(0)
+    shifted = translate(2)(x, g)
+    assert (shifted[..., 0] == 0).all() and (shifted[..., -1] == 255).all()
+    assert not torch.equal(shifted, x)  # it does shift
+    mirrored = (crop_flip(2)(x, g)[..., 0] == 255).flatten(1).all(1).sum()
+    assert 50 < mirrored < 150  # the same check does see crop_flip's mirrors
+
+
+def same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_loader_batches_are_a_function_of_seed_and_epoch():
+    """What exact resume needs: the batches of epoch e, augmentation included, do not depend on
+    what the loader did before; set_epoch(e) on a fresh loader replays them."""
+    x = torch.randint(0, 256, (24, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(24)
+
+    def make(seed=7):
+        return TensorLoader(x, y, 5, shuffle=True, augment=crop_flip(2), transform=lambda b: b.float(), seed=seed)
+
+    assert make().epoch == 1
+    loader = make()
+    through = [list(loader) for _ in range(4)]  # epochs 1..4, never calling set_epoch
+    again = make()
+    assert same_batches([list(again) for _ in range(3)][2], through[2])  # a fresh loader repeats the sequence
+    skipped = make()
+    skipped.set_epoch(3)
+    assert same_batches(list(skipped), through[2])  # straight to epoch 3 == iterated through 1..3
+    assert skipped.epoch == 4 and same_batches(list(skipped), through[3])  # and then on to epoch 4
+    assert not same_batches(through[0], through[1])  # a new order every epoch
+    other_seed = make(8)
+    other_seed.set_epoch(3)
+    assert not same_batches(list(other_seed), through[2])
+    # The augmentation too, not just the order: without shuffling, each epoch crops afresh.
+    unshuffled = TensorLoader(x, y, 5, augment=crop_flip(2), seed=7)
+    a, b = list(unshuffled), list(unshuffled)
+    assert all(torch.equal(ya, yb) for (_, ya), (_, yb) in zip(a, b)) and not same_batches(a, b)
+    unshuffled.set_epoch(1)
+    assert same_batches(list(unshuffled), a)
+
+
+def test_each_batch_of_an_epoch_gets_its_own_augmentation():
+    x = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).repeat(16, 1, 1, 1)  # 16 copies of one image
+    batches = [xb for xb, _ in TensorLoader(x, torch.zeros(16, dtype=torch.long), 4, augment=translate(2))]
+    assert len({tuple(b.flatten().tolist()) for b in batches}) == 4
+
+
+def test_augment_runs_before_transform():
+    calls = []
+
+    def augment(xb, generator):
+        calls.append(("augment", xb.dtype))
+        assert isinstance(generator, torch.Generator) and generator.device.type == "cpu"
+        return xb + 1
+
+    def transform(xb):
+        calls.append(("transform", xb.dtype))
+        return xb.float() * 10
+
+    x = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    (out, _), = TensorLoader(x, torch.zeros(4, dtype=torch.long), 4, augment=augment, transform=transform)
+    assert calls == [("augment", torch.uint8), ("transform", torch.uint8)]
+    assert torch.equal(out, torch.full((4, 1, 2, 2), 10.0))
 
 
 def test_device_and_seeds():
@@ -187,7 +339,6 @@ def test_benchmark_runner_lists_entries_and_rejects_unknown(tmp_path):
     assert listing.returncode == 0 and listing.stdout.strip(), listing.stderr
     bad = run_script(ROOT / "benchmarks" / "run.py", "no_such_bench", tmp_path=tmp_path)
     assert bad.returncode == 2 and "--list" in bad.stderr
-    assert sys.executable
 
 
 def test_cpu_bf16_autocast_only_when_asked():

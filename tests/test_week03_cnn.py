@@ -33,6 +33,8 @@ CONV_IDS = [f"n{n}-c{c}-f{f}-{h}x{w}-k{k}-s{s}-p{p}" for n, c, f, h, w, k, s, p 
 def conv_inputs(n, c, f, h, w, k, s, p, seed=0):
     rng = np.random.default_rng(seed)
     x, weight, bias = rng.standard_normal((n, c, h, w)), rng.standard_normal((f, c, k, k)), rng.standard_normal(f)
+    x[..., ::3, ::2] = 0.0  # exact zeros among the inputs (DESIGN.md 7), as after a ReLU
+    weight.flat[::4] = 0.0
     oh, ow = part1.conv_output_size(h, k, s, p), part1.conv_output_size(w, k, s, p)
     upstream = rng.standard_normal((n, f, oh, ow))  # a random dL/dy tests every output's path
     return x, weight, bias, upstream
@@ -71,6 +73,7 @@ def test_conv_weight_gradient_matches_finite_differences():
     x, weight, bias, upstream = conv_inputs(1, 2, 2, 5, 5, 3, 2, 1, seed=2)
     loss = lambda w: float(np.sum(part1.conv2d_forward(x, w, bias, 2, 1) * upstream))
     _, dw, _ = part1.conv2d_backward(upstream, x, weight, 2, 1)
+    # Finite differences, not rounding: O(eps^2) truncation + O(1e-16/eps) cancellation error.
     assert max_relative_error(dw, numerical_grad(loss, weight)) < 1e-7
 
 
@@ -92,11 +95,17 @@ POOL_CASES = [(2, 3, 8, 8, 2, 2, 0), (1, 2, 7, 9, 3, 2, 1), (2, 1, 6, 6, 3, 1, 1
               (2, 2, 5, 5, 2, 1, 0)]
 
 
+@pytest.mark.parametrize("values", ["normal", "ties"])
 @pytest.mark.parametrize("case", POOL_CASES, ids=[f"c{c}-{h}x{w}-k{k}-s{s}-p{p}" for _, c, h, w, k, s, p in POOL_CASES])
-def test_maxpool_matches_torch(case):
+def test_maxpool_matches_torch(case, values):
     n, c, h, w, k, s, p = case
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((n, c, h, w))
+    if values == "normal":
+        x = rng.standard_normal((n, c, h, w))
+    else:  # few distinct values: most windows have a tied maximum, some are all zero or all -1
+        x = rng.integers(-1, 2, size=(n, c, h, w)).astype(np.float64)
+        x[0, 0, :3, :3] = 0.0
+        x[-1, -1, -3:, -3:] = -1.0
     y, argmax = part1.maxpool2d_forward(x, k, s, p)
     upstream = rng.standard_normal(y.shape)
     expected, (gx,) = torch_reference(lambda a: F.max_pool2d(a, k, s, p), x, upstream=upstream)
@@ -104,12 +113,21 @@ def test_maxpool_matches_torch(case):
     assert_close(part1.maxpool2d_backward(upstream, argmax, x.shape, k, s, p), gx, "max-pool dL/dx")
 
 
-def test_maxpool_gradient_goes_only_to_the_max():
-    x = np.array([[[[1.0, 5.0], [3.0, 2.0]]]])
+@pytest.mark.parametrize("window, winner", [
+    ([[1.0, 5.0], [3.0, 2.0]], (0, 1)),
+    ([[1.0, 5.0], [5.0, 2.0]], (0, 1)),  # a tie: the first maximum in row-major order wins, as in PyTorch
+    ([[0.0, 0.0], [0.0, 0.0]], (0, 0)),
+])
+def test_maxpool_gradient_goes_only_to_the_max(window, winner):
+    x = np.array([[window]])
     y, argmax = part1.maxpool2d_forward(x, 2)
     dx = part1.maxpool2d_backward(np.array([[[[7.0]]]]), argmax, x.shape, 2)
-    assert y.item() == 5.0
-    np.testing.assert_array_equal(dx, [[[[0.0, 7.0], [0.0, 0.0]]]])
+    expected = np.zeros((1, 1, 2, 2))
+    expected[(0, 0, *winner)] = 7.0
+    assert y.item() == np.max(window)
+    np.testing.assert_array_equal(dx, expected)
+    _, (torch_dx,) = torch_reference(lambda a: F.max_pool2d(a, 2), x, upstream=np.array([[[[7.0]]]]))
+    np.testing.assert_array_equal(torch_dx, expected)  # the same tie rule as PyTorch's
 
 
 def test_worked_example_and_sobel_on_a_step_edge(capsys):

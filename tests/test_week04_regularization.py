@@ -53,6 +53,10 @@ def test_batchnorm_matches_torch_in_training_and_eval(shape, module_cls):
     for step in range(4):  # several steps: the running statistics accumulate
         x = rng.normal(3, 2, shape)
         upstream = rng.normal(0, 1, shape)
+        if step == 1:  # exact zeros and ties (DESIGN.md 7)
+            x[:, 0] = 2.5  # a constant channel: var = 0, x_hat = 0 exactly, only eps keeps 1/sqrt finite
+            x[:, 1] = rng.integers(-1, 2, x[:, 1].shape)  # few distinct values, zeros among them
+            upstream[:, 1] = 0.0
         out, dx, dgamma, dbeta = _torch_step(ref.train(), x, upstream)
         assert_close(mine.train().forward(x), out, f"train output, step {step}")
         assert_close(mine.backward(upstream), dx, f"train dL/dx, step {step}")
@@ -157,6 +161,32 @@ def test_adam_l2_and_adamw_match_torch(decoupled, torch_cls):
     assert_close(mine, ref, torch_cls.__name__)
 
 
+@pytest.mark.parametrize("decoupled, torch_cls, weight_decay", [
+    (False, torch.optim.Adam, 0.0), (False, torch.optim.Adam, 1e-4), (True, torch.optim.AdamW, 0.1)])
+def test_adam_matches_torch_step_by_step_with_tiny_gradients(decoupled, torch_cls, weight_decay):
+    """Gradients of 1e-4 .. 1e-8 make sqrt(v_hat) comparable to eps = 1e-8, so where eps goes
+    (sqrt(v_hat) + eps, not sqrt(v_hat + eps)) changes every step. Weights, m and v are compared
+    after each step; one coordinate always gets an exact zero gradient, another now and then."""
+    rng = np.random.default_rng(5)
+    lr, steps = 1e-3, 12
+    w = rng.normal(0, 1e-3, 6)
+    state = part1.AdamState(np.zeros(6), np.zeros(6))
+    param = torch.tensor(w, requires_grad=True)
+    optimizer = torch_cls([param], lr=lr, weight_decay=weight_decay)
+    scales = np.array([1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 0.0])
+    for step in range(steps):
+        grad = scales * rng.normal(0, 1, 6)
+        if step % 3 == 0:
+            grad[3] = 0.0
+        w = part1.adam_step(w, grad, state, lr, weight_decay=weight_decay, decoupled=decoupled)
+        param.grad = torch.from_numpy(grad.copy())
+        optimizer.step()
+        torch_state = optimizer.state[param]
+        assert_close(w, param.detach().numpy(), f"{torch_cls.__name__} weights, step {step}")
+        assert_close(state.m, torch_state["exp_avg"].numpy(), f"first moment m, step {step}")
+        assert_close(state.v, torch_state["exp_avg_sq"].numpy(), f"second moment v, step {step}")
+
+
 def test_weight_decay_demo_same_for_sgd_different_for_adam():
     finals = part1.weight_decay_demo(steps=100)
     assert np.abs(finals["sgd_l2"] - finals["sgd_decoupled"]).max() < 1e-12
@@ -197,7 +227,7 @@ SCHEDULE_CASES = {
 def test_schedule_functions_match_torch_schedulers(name):
     make_scheduler, mine, steps = SCHEDULE_CASES[name]
     expected = _torch_lrs(make_scheduler, steps)
-    assert_close([mine(t) for t in range(steps)], expected, name, rtol=1e-9, atol=1e-12)
+    assert_close([mine(t) for t in range(steps)], expected, name)
 
 
 def test_schedule_curves_share_one_length():
@@ -286,13 +316,24 @@ def test_part2_compares_all_schedules_in_one_run(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The best-CNN recipe
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, rtol", [
+    # float32 is the training path (bf16 logits are upcast to it): float32 rounding, ~6e-8 per operation.
+    (torch.float32, 1e-6),
+    pytest.param(torch.float64, 1e-10, marks=pytest.mark.xfail(
+        strict=True, reason="best_cnn.label_smoothing_loss casts every input to float32 (logits.float()), so "
+                            "float64 in gives a float32 loss; upcast only bf16/fp16 there, then drop this mark")),
+], ids=["float32", "float64"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.2])
-def test_label_smoothing_loss_matches_torch(smoothing):
+def test_label_smoothing_loss_matches_torch(smoothing, dtype, rtol):
     torch.manual_seed(0)
     logits, target = torch.randn(32, 10, dtype=torch.float64), torch.randint(0, 10, (32,))
-    expected = F.cross_entropy(logits, target, label_smoothing=smoothing)
-    assert best_cnn.label_smoothing_loss(logits, target, smoothing).item() == pytest.approx(expected.item(),
-                                                                                             rel=1e-6)
+    logits[0] = 0.0  # equal logits: a uniform softmax
+    logits[1, [3, 8]] = logits[1].max() + 1.0  # a tied maximum, with the target on one of the tied classes
+    target[1] = 8
+    loss = best_cnn.label_smoothing_loss(logits.to(dtype), target, smoothing)
+    expected = F.cross_entropy(logits, target, label_smoothing=smoothing)  # float64 reference
+    assert loss.dtype == dtype, f"a {dtype} input gave a {loss.dtype} loss"
+    assert_close(loss.item(), expected.item(), f"label-smoothed cross-entropy ({dtype})", rtol=rtol, atol=0)
 
 
 def test_flip_tta_averages_the_two_views_and_is_mirror_invariant():

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from common.config import BaseConfig, dataclass, run
-from common.data import TensorLoader
 from common.device import pick_device, seed_everything
+from common.loader import TensorLoader
 from common.plots import plot_curves
 from common.runs import Run
 from week01_regression.part1 import closed_form, load_arrays

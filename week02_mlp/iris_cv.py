@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from common.config import BaseConfig, run
-from common.data import TensorLoader, load, split
+from common.data import load
 from common.device import pick_device, seed_everything
 from common.errors import LabError
+from common.loader import TensorLoader, split
 from common.plots import plt, save
 from common.runs import Run
 from common.train import evaluate

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from common.config import BaseConfig, run
-from common.data import load, split
+from common.data import load
 from common.device import seed_everything
+from common.loader import split
 from common.parity import max_relative_error, numerical_grad
 from common.plots import plot_history, plt, save
 from common.runs import Run

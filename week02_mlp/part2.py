@@ -20,11 +20,12 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from common.augment import random_crop
+from common.augment import translate
 from common.config import BaseConfig, run
-from common.data import ImageData, TabularData, TensorLoader, load, normalizer, split
+from common.data import ImageData, TabularData, load
 from common.device import cpu_has_native_bf16, pick_device, seed_everything
 from common.errors import LabError
+from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
 from common.runs import Run
 from common.train import FitResult, evaluate, fit, predict
@@ -221,9 +222,8 @@ def train_mlp(cfg: Config, sets: Splits, device: torch.device, run_: Run | None 
     the same batches: comparisons between optimizers or learning rates are like for like.
     """
     model = build_model(cfg, sets, device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    augment = (lambda xb: random_crop(xb, cfg.shift, generator)) if sets.is_image and cfg.shift > 0 else None
-    train_batches = TensorLoader(sets.x_train, sets.y_train, cfg.batch_size, shuffle=True, transform=augment,
+    augment = translate(cfg.shift) if sets.is_image and cfg.shift > 0 else None
+    train_batches = TensorLoader(sets.x_train, sets.y_train, cfg.batch_size, shuffle=True, augment=augment,
                                  device=device, seed=cfg.seed)
     val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device) if len(sets.x_val) else None
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)

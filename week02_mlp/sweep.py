@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from common.config import BaseConfig, run
-from common.data import TensorLoader, load
+from common.data import load
 from common.device import pick_device, seed_everything
 from common.errors import LabError, NonFiniteLoss
+from common.loader import TensorLoader
 from common.plots import plt, save
 from common.runs import Run
 from common.train import evaluate, predict

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from common.config import BaseConfig, dataclass, run
-from common.data import TensorLoader, load, normalizer, split
+from common.data import load
 from common.device import pick_device, prepare_model, seed_everything
 from common.errors import NonFiniteLoss
+from common.loader import TensorLoader, normalizer, split
 from common.plots import save
 from common.runs import Run
 from common.train import evaluate, fit
-from week03_cnn.part2 import CNN, training_transform
+from week03_cnn.part2 import CNN, training_augment
 
 
 @dataclass
@@ -175,7 +176,8 @@ def main(cfg: Config) -> dict:
 
     def make_train_loader() -> TensorLoader:
         return TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True, device=device,
-                            transform=training_transform(data, cfg.augment, cfg.seed), seed=cfg.seed)
+                            augment=training_augment(data, cfg.augment), transform=normalizer(data.mean, data.std),
+                            seed=cfg.seed)
 
     val = TensorLoader(x_val, y_val, 1024, transform=normalizer(data.mean, data.std), device=device)
     print(f"{len(x_train)} training and {len(x_val)} validation images of {data.name}")

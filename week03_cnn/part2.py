@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.augment import crop_flip, random_crop
+from common.augment import crop_flip, translate
 from common.config import BaseConfig, dataclass, run
-from common.data import ImageData, TensorLoader, load, normalizer, split
+from common.data import ImageData, load
 from common.device import CpuBFloat16, pick_device, prepare_model, seed_everything
 from common.errors import LabError
+from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
 from common.runs import Run
 from common.train import fit, predict
@@ -81,19 +82,15 @@ class CNN(nn.Module):
         return self.head(self.dropout(x))
 
 
-def training_transform(data: ImageData, augment: bool, seed: int):
-    """uint8 batch -> normalized float batch, with random crop + flip when ``augment``.
+def training_augment(data: ImageData, augment: bool):
+    """The random part of the training batches (applied to uint8, before normalizing): random
+    crop + flip when ``augment``, else None.
 
     Digits must not be mirrored (a flipped 2 is not a 2), so MNIST gets small shifts only.
     """
-    normalize = normalizer(data.mean, data.std)
     if not augment:
-        return normalize
-    if data.x_train.shape[1] == 1:
-        generator = torch.Generator().manual_seed(seed)
-        return lambda x: normalize(random_crop(x, padding=2, generator=generator))
-    shift_and_mirror = crop_flip(padding=4, seed=seed)
-    return lambda x: normalize(shift_and_mirror(x))
+        return None
+    return translate(2) if data.x_train.shape[1] == 1 else crop_flip(4)
 
 
 def make_model(cfg: Config, data: ImageData) -> CNN:
@@ -165,7 +162,7 @@ def main(cfg: Config) -> dict:
         x_train, y_train, x_val, y_val = split(data.x_train, data.y_train, cfg.val_fraction, cfg.seed)
     normalize = normalizer(data.mean, data.std)
     train = TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True, device=device,
-                         transform=training_transform(data, cfg.augment, cfg.seed), seed=cfg.seed)
+                         augment=training_augment(data, cfg.augment), transform=normalize, seed=cfg.seed)
     val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=device) if x_val is not None else None
     test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
 

@@ -38,9 +38,10 @@ from tqdm.auto import tqdm
 from common.augment import random_crop, random_flip
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import BaseConfig, dataclass, run
-from common.data import ImageData, load, normalizer
+from common.data import ImageData, load
 from common.device import autocast, cpu_has_native_bf16, pick_device, prepare_model, seed_everything
 from common.errors import Interrupted, NonFiniteLoss
+from common.loader import normalizer
 from common.plots import plot_history
 from common.runs import Run
 

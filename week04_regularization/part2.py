@@ -23,9 +23,10 @@ from torch import nn
 from common.augment import crop_flip
 from common.checkpoint import save_checkpoint
 from common.config import BaseConfig, dataclass, run
-from common.data import TensorLoader, load, normalizer, split
+from common.data import load
 from common.device import pick_device, prepare_model, seed_everything
 from common.errors import LabError
+from common.loader import TensorLoader, normalizer, split
 from common.plots import plot_history, save
 from common.runs import Run, compare_table
 from common.train import FitResult, fit, predict
@@ -198,9 +199,8 @@ def main(cfg: Config) -> dict:
     if cfg.train_subset:
         x_train, y_train = x_train[:cfg.train_subset], y_train[:cfg.train_subset]
     normalize = normalizer(data.mean, data.std)
-    shift_and_mirror = crop_flip(padding=4, seed=cfg.seed)
-    transform = (lambda x: normalize(shift_and_mirror(x))) if cfg.augment else normalize
-    train = TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True, transform=transform,
+    train = TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True,
+                         augment=crop_flip(padding=4) if cfg.augment else None, transform=normalize,
                          device=device, seed=cfg.seed)
     val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=device)
     test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
