@@ -82,6 +82,8 @@ def _plain(value: Any) -> Any:
 def _reason(e: BaseException) -> str:
     """The first line of an exception, cut at a word boundary."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if text.startswith("Weights only load failed"):  # torch's long advice does not apply to damaged files
+        text = "not a plain tensors-and-numbers PyTorch file"
     return textwrap.shorten(text, width=140, placeholder=" ...")
 
 

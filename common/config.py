@@ -34,9 +34,10 @@ import dataclasses
 import inspect
 import io
 import math
-import os
+import re
 import signal
 import sys
+import tempfile
 import tokenize
 import typing
 from dataclasses import dataclass, fields
@@ -75,7 +76,7 @@ def _number_text(value: float | None) -> str:
     """1 -> "1", 4294967295 -> "4294967295", 0.001 -> "0.001"."""
     if value is None:
         return ""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 @dataclass
@@ -224,6 +225,11 @@ def field_comments(cls: type) -> dict[str, str]:
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage block before an error; we print one line."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse reads "-1e3" as an option name unless told that it is a number.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -257,8 +263,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default
         extra = f"; {bounds}" if bounds is not None else ""
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
-                                  "help": f"{comments.get(f.name, '')} (default: {shown}{extra})".strip()}
+        text = f"{comments.get(f.name, '')} (default: {shown}{extra})".strip()
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         item = _item_type(kind)
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -378,8 +384,14 @@ def check_out(out: str) -> None:
     existing = path
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot write in {existing} (permission denied); pass a writable folder")
+    try:  # a real attempt: os.access says yes to root everywhere, even in /proc
+        if not existing.is_dir():
+            raise OSError("not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write in {existing} ({e.strerror or e}); "
+                          "pass a writable folder") from None
 
 
 def parse_config(cls: type, argv: list[str] | None = None, description: str | None = None):

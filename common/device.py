@@ -20,13 +20,13 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from common.errors import LabError
+        from common.errors import ConfigError
 
-        raise LabError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        from common.errors import LabError
+        from common.errors import ConfigError
 
-        raise LabError("--device mps was asked for but MPS is not available; use --device auto or cpu")
+        raise ConfigError("--device mps was asked for but MPS is not available; use --device auto or cpu")
     return torch.device(name)
 
 

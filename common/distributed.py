@@ -8,7 +8,8 @@ below degrades to a world of one. The backend is NCCL on GPUs and gloo on the CP
     model = wrap(prepare_model(Net(), dist_info.device), dist_info)
     x, y = shard(x_train, y_train, dist_info)         # each rank trains on its own slice
     ... train; log and save only ``if dist_info.is_main`` ...
-    teardown(dist_info, model)
+    del model                                          # drop the DDP model first (see teardown)
+    teardown(dist_info)
 """
 
 from __future__ import annotations
@@ -90,10 +91,11 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
-def teardown(info: DistInfo, *objects) -> None:
-    """Leave the process group cleanly. Drop the DDP model first (and collect it): gloo can
-    abort at interpreter exit if its communicators outlive the process group."""
-    del objects
+def teardown(info: DistInfo) -> None:
+    """Leave the process group cleanly. Delete your DDP model *before* calling this (``del
+    model``): gloo can abort at interpreter exit if a DDP model's communicators outlive the
+    process group. A function cannot drop the caller's own reference for it, so it is the
+    caller's line to write; here we collect what was dropped, wait for every rank and leave."""
     gc.collect()
     if info.distributed and dist.is_initialized():
         dist.barrier()

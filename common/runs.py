@@ -67,11 +67,17 @@ class Run:
         config = cfg.to_dict()
         resume = getattr(cfg, "resume", "")
         if resume:
-            directory = Path(resume).resolve().parent
-            out = directory.parents[2] if len(directory.parents) > 2 else directory
             from common.checkpoint import read_checkpoint
+            from common.errors import CheckpointError
 
-            rows = read_checkpoint(resume)["extra"].get("rows", [])
+            payload = read_checkpoint(resume)
+            if payload.get("script") and payload["script"] != f"{week}/{script}":  # before touching its folder
+                raise CheckpointError(f"{resume} was written by {payload['script']}, not {week}/{script}; "
+                                      "resume it with that script, or pass a checkpoint of this one")
+            directory = Path(resume).parent
+            resolved = directory.resolve()
+            out = resolved.parents[2] if len(resolved.parents) > 2 else resolved
+            rows = payload["extra"].get("rows", [])
         else:
             out = Path(cfg.out)
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -80,7 +86,13 @@ class Run:
             while directory.exists():  # two runs in the same second get -2, -3, ...
                 n += 1
                 directory = out / week / script / f"{stamp}-{n}"
-            directory.mkdir(parents=True)
+            try:
+                directory.mkdir(parents=True)
+            except OSError as e:
+                from common.errors import LabError
+
+                raise LabError(f"cannot create the run folder {directory} ({e.strerror or e}); "
+                               "pass a writable --out") from None
             rows = []
         run = cls(directory, out, week, script, config, device)
         meta = {"script": run.name, "started": datetime.now().isoformat(timespec="seconds"),
@@ -93,7 +105,7 @@ class Run:
         if not rows:
             (directory / "metrics.csv").unlink(missing_ok=True)
         if not quiet:
-            settings = " ".join(f"{k}={v}" for k, v in config.items())
+            settings = " ".join(f"{k}={v}" for k, v in config.items() if k != "device")
             print(f"[{run.name}] device={device} {settings}")
             print(f"[{run.name}] {'continuing in' if resume else 'writing to'} {directory}")
         Run.current = run
@@ -165,7 +177,7 @@ class Run:
         summary.update(wall_time_s=round(time.perf_counter() - self.started, 3), device=str(self.device),
                        run_dir=str(self.dir))
         atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        entry = {"week": self.week, "script": self.script, "dir": str(self.dir), "config": self.config,
+        entry = {"week": self.week, "script": self.script, "dir": str(self.dir.resolve()), "config": self.config,
                  "summary": summary}
         with open(self.out / "index.jsonl", "a") as index:
             index.write(json.dumps(entry) + "\n")
@@ -197,7 +209,7 @@ def read_index(out: str | Path, script: str | None = None) -> list[dict]:
         return []
     entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
     # A resumed run that finished again (e.g. trained on to more epochs) is one run: keep its last line.
-    entries = list({e["dir"]: e for e in entries}.values())
+    entries = list({str(Path(e["dir"]).resolve()): e for e in entries}.values())
     if script:
         entries = [e for e in entries if f"{e['week']}/{e['script']}" == script or e["script"] == script]
     return entries

@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent('''
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     mean_loss = all_reduce_mean(loss, info)
     torch.save({"weights": weights, "loss": mean_loss, "n": len(xs)}, f"{sys.argv[1]}/rank{info.rank}.pt")
-    teardown(info, model)
+    del model, opt
+    teardown(info)
 ''')
 
 

@@ -1,10 +1,13 @@
 """Week 1: hand gradients == finite differences == autograd, gradient descent == closed form,
-and the claims the lab makes (divergence above 2/lambda_max, overfitting with degree, ...)."""
+the claims the lab makes (divergence above 2/lambda_max, overfitting with degree, ...), and
+the command line as a learner meets it (bad values: one line, exit 2, nothing on disk)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -15,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from common.config import parse_config
-from common.errors import LabError
+from common.errors import LabError, NonFiniteLoss
+from common.loader import TensorLoader
 from common.parity import assert_close, max_relative_error, numerical_grad, torch_reference
 from tests.conftest import ROOT, run_script
 from week01_regression import manual_vs_autograd, part1, part2, pipeline
@@ -26,6 +30,82 @@ PART1 = ROOT / "week01_regression" / "part1.py"
 # only rounding differs. Finite differences carry O(eps^2) truncation + O(1e-16/eps) rounding.
 AUTOGRAD_RTOL, AUTOGRAD_ATOL = 1e-10, 1e-12
 FINITE_DIFF_MAX_REL_ERROR = 1e-7
+
+
+# ------------------------------------------------------------------------------------------
+# What each script's --smoke run must show (tests/test_smoke.py runs them; rows are metrics.csv)
+# ------------------------------------------------------------------------------------------
+def column(rows: list[dict], key: str) -> list[float]:
+    """A metrics.csv column as numbers, skipping the rows where it is empty."""
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+def falls(values: list[float], factor: float) -> None:
+    assert len(values) >= 2 and values[-1] < factor * values[0], values
+
+
+def check_part1(summary: dict, rows: list[dict]) -> None:
+    # Hand-derived gradients vs central differences: truncation + rounding ~1e-7 at worst.
+    assert summary["grad_check_mse_rel_error"] < 1e-6 and summary["grad_check_bce_rel_error"] < 1e-6, summary
+    # GD lands on the closed form (6000 smoke steps: ~2e-7 on weights up to ~30), with its test error.
+    assert summary["gd_vs_closed_form_max_abs_weight_diff"] < 1e-5, summary
+    assert summary["gd_test_mse"] == pytest.approx(summary["closed_form_test_mse"], rel=1e-6)
+    assert summary["ridge_gd_vs_closed_form_max_abs_diff"] < 1e-6, summary
+    assert summary["logistic_test_acc"] > max(0.9, summary["logistic_majority_acc"] + 0.2), summary
+    falls(column(rows, "linear_train_mse"), 0.2)  # from mean(y^2) ~ 29000 to ~2800
+    bce = column(rows, "logistic_train_bce")
+    assert bce[0] == pytest.approx(np.log(2)) and bce[-1] < 0.2, bce  # w = 0: p = 0.5 for everyone
+    # The learning-rate study: exactly the rates above 2/lambda_max diverge.
+    study = dict(item.split(": ") for item in summary["lr_study"].split(", "))
+    assert study, summary["lr_study"]
+    for lr, status in study.items():
+        assert (status == "diverged") == (float(lr) >= summary["max_stable_lr"]), (lr, status)
+    # Overfitting: the highest degree fits the training points better and new points worse.
+    assert summary["max_degree_train_mse"] <= summary["best_degree_train_mse"], summary
+    assert summary["max_degree_val_mse"] > 1.5 * summary["best_degree_val_mse"], summary
+
+
+def check_part2(summary: dict, rows: list[dict]) -> None:
+    assert summary["poly_grad_autograd"] == pytest.approx(summary["poly_grad_manual"], rel=1e-12, abs=1e-12)
+    assert summary["poly_grad_accumulated"] == 2 * summary["poly_grad_autograd"], "backward adds into .grad"
+    assert summary["linear_grad_max_abs_diff"] < 1e-10, summary  # float64, gradients ~100: rounding only
+    falls(column(rows, "linear_train_mse"), 0.5)
+    falls(column(rows, "logistic_train_bce"), 0.5)
+    # Minibatch SGD with a constant step jitters around the least-squares minimum (up to ~30% above
+    # it at the last epoch); predicting the training mean would be ~2x the minimum.
+    assert summary["linear_test_mse"] < 1.5 * summary["closed_form_test_mse"], summary
+    assert summary["logistic_test_acc"] > max(0.9, summary["logistic_majority_acc"] + 0.2), summary
+    assert summary["bce_with_logits_loss_z40"] == pytest.approx(40.0)
+    assert summary["bce_after_sigmoid_loss_z40"] == pytest.approx(100.0)  # log(0), clamped by BCELoss
+
+
+def check_manual_vs_autograd(summary: dict, rows: list[dict]) -> None:
+    assert summary["dtype"] == "float64"
+    # The same float64 arithmetic in three codes: parameters (up to ~30) agree to rounding.
+    assert summary["max_abs_diff_torch_by_hand"] < 1e-10 and summary["max_abs_diff_autograd"] < 1e-10, summary
+    losses = column(rows, "loss")
+    falls(losses, 0.2)
+    assert losses[-1] == pytest.approx(summary["final_loss"])
+
+
+def check_pipeline(summary: dict, rows: list[dict]) -> None:
+    falls(column(rows, "loss"), 0.1)
+    assert summary["final_loss"] < 1.25 * summary["least_squares_loss"], summary
+    assert summary["final_w"] == pytest.approx(summary["least_squares_w"], abs=0.1)
+    assert summary["final_b"] == pytest.approx(summary["least_squares_b"], abs=0.1)
+
+
+SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2,
+                  "manual_vs_autograd.py": check_manual_vs_autograd, "pipeline.py": check_pipeline}
+
+
+def smoke_config(module, tmp_path: Path, *flags: str):
+    """The config a ``--smoke`` run gets (presets are applied by parsing, not by the dataclass)."""
+    return parse_config(module.Config, ["--smoke", "--out", str(tmp_path / "runs"), "--device", "cpu", *flags])
+
+
+def metrics_rows(summary: dict) -> list[dict]:
+    return list(csv.DictReader((Path(summary["run_dir"]) / "metrics.csv").open()))
 
 
 def regression_problem(n: int = 30, d: int = 4, seed: int = 0):
@@ -207,24 +287,25 @@ def test_training_error_falls_with_degree_while_validation_error_rises():
     assert val_mse[-1] > 3 * val_mse[best] and train_mse[-1] < train_mse[best]  # degree 15 overfits
 
 
-def test_bad_study_lrs_is_a_lab_error(tmp_path):
-    with pytest.raises(LabError, match="study-lrs"):
-        part1.main(part1.Config(smoke=True, out=str(tmp_path), study_lrs="0.1,abc"))
-
-
 def test_part1_main_smoke_summary(tmp_path):
-    summary = part1.main(part1.Config(smoke=True, out=str(tmp_path), device="cpu"))
-    assert summary["grad_check_mse_rel_error"] < 1e-6 and summary["grad_check_bce_rel_error"] < 1e-6
-    assert summary["gd_vs_closed_form_max_abs_weight_diff"] < 1e-5
-    assert summary["gd_test_mse"] == pytest.approx(summary["closed_form_test_mse"], rel=1e-6)
+    summary = part1.main(smoke_config(part1, tmp_path))
+    check_part1(summary, metrics_rows(summary))
     assert 2000 < summary["closed_form_test_mse"] < 4500  # predicting the mean gives ~6000 here
-    assert summary["logistic_test_acc"] > 0.9
-    assert "0.3: diverged" in summary["lr_study"] and "0.1: converged" in summary["lr_study"]
-    assert summary["best_degree"] < 12 and summary["max_degree_val_mse"] > summary["best_degree_val_mse"]
+    assert summary["lr_study"] == "0.002: too slow, 0.1: converged, 0.3: diverged"
     run_dir = Path(summary["run_dir"])
-    for name in ("lr_study.png", "loss_landscape.png", "overfitting.png", "ridge_path.png", "metrics.csv"):
+    for name in ("gd_convergence.png", "lr_study.png", "loss_landscape.png", "overfitting.png", "ridge_path.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert json.loads((run_dir / "summary.json").read_text())["logistic_test_acc"] == summary["logistic_test_acc"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0.3"], "linear regression diverged at step 23 with --lr 0.3; stable step sizes are below 0.2455"),
+    (["--logistic-lr", "1e300"], "logistic regression diverged at step 1 with --logistic-lr 1e+300"),
+])
+def test_part1_step_size_too_large_stops_before_the_run_folder(flags, message, tmp_path):
+    with pytest.raises(LabError, match=re.escape(message)):
+        part1.main(smoke_config(part1, tmp_path, *flags))
+    assert not (tmp_path / "runs").exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -270,12 +351,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_part2_main_learns_both_models(tmp_path, one_thread):
-    summary = part2.main(part2.Config(smoke=True, out=str(tmp_path), device="cpu"))
-    assert summary["linear_grad_max_abs_diff"] < 1e-9
-    assert summary["linear_test_mse"] < 1.2 * summary["closed_form_test_mse"]
-    assert summary["logistic_test_acc"] > 0.9
+def test_part2_main_learns_both_models_with_a_negative_x(tmp_path, one_thread):
+    summary = part2.main(smoke_config(part2, tmp_path, "--x", "-1.5"))
+    check_part2(summary, metrics_rows(summary))
+    assert summary["poly_grad_manual"] == 9 * 2.25 + 6 + 1  # f'(x) = 9x^2 - 4x + 1 at x = -1.5
     assert summary["env_torch"] == torch.__version__ and summary["env_device"] == "cpu"
+
+
+def test_part2_training_loop_stops_on_a_diverging_loss():
+    x = torch.linspace(-1, 1, 64)[:, None]
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(NonFiniteLoss, match="lr=1e\\+20: the step is too large"):
+        part2.train(model, TensorLoader(x, 100 * x, 8), torch.nn.MSELoss(),
+                    torch.optim.SGD(model.parameters(), lr=1e20), epochs=3, evaluate=dict)
 
 
 def test_three_implementations_follow_the_same_trajectory():
@@ -288,34 +376,90 @@ def test_three_implementations_follow_the_same_trajectory():
     assert reference.losses[-1] < reference.losses[0] / 10
 
 
+def test_manual_vs_autograd_refuses_a_diverging_step_before_the_run_folder(tmp_path):
+    with pytest.raises(LabError, match="stable only for lr < 2/lambda_max = 0.2455"):
+        manual_vs_autograd.main(smoke_config(manual_vs_autograd, tmp_path, "--lr", "0.25"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_pipeline_loss_falls_towards_least_squares(tmp_path, capsys):
-    summary = pipeline.main(pipeline.Config(out=str(tmp_path), device="cpu", steps=60))
+    summary = pipeline.main(parse_config(pipeline.Config, ["--out", str(tmp_path), "--device", "cpu", "--steps", "60"]))
     assert summary["final_loss"] < summary["first_loss"] / 10
+    assert summary["final_loss"] < 1.01 * summary["least_squares_loss"]
     assert summary["final_w"] == pytest.approx(summary["least_squares_w"], abs=0.05)
     assert summary["final_b"] == pytest.approx(summary["least_squares_b"], abs=0.05)
     out = capsys.readouterr().out
     assert "shape=(16, 1)" in out and "grad_fn=MseLossBackward0" in out
 
 
+def test_pipeline_stops_when_the_loss_overflows(tmp_path):
+    with pytest.raises(NonFiniteLoss, match="--lr 1e\\+06 is too large"):
+        pipeline.main(parse_config(pipeline.Config, ["--out", str(tmp_path), "--device", "cpu", "--lr", "1e6"]))
+
+
 # ----------------------------------------------------------------------------------------
 # The command line, as a learner meets it
 # ----------------------------------------------------------------------------------------
-def test_help_lists_every_field_with_its_default(capsys):
+SCRIPTS = [part1, part2, manual_vs_autograd, pipeline]
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__.split(".")[-1])
+def test_help_lists_every_field_with_its_default(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_config(part1.Config, ["--help"])
+        parse_config(module.Config, ["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for f in dataclasses.fields(part1.Config):
+    assert "--resume" not in text  # seconds-long runs: nothing to resume, so no flag that pretends
+    for f in dataclasses.fields(module.Config):
+        shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         assert "--" + f.name.replace("_", "-") in text, f.name
-        assert f"(default: {f.default})" in text, f.name
+        assert f"(default: {shown}" in text, f.name
 
 
-@pytest.mark.parametrize("args", [["--epochs", "-1"], ["--lr", "abc"]])
-def test_bad_flag_exits_2_with_one_line(args, tmp_path):
-    result = run_script(PART1, *args, "--out", str(tmp_path / "runs"), tmp_path=tmp_path)
+@pytest.mark.parametrize("module, argv, message", [
+    (part1, ["--epochs", "0"], "argument --epochs: must be >= 1, got '0'"),
+    (part1, ["--lr", "-1"], "argument --lr: must be > 0, got '-1'"),
+    (part1, ["--lr", "0"], "argument --lr: must be > 0, got '0'"),
+    (part1, ["--lr", "nan"], "argument --lr: must be a finite number"),
+    (part1, ["--l2", "-0.1"], "argument --l2: must be >= 0"),
+    (part1, ["--seed", "123456789012345678901234"], "argument --seed: must be in [0, 4294967295]"),
+    (part1, ["--seed", "-1"], "argument --seed: must be in [0, 4294967295]"),
+    (part1, ["--study-lrs", "0.1", "abc"], "argument --study-lrs: expected a float, got 'abc'"),
+    (part1, ["--study-lrs", "0.1", "-0.2"], "argument --study-lrs: must be > 0, got '-0.2'"),
+    (part1, ["--study-lrs"], "--study-lrs needs at least one learning rate"),
+    (part1, ["--max-degree", "0"], "argument --max-degree: must be in [1, 30]"),
+    (part1, ["--poly-train", "1"], "argument --poly-train: must be in [2, 100000]"),
+    (part2, ["--batch-size", "0"], "argument --batch-size: must be >= 1, got '0'"),
+    (part2, ["--epochs", "2.5"], "argument --epochs: expected an int, got '2.5'"),
+    (part2, ["--logistic-lr", "-1"], "argument --logistic-lr: must be > 0"),
+    (part2, ["--x", "1e200"], "argument --x: must be in [-1000000, 1000000]"),
+    (part2, ["--x", "inf"], "argument --x: must be a finite number"),
+    (part2, ["--resume", "checkpoint.pt"], "unrecognized arguments: --resume"),
+    (manual_vs_autograd, ["--steps", "0"], "argument --steps: must be >= 1"),
+    (manual_vs_autograd, ["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (pipeline, ["--n-points", "1"], "argument --n-points: must be in [2, 1000000]"),
+    (pipeline, ["--noise", "-1"], "argument --noise: must be in [0, 100]"),
+    (pipeline, ["--detailed-steps", "-1"], "argument --detailed-steps: must be >= 0"),
+])
+def test_silly_values_fail_in_parsing_with_one_line_and_exit_2(module, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(module.Config, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_negative_x_and_list_flags_parse():
+    assert parse_config(part2.Config, ["--x", "-1"]).x == -1.0  # a point on the axis: negatives are fine
+    assert parse_config(part2.Config, ["--x", "-0.5"]).x == -0.5
+    assert parse_config(part1.Config, ["--study-lrs", "0.01", "0.2"]).study_lrs == (0.01, 0.2)
+
+
+def test_bad_flag_from_the_shell_is_one_line_exit_2_and_nothing_on_disk(tmp_path):
+    result = run_script(PART1, "--epochs", "0", "--out", str(tmp_path / "runs"), tmp_path=tmp_path)
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and args[0] in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "part1.py: error: argument --epochs: must be >= 1, got '0' (see --help)"]
     assert not (tmp_path / "runs").exists()  # failed in parsing, before any work
 
 

@@ -1,4 +1,6 @@
-"""Week 3: NumPy convolution and max-pooling == PyTorch (values and gradients), and the CNN lab.
+"""Week 3: NumPy convolution and max-pooling == PyTorch (values and gradients), the CNN lab
+(learning, exact resume after Ctrl-C, settings checked before any work) and the BN/Dropout
+comparison.
 
 All parity checks run in float64 (common.parity), so the tolerance measures our math, not
 float32 rounding.
@@ -6,16 +8,55 @@ float32 rounding.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import LabError
+from common.checkpoint import read_checkpoint, save_checkpoint
+from common.config import parse_config, run
+from common.loader import TensorLoader
 from common.parity import assert_close, max_relative_error, numerical_grad, torch_reference
-from week03_cnn import part1
-from week03_cnn.part2 import CNN, Config, main, one_cycle
+from common.plots import confusion_matrix
+from common.train import Callback, fit, predict
+from week03_cnn import bn_dropout, part1, part2
+from week03_cnn.part2 import CNN, per_class_accuracy, training_augment
+
+
+# ------------------------------------------------------------------------------------------
+# What each script's --smoke run must show (tests/test_smoke.py runs them; rows are metrics.csv)
+# ------------------------------------------------------------------------------------------
+def train_losses(rows: list[dict], **match) -> list[float]:
+    return [float(r["train_loss"]) for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def check_part1(summary: dict, rows: list[dict]) -> None:
+    # float64 NumPy loops vs im2col: the same sums in another order, so rounding-level differences only.
+    assert summary["forward_max_abs_diff"] < 1e-10 and summary["backward_max_abs_diff"] < 1e-10, summary
+    assert summary["forward_speedup"] > 1 and summary["backward_speedup"] > 1, "im2col should beat the loops"
+    assert summary["pool_grad_nonzero"] == summary["pool_windows"], "max-pool: one gradient per window"
+
+
+def check_part2(summary: dict, rows: list[dict]) -> None:
+    assert summary["test_acc"] > 0.3, summary  # chance is 0.1 on the 10-class twin
+    losses = train_losses(rows)
+    assert len(losses) == summary["epochs_done"] and losses[-1] < 0.8 * losses[0], losses
+    assert float(rows[-1]["lr"]) < 0.01 * max(float(r["lr"]) for r in rows), "one-cycle anneals to ~0"
+
+
+def check_bn_dropout(summary: dict, rows: list[dict]) -> None:
+    for key, variant in (("bn", "BN"), ("bn_dropout", "BN+Dropout")):
+        assert summary[f"test_acc_{key}"] > 0.2, summary  # chance is 0.1: BN learns the twin in 4 epochs
+        losses = train_losses(rows, variant=variant)
+        assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], (variant, losses)
+    assert summary["diverged"] == [] and summary["allowed_nan"] == []
+
+
+SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2, "bn_dropout.py": check_bn_dropout}
 
 # (batch, in channels, out channels, height, width, kernel, stride, padding)
 CONV_CASES = [
@@ -143,6 +184,10 @@ def test_worked_example_and_sobel_on_a_step_edge(capsys):
     assert np.all(sobel_y == 0)  # no horizontal edges
 
 
+
+# ------------------------------------------------------------------------------------------
+# The CNN
+# ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("in_channels,size", [(1, 28), (3, 32)])
 @pytest.mark.parametrize("widths", [(8, 16), (8, 16, 32)])
 @pytest.mark.parametrize("head_pool", [1, 3])
@@ -150,25 +195,6 @@ def test_cnn_output_shape(in_channels, size, widths, head_pool):
     model = CNN(in_channels, 10, widths, head_pool=head_pool)
     assert model(torch.zeros(4, in_channels, size, size)).shape == (4, 10)
     assert model.head.in_features == widths[-1] * head_pool**2
-
-
-def test_one_cycle_warms_up_then_anneals_to_zero_when_steps_or_time_run_out():
-    def lrs(budget_s, steps):
-        optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
-        scheduler = one_cycle(optimizer, Config(epochs=2, lr=1.0, budget_s=budget_s), steps_per_epoch=50)
-        values = []
-        for _ in range(steps):
-            optimizer.step()
-            scheduler.step()
-            values.append(optimizer.param_groups[0]["lr"])
-        return values
-
-    for budget_s in (0.0, 1e6):  # epoch-based OneCycleLR, and the clock-aware one with time to spare
-        values = lrs(budget_s, 99)  # the rates used by the 2nd..100th of 100 steps
-        assert values[0] < 0.3 and max(values) == pytest.approx(1.0, abs=0.05) and values[-1] < 0.01
-        peak = int(np.argmax(values))
-        assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))  # only down after the peak
-    assert lrs(1e-9, 3)[-1] == 0.0  # the time budget is already spent: the rate is annealed
 
 
 def test_batch_norm_and_dropout_flags_add_those_layers():
@@ -184,20 +210,180 @@ def test_batch_norm_and_dropout_flags_add_those_layers():
     assert all(m.bias is not None for m in plain.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_cnn_learns_the_synthetic_cifar_twin(tmp_path, offline):
+def test_cnn_predictions_use_running_statistics_and_no_dropout():
+    """In training mode BN normalizes with the batch's own statistics and Dropout is random:
+    a prediction would depend on the other images in the batch, and change from call to call."""
+    torch.manual_seed(0)
+    model = CNN(1, 10, (4, 8), batch_norm=True, dropout=0.5)
+    x = torch.randn(8, 1, 28, 28)
+    model.train()
+    model(3 * x + 1)  # move the running statistics away from their initial values
+    batches = TensorLoader(x, torch.zeros(8, dtype=torch.long), 3)  # batches of 3, 3, 2
+    logits, _ = predict(model, batches)
+    assert torch.allclose(logits, model.eval()(x), atol=1e-6)
+
+
+def test_per_class_accuracy_divides_by_the_true_class_counts():
+    true = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    pred = np.array([0, 0, 1, 1, 1, 1, 0, 2, 2])  # class 0: 2 of 4 right, class 1: 2 of 2, class 2: 2 of 3
+    matrix = confusion_matrix(true, pred, 3)
+    assert matrix[0, 1] == 2 and matrix[2, 0] == 1, "rows are true classes, columns predictions"
+    np.testing.assert_allclose(per_class_accuracy(matrix), [2 / 4, 2 / 2, 2 / 3])  # column sums: 3, 4, 2
+
+
+def shifts_of(image: torch.Tensor, padding: int) -> list[torch.Tensor]:
+    padded = F.pad(image.float()[None], (padding,) * 4, mode="reflect")[0]
+    size = image.shape[-1]
+    return [padded[:, dy:dy + size, dx:dx + size] for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
+
+
+def test_digits_are_shifted_but_never_mirrored_and_photos_are_flipped():
+    g = torch.Generator().manual_seed(0)
+    digits = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=g)
+    out = training_augment("mnist")(digits, torch.Generator().manual_seed(1)).float()
+    for image, augmented in zip(digits, out):
+        assert any(torch.equal(augmented, s) for s in shifts_of(image, 2)), "a digit may only be shifted"
+    photos = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
+    out = training_augment("cifar10")(photos, torch.Generator().manual_seed(1)).float()
+    flipped = sum(any(torch.equal(augmented, s) for s in shifts_of(image.flip(-1), 4))
+                  for image, augmented in zip(photos, out))
+    assert 5 <= flipped <= 27, f"about half the photos should be mirrored, got {flipped} of 32"
+
+
+# ------------------------------------------------------------------------------------------
+# The lab: learning, settings, resume
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The labs below train in this process: one thread is fastest on 2 shared cores."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    summary = main(Config(smoke=True, out=str(tmp_path / "runs"), device="cpu"))
-    assert summary["test_acc"] > 0.3, summary  # chance is 0.1
+    yield
+    torch.set_num_threads(threads)
+
+
+def lab(tmp_path: Path, *argv: str, main=part2.main, cls=part2.Config) -> dict:
+    """A script run in this process as its command line would; its summary, or {"exit": code}."""
+    try:
+        return run(main, cls, ["--out", str(tmp_path / "runs"), "--device", "cpu", *argv])
+    except SystemExit as e:
+        return {"exit": e.code}
+
+
+def test_cnn_learns_the_synthetic_cifar_twin(tmp_path, offline):
+    summary = lab(tmp_path, "--smoke")
+    rows = read_checkpoint(Path(summary["run_dir"]) / "checkpoint.pt")["extra"]["rows"]
+    check_part2(summary, rows)
     assert set(summary["per_class_acc"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                              "horse", "ship", "truck"}
-    run_dir = tmp_path / "runs" / "week03" / "part2"
-    (run_dir,) = run_dir.iterdir()
-    assert {"confusion.png", "curves.png", "feature_maps_block1.png"} <= {p.name for p in run_dir.iterdir()}
+    assert {"confusion.png", "curves.png", "feature_maps_block1.png", "metrics.csv", "checkpoint.pt"} <= \
+        {p.name for p in Path(summary["run_dir"]).iterdir()}
 
 
-@pytest.mark.parametrize("override,message", [({"blocks": 6}, "use 1 to 5 blocks"), ({"dropout": 1.0}, "below 1"),
-                                              ({"head_pool": 0}, "at least 1")])
-def test_impossible_settings_fail_with_a_clear_message(tmp_path, override, message):
-    with pytest.raises(LabError, match=message):
-        main(Config(smoke=True, out=str(tmp_path / "runs"), device="cpu", **override))
-    assert not (tmp_path / "runs").exists()  # stopped before any run folder was made
+@pytest.mark.parametrize("argv, message", [
+    (["--blocks", "9"], "--blocks: must be in [1, 5]"),
+    (["--dataset", "mnist", "--blocks", "5"], "28-pixel mnist images, so use at most 4"),
+    (["--head-pool", "5"], "after 3 blocks the feature maps are 4x4, so use at most 4"),
+    (["--dropout", "1"], "--dropout: must be in [0, 1)"),
+    (["--width", "0"], "--width: must be in [1, 512]"),
+    (["--epochs", "0"], "--epochs: must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--lr", "0"], "--lr: must be > 0"),
+    (["--val-fraction", "0.9"], "--val-fraction: must be in [0, 0.5]"),
+])
+def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, argv, message, capsys):
+    assert lab(tmp_path, *argv) == {"exit": 2}
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_batch_larger_than_the_training_set_stops_before_the_run_folder(tmp_path, offline, capsys):
+    assert lab(tmp_path, "--smoke", "--batch-size", "5000") == {"exit": 1}
+    assert "--batch-size 5000 is more than the 461 training images" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+class CtrlC(Callback):
+    """Ctrl-C after optimizer step ``at_step`` (0: never); records the steps it saw."""
+
+    def __init__(self, at_step: int = 0):
+        self.at_step, self.steps = at_step, []
+
+    def on_step_end(self, loop) -> None:
+        self.steps.append(loop.step)
+        if loop.step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def fit_with(callback: Callback):
+    """part2's fit, with one more callback."""
+    return lambda *args, **kwargs: fit(*args, **kwargs, callbacks=[callback])
+
+
+def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(tmp_path, offline, monkeypatch, capsys):
+    args = ["--smoke", "--epochs", "3"]  # 14 steps per epoch; one-cycle stepped per batch, dropout, BN
+    straight = lab(tmp_path / "straight", *args)
+    monkeypatch.setattr(part2, "fit", fit_with(CtrlC(20)))  # in epoch 2
+    assert lab(tmp_path / "cut", *args) == {"exit": 130}
+    err = capsys.readouterr().err
+    (checkpoint,) = (tmp_path / "cut" / "runs").glob("week03/part2/*/checkpoint.pt")
+    assert err == f"interrupted: stopped; the checkpoint of epoch 1 is {checkpoint} (continue with --resume " \
+                  f"{checkpoint}; the unfinished epoch is redone)\n"
+    monkeypatch.setattr(part2, "fit", fit_with(steps := CtrlC()))
+    resumed = lab(tmp_path / "cut", "--resume", str(checkpoint))
+    assert steps.steps == list(range(15, 43)), "the resumed run trains epochs 2 and 3 only"
+    assert resumed["run_dir"] == str(checkpoint.parent) and resumed["epochs_done"] == 3
+    monkeypatch.undo()
+    weights = read_checkpoint(checkpoint)["model"]
+    for name, value in read_checkpoint(Path(straight["run_dir"]) / "checkpoint.pt")["model"].items():
+        assert torch.equal(value, weights[name]), name
+    assert resumed["test_acc"] == straight["test_acc"]
+    capsys.readouterr()
+    again = lab(tmp_path / "cut", "--resume", str(checkpoint))
+    assert again["test_acc"] == straight["test_acc"] and "nothing to do" in capsys.readouterr().out
+
+
+def test_resume_refuses_another_scripts_or_another_models_checkpoint(tmp_path, offline, capsys):
+    foreign = save_checkpoint(tmp_path / "foreign" / "checkpoint.pt", CNN(), script="week04/part2")
+    assert lab(tmp_path, "--smoke", "--resume", str(foreign)) == {"exit": 1}
+    err = capsys.readouterr().err
+    assert "written by week04/part2, not week03/part2" in err and err.count("\n") == 1, err
+    other_model = save_checkpoint(tmp_path / "other" / "checkpoint.pt", nn.Linear(2, 2), script="week03/part2")
+    assert lab(tmp_path, "--smoke", "--resume", str(other_model)) == {"exit": 1}
+    err = capsys.readouterr().err
+    assert "holds a Linear, not a CNN" in err and err.count("\n") == 1, err
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    assert lab(tmp_path, "--smoke", "--resume", str(tmp_path / "notes.txt")) == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "not a PyTorch file" in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------------------------------
+# BatchNorm and Dropout, side by side
+# ------------------------------------------------------------------------------------------
+def test_bn_dropout_variants_learn_and_log_every_epoch(tmp_path, offline):
+    summary = lab(tmp_path, "--smoke", "--high-lr-factor", "0", main=bn_dropout.main, cls=bn_dropout.Config)
+    run_dir = Path(summary["run_dir"])
+    import csv
+
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    check_bn_dropout(summary, rows)  # an optimizer at lr 0 (or BN missing) would leave these at chance
+    assert [r["variant"] for r in rows] == [v for v in ("plain", "BN", "Dropout", "BN+Dropout") for _ in range(4)]
+    assert "test_acc_plain_high_lr" not in summary and (run_dir / "bn_dropout.png").exists()
+    assert summary["step_loss_jitter_bn"] > 0
+
+
+def test_a_diverged_variant_is_reported_and_its_nan_figures_declared(tmp_path, offline):
+    summary = lab(tmp_path, "--smoke", "--epochs", "1", "--lr", "0.5", "--high-lr-factor", "2000",
+                  main=bn_dropout.main, cls=bn_dropout.Config)  # the plain network at lr 1000 blows up
+    assert summary["diverged"] == ["plain, high lr"]
+    assert math.isnan(summary["test_acc_plain_high_lr"]) and "test_acc_plain_high_lr" in summary["allowed_nan"]
+    assert all(key.endswith("_plain_high_lr") for key in summary["allowed_nan"])
+    assert math.isfinite(summary["test_acc_bn_high_lr"])
+
+
+def test_bn_dropout_has_no_resume_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(bn_dropout.Config, ["--help"])
+    assert "--resume" not in capsys.readouterr().out

@@ -14,17 +14,19 @@ Run: python week01_regression/manual_vs_autograd.py [--smoke] [--help]
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Literal
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.config import BaseConfig, dataclass, run
+from common.config import BaseConfig, Range, run
 from common.device import seed_everything
+from common.errors import LabError
 from common.plots import save
 from common.runs import Run
-from week01_regression.part1 import load_arrays, mse_loss_and_grad
+from week01_regression.part1 import load_arrays, max_stable_lr, mse_loss_and_grad
 from week01_regression.part2 import manual_mse_grads
 
 
@@ -32,8 +34,8 @@ from week01_regression.part2 import manual_mse_grads
 class Config(BaseConfig):
     """Week 1 self-work: manual gradients vs autograd, the same model trained three ways."""
 
-    steps: int = 500  # full-batch gradient-descent steps for each of the three versions
-    lr: float = 0.1  # step size, the same for all three
+    steps: Annotated[int, Range(1)] = 500  # full-batch gradient-descent steps for each of the three versions
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.1  # step size, the same for all three (stable below ~0.245)
     dtype: Literal["float64", "float32"] = "float64"  # float64: differences are pure rounding (~1e-13)
     synthetic: bool = False  # use the synthetic twin of diabetes instead of the real set
 
@@ -110,11 +112,15 @@ def compare(X: np.ndarray, y: np.ndarray, lr: float, steps: int) -> dict[str, Tr
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
     seed_everything(cfg.seed)
     data = load_arrays("diabetes", cfg.data_dir, cfg.synthetic, cfg.seed)
-    run_ = Run.start(cfg, __file__, torch.device("cpu"))  # small and step by step: the CPU is the fair place
     X, y = data.x_train.astype(cfg.dtype), data.y_train.astype(cfg.dtype)
+    # Above 2/lambda_max the three runs blow up together (Part 1): nothing left to compare.
+    bound = max_stable_lr(data.x_train)
+    if cfg.lr >= bound:
+        raise LabError(f"--lr {cfg.lr:g} would diverge: gradient descent on {data.name} is stable only for lr < "
+                       f"2/lambda_max = {bound:.4g}; use a smaller --lr")
+    run_ = Run.start(cfg, __file__, torch.device("cpu"))  # small and step by step: the CPU is the fair place
 
     runs = compare(X, y, cfg.lr, cfg.steps)
     reference = runs["numpy, by hand"]

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import field
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Annotated, ClassVar
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.config import BaseConfig, dataclass, run
+from common.config import BaseConfig, Range, run
 from common.data import load
 from common.device import seed_everything
-from common.errors import LabError
+from common.errors import ConfigError, LabError
 from common.parity import max_relative_error, numerical_grad
 from common.plots import plot_curves, save
 from common.runs import Run
@@ -34,21 +34,25 @@ LossAndGrad = Callable[[np.ndarray, float], tuple[float, np.ndarray, float]]
 class Config(BaseConfig):
     """Week 1, Part 1: linear and logistic regression by gradient descent, in NumPy."""
 
-    epochs: int = 10000  # full-batch gradient-descent steps for linear regression (1 step = 1 pass over the data)
-    lr: float = 0.2  # linear-regression step size (stable only below 2/lambda_max, about 0.245 on diabetes)
-    l2: float = 0.0  # L2 (ridge) penalty l2*||w||^2 for linear regression
-    logistic_epochs: int = 2000  # full-batch gradient-descent steps for logistic regression
-    logistic_lr: float = 0.5  # logistic-regression step size
-    logistic_l2: float = 0.001  # L2 penalty for logistic regression (keeps weights finite on separable data)
-    grad_tol: float = 0.0  # stop a descent once the gradient norm is below this (0: run every step)
-    study_lrs: str = "0.002,0.1,0.3"  # learning-rate study on diabetes: comma-separated rates (small, good, too big)
-    study_epochs: int = 1000  # gradient-descent steps per learning rate in the study
-    max_degree: int = 15  # the overfitting study fits polynomials of degree 1..max_degree
-    poly_train: int = 20  # training points in the overfitting study (few points make overfitting visible)
-    landscape_steps: int = 25  # gradient-descent steps drawn on the loss-landscape contour plot
+    epochs: Annotated[int, Range(1)] = 10000  # full-batch gradient-descent steps for linear regression
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.2  # linear-regression step size (stable below ~0.245 on diabetes)
+    l2: Annotated[float, Range(0)] = 0.0  # L2 (ridge) penalty l2*||w||^2 for linear regression
+    logistic_epochs: Annotated[int, Range(1)] = 2000  # full-batch gradient-descent steps for logistic regression
+    logistic_lr: Annotated[float, Range(0, lo_open=True)] = 0.5  # logistic-regression step size
+    logistic_l2: Annotated[float, Range(0)] = 0.001  # logistic L2 penalty (keeps weights finite on separable data)
+    grad_tol: Annotated[float, Range(0)] = 0.0  # stop a descent once the gradient norm is below this (0: never)
+    study_lrs: Annotated[tuple[float, ...], Range(0, lo_open=True)] = (0.002, 0.1, 0.3)  # learning rates to compare
+    study_epochs: Annotated[int, Range(1)] = 1000  # gradient-descent steps per learning rate in the study
+    max_degree: Annotated[int, Range(1, 30)] = 15  # the overfitting study fits polynomials of degree 1..max_degree
+    poly_train: Annotated[int, Range(2, 100_000)] = 20  # training points of the overfitting study (few: it shows)
+    landscape_steps: Annotated[int, Range(0, 10_000)] = 25  # descent steps drawn on the loss-landscape plot
     synthetic: bool = False  # use the synthetic twins of diabetes and breast_cancer instead of the real sets
 
     SMOKE: ClassVar[dict] = {"epochs": 6000, "logistic_epochs": 500, "study_epochs": 300, "max_degree": 12}
+
+    def check(self) -> None:
+        if not self.study_lrs:
+            raise ConfigError("--study-lrs needs at least one learning rate, e.g. --study-lrs 0.002 0.1 0.3")
 
 
 # ----------------------------------------------------------------------------------------
@@ -376,26 +380,22 @@ def plot_ridge_path(path, l2s, weights, train_mse, test_mse, names) -> None:
 # ----------------------------------------------------------------------------------------
 # The lab
 # ----------------------------------------------------------------------------------------
-def parse_lrs(text: str) -> list[float]:
-    try:
-        lrs = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise LabError(f"--study-lrs {text!r}: expected comma-separated numbers, e.g. 0.002,0.1,0.3") from None
-    if not lrs or any(not np.isfinite(lr) or lr <= 0 for lr in lrs):
-        raise LabError(f"--study-lrs {text!r}: give one or more positive learning rates, e.g. 0.002,0.1,0.3")
-    return lrs
-
-
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
-    study_lrs = parse_lrs(cfg.study_lrs)
-    if cfg.max_degree < 1 or cfg.poly_train < 2:
-        raise LabError("--max-degree must be >= 1 and --poly-train >= 2")
     seed_everything(cfg.seed)
     reg = load_arrays("diabetes", cfg.data_dir, cfg.synthetic, cfg.seed)
     clf = load_arrays("breast_cancer", cfg.data_dir, cfg.synthetic, cfg.seed)
-    # NumPy runs on the CPU whatever --device says.
-    run_ = Run.start(cfg, __file__, torch.device("cpu"))
+    # Both descents first: a step size that is too large stops the lab here, with a message
+    # naming the limit, before a run folder is created.
+    gd = train_linear(reg.x_train, reg.y_train, cfg.lr, cfg.epochs, cfg.l2, cfg.grad_tol)
+    if gd.diverged:
+        raise LabError(f"linear regression diverged at step {gd.steps} with --lr {cfg.lr:g}; stable step sizes "
+                       f"are below {max_stable_lr(reg.x_train, cfg.l2):.4g}: use a smaller --lr")
+    logistic = train_logistic(clf.x_train, clf.y_train, cfg.logistic_lr, cfg.logistic_epochs, cfg.logistic_l2,
+                              cfg.grad_tol)
+    if logistic.diverged:
+        raise LabError(f"logistic regression diverged at step {logistic.steps} with --logistic-lr "
+                       f"{cfg.logistic_lr:g}; use a smaller one")
+    run_ = Run.start(cfg, __file__, torch.device("cpu"))  # NumPy runs on the CPU whatever --device says
 
     # 1. Gradient check: hand-derived gradients against finite differences, at a random point.
     rng = np.random.default_rng(cfg.seed)
@@ -408,11 +408,7 @@ def main(cfg: Config) -> dict:
                                w_rand, b_rand)
     print(f"gradient check (max relative error vs finite differences): MSE {check_mse:.2e}, BCE {check_bce:.2e}")
 
-    # 2. Linear regression on diabetes: gradient descent vs the closed form.
-    gd = train_linear(reg.x_train, reg.y_train, cfg.lr, cfg.epochs, cfg.l2, cfg.grad_tol)
-    if gd.diverged:
-        raise LabError(f"linear regression diverged at step {gd.steps} with --lr {cfg.lr}; stable step sizes "
-                       f"are below {max_stable_lr(reg.x_train, cfg.l2):.4g}: use a smaller --lr")
+    # 2. Linear regression on diabetes: gradient descent (run above) vs the closed form.
     start = time.perf_counter()
     w_exact, b_exact = closed_form(reg.x_train, reg.y_train, cfg.l2)
     closed_form_s = time.perf_counter() - start
@@ -444,11 +440,7 @@ def main(cfg: Config) -> dict:
           f"GD vs closed form max |difference| {ridge_diff:.2e}, test MSE "
           f"{mse_loss_and_grad(reg.x_test, reg.y_test, w_ridge, b_ridge)[0]:.1f}")
 
-    # 4. Logistic regression on breast_cancer.
-    logistic = train_logistic(clf.x_train, clf.y_train, cfg.logistic_lr, cfg.logistic_epochs, cfg.logistic_l2,
-                              cfg.grad_tol)
-    if logistic.diverged:
-        raise LabError(f"logistic regression diverged with --logistic-lr {cfg.logistic_lr}; use a smaller one")
+    # 4. Logistic regression on breast_cancer (trained above).
     train_acc = accuracy(clf.x_train, clf.y_train, logistic.w, logistic.b)
     test_acc = accuracy(clf.x_test, clf.y_test, logistic.w, logistic.b)
     test_bce = logistic_loss_and_grad(clf.x_test, clf.y_test, logistic.w, logistic.b)[0]
@@ -464,7 +456,7 @@ def main(cfg: Config) -> dict:
 
     # 5. The learning-rate study.
     bound = max_stable_lr(reg.x_train, cfg.l2)
-    study = learning_rate_study(reg.x_train, reg.y_train, study_lrs, cfg.study_epochs, cfg.l2)
+    study = learning_rate_study(reg.x_train, reg.y_train, list(cfg.study_lrs), cfg.study_epochs, cfg.l2)
     print(f"learning-rate study on {reg.name} ({cfg.study_epochs} steps; GD is stable only for lr < 2/lambda_max "
           f"= {bound:.4g}):")
     curves = {}
@@ -503,9 +495,11 @@ def main(cfg: Config) -> dict:
         logistic_train_acc=train_acc,
         logistic_test_acc=test_acc,
         logistic_test_bce=test_bce,
+        logistic_majority_acc=majority,
         max_stable_lr=bound,
         lr_study=", ".join(f"{r['lr']:g}: {r['status']}" for r in study),
         best_degree=best_degree,
+        best_degree_train_mse=train_mse[degrees.index(best_degree)],
         best_degree_val_mse=min(val_mse),
         max_degree_val_mse=val_mse[-1],
         max_degree_train_mse=train_mse[-1],

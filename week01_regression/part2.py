@@ -9,15 +9,18 @@ Run: python week01_regression/part2.py [--smoke] [--help]
 
 from __future__ import annotations
 
+import math
 import platform
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.config import BaseConfig, dataclass, run
+from common.config import BaseConfig, Range, run
 from common.device import pick_device, seed_everything
+from common.errors import NonFiniteLoss
 from common.loader import TensorLoader
 from common.plots import plot_curves
 from common.runs import Run
@@ -28,11 +31,12 @@ from week01_regression.part1 import closed_form, load_arrays
 class Config(BaseConfig):
     """Week 1, Part 2: autograd, nn.Linear and torch.optim on diabetes and breast_cancer."""
 
-    epochs: int = 100  # passes over the training data for each model
-    batch_size: int = 32  # examples per SGD step
-    lr: float = 0.05  # SGD step size for linear regression (MSELoss)
-    logistic_lr: float = 0.1  # SGD step size for logistic regression (BCEWithLogitsLoss)
-    x: float = 2.0  # the point where the polynomial's derivative is taken
+    epochs: Annotated[int, Range(1)] = 100  # passes over the training data for each model
+    batch_size: Annotated[int, Range(1)] = 32  # examples per SGD step
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # SGD step size for linear regression (MSELoss)
+    logistic_lr: Annotated[float, Range(0, lo_open=True)] = 0.1  # SGD step size for logistic regression
+    # Any point on the axis, negative too; bounded only so that 3x^3 stays a readable number.
+    x: Annotated[float, Range(-1e6, 1e6)] = 2.0  # the point where the polynomial's derivative is taken
     synthetic: bool = False  # use the synthetic twins of diabetes and breast_cancer instead of the real sets
 
     SMOKE: ClassVar[dict] = {"epochs": 8}
@@ -153,6 +157,9 @@ def train(model: nn.Module, loader: TensorLoader, loss_fn: nn.Module, optimizer:
         for xb, yb in loader:
             prediction = model(xb)           # forward: builds the graph
             loss = loss_fn(prediction, yb)   # a scalar at the end of the graph
+            if not math.isfinite(loss.item()):  # a step size that is too large makes the loss explode
+                raise NonFiniteLoss(f"the loss became {loss.item()} in epoch {epoch} with lr="
+                                    f"{optimizer.param_groups[0]['lr']:g}: the step is too large, use a smaller one")
             optimizer.zero_grad()            # clear last step's .grad (backward accumulates)
             loss.backward()                  # dloss/dparameter into each parameter's .grad
             optimizer.step()                 # SGD: p <- p - lr * p.grad
@@ -185,7 +192,6 @@ def bce_stability_demo() -> dict:
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     reg = load_arrays("diabetes", cfg.data_dir, cfg.synthetic, cfg.seed)
@@ -272,6 +278,7 @@ def main(cfg: Config) -> dict:
         closed_form_test_mse=exact_test_mse,
         logistic_test_acc=logistic_history[-1]["test_acc"],
         logistic_test_bce=logistic_history[-1]["test_loss"],
+        logistic_majority_acc=majority,
         **stability,
     )
 

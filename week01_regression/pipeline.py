@@ -10,15 +10,18 @@ Run: python week01_regression/pipeline.py [--smoke] [--help]
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
 
-from common.config import BaseConfig, dataclass, run
+from common.config import BaseConfig, Range, run
 from common.device import pick_device, seed_everything
+from common.errors import NonFiniteLoss
 from common.plots import save
 from common.runs import Run
 
@@ -27,11 +30,11 @@ from common.runs import Run
 class Config(BaseConfig):
     """Week 1 self-work: every stage of one training loop, printed and plotted."""
 
-    n_points: int = 16  # examples in the toy data set y = 2x + 1 + noise
-    noise: float = 0.3  # standard deviation of the noise on y
-    steps: int = 40  # full-batch gradient-descent steps
-    lr: float = 0.1  # SGD step size
-    detailed_steps: int = 2  # how many of the first steps are printed stage by stage
+    n_points: Annotated[int, Range(2, 1_000_000)] = 16  # examples in the toy data set y = 2x + 1 + noise
+    noise: Annotated[float, Range(0, 100)] = 0.3  # standard deviation of the noise on y
+    steps: Annotated[int, Range(1)] = 40  # full-batch gradient-descent steps
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.1  # SGD step size (diverges above 2/lambda_max, ~0.75 here)
+    detailed_steps: Annotated[int, Range(0)] = 2  # how many of the first steps are printed stage by stage
 
     SMOKE: ClassVar[dict] = {"steps": 20}
 
@@ -101,7 +104,6 @@ def plot_pipeline(path, x: torch.Tensor, y: torch.Tensor, lines: list[tuple[int,
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     run_ = Run.start(cfg, __file__, device)
@@ -126,6 +128,8 @@ def main(cfg: Config) -> dict:
         if verbose:
             print(f" step {step}")
         row = {"step": step, **training_step(model, x, y, loss_fn, optimizer, verbose)}
+        if not math.isfinite(row["loss"]):  # each step overshoots more than the last: divergence
+            raise NonFiniteLoss(f"the loss became {row['loss']} at step {step}: --lr {cfg.lr:g} is too large")
         rows.append(row)
         run_.log(**row)
         if step in shown:
@@ -136,12 +140,15 @@ def main(cfg: Config) -> dict:
     plot_pipeline(run_.path("pipeline.png"), x, y, lines, rows)
 
     # The least-squares line for the same points: where gradient descent is heading.
-    A = torch.cat([x, torch.ones_like(x)], dim=1).double().cpu()
-    w_best, b_best = torch.linalg.lstsq(A, y.double().cpu()).solution.ravel().tolist()
-    print(f"\nafter {cfg.steps} steps: W {rows[-1]['w']:+.4f}, b {rows[-1]['b']:+.4f} "
-          f"(least squares: W {w_best:+.4f}, b {b_best:+.4f}; the data came from W=2, b=1)")
+    A, target = torch.cat([x, torch.ones_like(x)], dim=1).double().cpu(), y.double().cpu()
+    solution = torch.linalg.lstsq(A, target).solution
+    w_best, b_best = solution.ravel().tolist()
+    best_loss = torch.mean((A @ solution - target) ** 2).item()
+    print(f"\nafter {cfg.steps} steps: W {rows[-1]['w']:+.4f}, b {rows[-1]['b']:+.4f}, loss {rows[-1]['loss']:.4f} "
+          f"(least squares: W {w_best:+.4f}, b {b_best:+.4f}, loss {best_loss:.4f}; the data came from W=2, b=1)")
     return run_.finish(first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"], final_w=rows[-1]["w"],
-                       final_b=rows[-1]["b"], least_squares_w=w_best, least_squares_b=b_best)
+                       final_b=rows[-1]["b"], least_squares_w=w_best, least_squares_b=b_best,
+                       least_squares_loss=best_loss)
 
 
 if __name__ == "__main__":

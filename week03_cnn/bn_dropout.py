@@ -3,31 +3,34 @@
 Run: python week03_cnn/bn_dropout.py [--smoke] [--help]
 
 Four variants (plain, BN, Dropout, BN+Dropout) train on the same images, in the same order,
-from the same seed, with the same optimizer and budget. Then a "high learning rate" pair
-(plain vs BN at ``high_lr_factor`` x the learning rate) shows BatchNorm's other gift: it keeps
-each layer's input at mean 0 / variance 1 however the weights grow, so a step size that
+from the same seed, with the same optimizer and number of epochs. Then a "high learning rate"
+pair (plain vs BN at ``high_lr_factor`` x the learning rate) shows BatchNorm's other gift: it
+keeps each layer's input at mean 0 / variance 1 however the weights grow, so a step size that
 blows up the plain network is fine with BN. Plain SGD with a constant learning rate (no
 schedule) keeps the comparison about the layers alone; Week 4 adds schedules.
+
+No ``--resume``: this is a comparison of several short runs (minutes each), not one long
+training; an interrupted comparison is simply run again.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from torch import nn
 
-from common.config import BaseConfig, dataclass, run
+from common.config import BaseConfig, Range, run
 from common.data import load
 from common.device import pick_device, prepare_model, seed_everything
-from common.errors import NonFiniteLoss
+from common.errors import LabError, NonFiniteLoss
 from common.loader import TensorLoader, normalizer, split
 from common.plots import save
 from common.runs import Run
-from common.train import evaluate, fit
+from common.train import Callback, Loop, evaluate, fit
 from week03_cnn.part2 import CNN, training_augment
 
 
@@ -36,40 +39,38 @@ class Config(BaseConfig):
     """Week 3, self-work: CNN with vs without BatchNorm and Dropout (stability, accuracy, speed)."""
 
     dataset: Literal["cifar10", "mnist"] = "cifar10"  # which image data set to learn
-    train_size: int = 10000  # training images used (0 = all); small enough to overfit, so Dropout matters
-    epochs: int = 8  # passes over the training images, per variant
-    budget_s: float = 0.0  # seconds of training per variant (0 = no limit); same for every variant
-    batch_size: int = 128  # images per SGD step
-    lr: float = 0.05  # SGD learning rate (momentum 0.9, constant: no schedule)
-    high_lr_factor: float = 6.0  # the high-lr pair trains plain and BN at lr x this (0 = skip the pair)
-    dropout: float = 0.3  # dropout probability before the classifier, in the Dropout variants
-    width: int = 16  # channels of the first conv block (then x2, x4)
+    train_size: Annotated[int, Range(1)] = 10000  # training images used (a tenth of the set is held out for validation)
+    epochs: Annotated[int, Range(1)] = 8  # passes over the training images, per variant
+    batch_size: Annotated[int, Range(1)] = 128  # images per SGD step
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # SGD learning rate (momentum 0.9, constant: no schedule)
+    high_lr_factor: Annotated[float, Range(0)] = 6.0  # the high-lr pair trains plain and BN at lr x this (0 = skip)
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.3  # dropout probability before the classifier
+    width: Annotated[int, Range(1, 512)] = 16  # channels of the first conv block (then x2, x4)
     augment: bool = False  # random crop + flip; off by default so that overfitting (and Dropout) shows
-    SMOKE: ClassVar[dict] = {"epochs": 1, "batch_size": 64, "width": 8, "train_size": 0}
+    SMOKE: ClassVar[dict] = {"epochs": 4, "batch_size": 32, "width": 8}  # learns the twin in seconds
 
 
-class LossRecorder:
-    """Cross-entropy that also keeps every training batch's loss: per-step curves show
-    stability (spikes, plateaus) that per-epoch averages hide. Evaluation runs under
-    inference mode (no grad), so those calls are not recorded."""
+class History(Callback):
+    """Every training step's loss and every epoch's metrics. Per-step curves show stability
+    (spikes, plateaus) that per-epoch averages hide; kept here even when a run diverges."""
 
     def __init__(self):
-        self.cross_entropy = nn.CrossEntropyLoss()
         self.steps: list[torch.Tensor] = []
+        self.rows: list[dict] = []
 
-    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = self.cross_entropy(output, target)
-        if torch.is_grad_enabled():
-            self.steps.append(loss.detach())  # no .item(): that would wait for the GPU every step
-        return loss
+    def on_step_end(self, loop: Loop) -> None:
+        self.steps.append(loop.loss)  # a tensor: .item() here would wait for the GPU every step
 
-    def history(self) -> np.ndarray:
-        return torch.stack(self.steps).float().cpu().numpy() if self.steps else np.zeros(0)
+    def on_epoch_end(self, loop: Loop) -> None:
+        self.rows.append(dict(loop.row))
+
+    def step_losses(self) -> np.ndarray:
+        return torch.stack(self.steps).double().cpu().numpy() if self.steps else np.zeros(0)  # float64: 1e20 ** 2 fits
 
 
 def variants(cfg: Config) -> list[dict]:
-    """(name, short key, batch_norm, dropout, lr) of every model trained."""
-    rows = [
+    """Name, short key, batch_norm, dropout and lr of every model trained."""
+    specs = [
         {"variant": "plain", "key": "plain", "batch_norm": False, "dropout": 0.0, "lr": cfg.lr},
         {"variant": "BN", "key": "bn", "batch_norm": True, "dropout": 0.0, "lr": cfg.lr},
         {"variant": "Dropout", "key": "dropout", "batch_norm": False, "dropout": cfg.dropout, "lr": cfg.lr},
@@ -77,39 +78,41 @@ def variants(cfg: Config) -> list[dict]:
     ]
     if cfg.high_lr_factor > 0:
         high = round(cfg.lr * cfg.high_lr_factor, 12)  # 0.05 * 6 is 0.30000000000000004 in binary
-        rows += [{"variant": "plain, high lr", "key": "plain_high_lr", "batch_norm": False, "dropout": 0.0, "lr": high},
-                 {"variant": "BN, high lr", "key": "bn_high_lr", "batch_norm": True, "dropout": 0.0, "lr": high}]
-    return rows
+        specs += [
+            {"variant": "plain, high lr", "key": "plain_high_lr", "batch_norm": False, "dropout": 0.0, "lr": high},
+            {"variant": "BN, high lr", "key": "bn_high_lr", "batch_norm": True, "dropout": 0.0, "lr": high},
+        ]
+    return specs
 
 
-def train_variant(spec: dict, cfg: Config, data, make_train_loader, val, device: torch.device) -> dict:
+def train_variant(spec: dict, cfg: Config, data, train: TensorLoader, val: TensorLoader, run_: Run) -> dict:
     """Train one variant from the same seed; a run whose loss becomes NaN is reported as diverged."""
-    seed_everything(cfg.seed)  # same initial weights for the shared layers, same dropout masks stream
-    train = make_train_loader()  # a fresh loader: the same batches and augmentations for every variant
+    seed_everything(cfg.seed)  # the same initial weights for the shared layers, the same dropout stream
     widths = (cfg.width, 2 * cfg.width, 4 * cfg.width)
     model = prepare_model(CNN(data.x_train.shape[1], data.num_classes, widths, spec["batch_norm"], spec["dropout"]),
-                          device)
+                          run_.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9, weight_decay=5e-4)
-    recorder = LossRecorder()
+    history = History()
     print(f"\n--- {spec['variant']} ---")
-    try:
-        result = fit(model, train, val, optimizer, cfg.epochs, device, loss_fn=recorder, time_budget_s=cfg.budget_s)
-        rows, diverged = result.rows, False
+    try:  # fit shows each variant the same batches: the loader's epoch e is a function of (seed, e)
+        fit(model, optimizer, train, val, cfg.epochs, callbacks=[history])
+        diverged = False
     except NonFiniteLoss as e:
         print(f"{spec['variant']}: diverged ({str(e).split(';')[0]})")
-        rows, diverged = [], True
-    last = rows[-1] if rows else {}
+        diverged = True
+    for row in history.rows:
+        run_.sub(spec["key"], variant=spec["variant"]).log(**row)  # metrics.csv: one row per variant and epoch
+    rows = history.rows
     return {
         **spec,
         "epochs_done": len(rows),
-        "final_train_loss": last.get("train_loss", math.nan),
-        "final_val_acc": last.get("val_acc", math.nan),
+        "first_train_loss": rows[0]["train_loss"] if rows else math.nan,
+        "final_train_loss": rows[-1]["train_loss"] if rows and not diverged else math.nan,
         "best_val_acc": max((r["val_acc"] for r in rows), default=math.nan),
         "s_per_epoch": float(np.median([r["epoch_time_s"] for r in rows])) if rows else math.nan,  # median: robust
         "diverged": diverged,
-        "_steps": recorder.history(),
+        "_steps": history.step_losses(),
         "_val_acc": [r["val_acc"] for r in rows],
-        "_epoch_time": [r["epoch_time_s"] for r in rows],
         "_model": model,
     }
 
@@ -127,8 +130,8 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 def plot_comparison(results: list[dict], steps_per_epoch: int, path) -> None:
     """Four panels: per-step training loss (same lr), validation accuracy, seconds per epoch,
     and the high-learning-rate pair's training loss."""
-    same_lr = [r for r in results if r["lr"] == results[0]["lr"]]
-    high_lr = [r for r in results if r["lr"] != results[0]["lr"]]
+    same_lr = [r for r in results if not r["key"].endswith("high_lr")]
+    high_lr = [r for r in results if r["key"].endswith("high_lr")]
     fig, axes = plt.subplots(1, 4 if high_lr else 3, figsize=(21 if high_lr else 16, 4.2))
     window = max(steps_per_epoch // 5, 1)
 
@@ -139,8 +142,9 @@ def plot_comparison(results: list[dict], steps_per_epoch: int, path) -> None:
             line, = ax.plot(x, smooth(steps, window), label=r["variant"] + (" (diverged)" if r["diverged"] else ""))
             ax.plot(x, steps, color=line.get_color(), alpha=0.15, linewidth=0.6)
         ax.set(xlabel="epoch", ylabel="training loss (per step; line = moving average)", title=title)
-        top = np.nanpercentile(np.concatenate([r["_steps"] for r in group if len(r["_steps"])] or [[3.0]]), 99)
-        ax.set_ylim(0, min(max(top, 0.5), 5))
+        finite = np.concatenate([r["_steps"] for r in group if len(r["_steps"])] or [[3.0]])
+        top = np.nanpercentile(np.where(np.isfinite(finite), finite, np.nan), 99)
+        ax.set_ylim(0, min(max(top, 0.5), 5) if np.isfinite(top) else 5)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
@@ -151,7 +155,7 @@ def plot_comparison(results: list[dict], steps_per_epoch: int, path) -> None:
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     names = [r["variant"] for r in results]
-    axes[2].barh(names, [0 if r["diverged"] else r["s_per_epoch"] for r in results], color="tab:gray")
+    axes[2].barh(names, [0 if math.isnan(r["s_per_epoch"]) else r["s_per_epoch"] for r in results], color="tab:gray")
     axes[2].invert_yaxis()
     axes[2].set(xlabel="median seconds per epoch (train + validation)", title="time per epoch")
     if high_lr:
@@ -160,46 +164,43 @@ def plot_comparison(results: list[dict], steps_per_epoch: int, path) -> None:
     save(fig, path)
 
 
+FIGURES = ("test_acc", "first_train_loss", "final_train_loss", "best_val_acc", "s_per_epoch", "step_loss_jitter")
+
+
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
+    x_train, y_train, x_val, y_val = split(data.x_train, data.y_train, 0.1, cfg.seed)  # CIFAR-10: 5000 held out
+    x_train, y_train = x_train[:cfg.train_size], y_train[:cfg.train_size]
+    normalize = normalizer(data.mean, data.std)
+    if len(x_train) < cfg.batch_size:  # drop_last: an epoch would have no batch at all
+        raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} training images")
+    train = TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True,
+                         device=device, augment=training_augment(cfg.dataset) if cfg.augment else None,
+                         transform=normalize, seed=cfg.seed)
+    val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=device)
     run_ = Run.start(cfg, __file__, device)
-
-    x, y = data.x_train, data.y_train
-    if cfg.train_size and cfg.train_size + 5000 < len(x):  # hold out 5000 for validation, from the rest
-        x_train, y_train, x_val, y_val = split(x, y, 5000 / len(x), cfg.seed)
-        x_train, y_train = x_train[:cfg.train_size], y_train[:cfg.train_size]
-    else:
-        x_train, y_train, x_val, y_val = split(x, y, 0.1, cfg.seed)
-
-    def make_train_loader() -> TensorLoader:
-        return TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True, device=device,
-                            augment=training_augment(data, cfg.augment), transform=normalizer(data.mean, data.std),
-                            seed=cfg.seed)
-
-    val = TensorLoader(x_val, y_val, 1024, transform=normalizer(data.mean, data.std), device=device)
     print(f"{len(x_train)} training and {len(x_val)} validation images of {data.name}")
 
-    results = [train_variant(spec, cfg, data, make_train_loader, val, device) for spec in variants(cfg)]
-    test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalizer(data.mean, data.std), device=device)
+    results = [train_variant(spec, cfg, data, train, val, run_) for spec in variants(cfg)]
+    test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
     for r in results:
-        r["test_acc"] = math.nan if r["diverged"] else evaluate(r["_model"], test, nn.CrossEntropyLoss(), device)["acc"]
+        r["test_acc"] = math.nan if r["diverged"] else evaluate(r["_model"], test)["acc"]
         steps = r["_steps"]
         # Stability, in one number: how much the loss jumps from one step to the next.
-        r["step_loss_jitter"] = float(np.std(np.diff(steps[len(steps) // 2:]))) if len(steps) > 4 else math.nan
-        run_.log(**{k: v for k, v in r.items() if not k.startswith("_")})
+        r["step_loss_jitter"] = float(np.std(np.diff(steps[len(steps) // 2:]))) if len(steps) > 4 else None
 
     columns = ["variant", "lr", "epochs_done", "final_train_loss", "best_val_acc", "test_acc", "s_per_epoch",
                "step_loss_jitter"]
     print("\n" + "  ".join(f"{c:>18s}" for c in columns))
     for r in results:
         print("  ".join(f"{r[c]:>18.4g}" if isinstance(r[c], float) else f"{r[c]!s:>18s}" for c in columns))
-    plot_comparison(results, len(x_train) // cfg.batch_size, run_.path("bn_dropout.png"))  # steps per epoch
-    return run_.finish(**{f"test_acc_{r['key']}": r["test_acc"] for r in results},
-                       **{f"s_per_epoch_{r['key']}": r["s_per_epoch"] for r in results},
-                       diverged=[r["variant"] for r in results if r["diverged"]])
+    plot_comparison(results, len(train), run_.path("bn_dropout.png"))
+    summary = {f"{name}_{r['key']}": r[name] for r in results for name in FIGURES}
+    # A diverged variant's figures are NaN (it has no final loss or test accuracy): declared, not hidden.
+    allowed_nan = [f"{name}_{r['key']}" for r in results if r["diverged"] for name in FIGURES]
+    return run_.finish(**summary, diverged=[r["variant"] for r in results if r["diverged"]], allowed_nan=allowed_nan)
 
 
 if __name__ == "__main__":

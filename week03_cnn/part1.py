@@ -21,13 +21,14 @@ is the dot product of one filter with one window of the input: "local receptive 
 from __future__ import annotations
 
 import time
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import matplotlib.pyplot as plt
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from common.config import BaseConfig, dataclass, run
+from common.config import BaseConfig, Range, run
 from common.data import load
 from common.device import pick_device, seed_everything
 from common.errors import DataUnavailable
@@ -39,8 +40,8 @@ from common.runs import Run
 class Config(BaseConfig):
     """Week 3, Part 1: convolution and max-pooling in NumPy, a worked example, edge filters."""
 
-    image_index: int = 0  # which test image the edge filters are applied to
-    timing_batch: int = 8  # images in the loops-vs-vectorized timing (32x32, 3 -> 16 channels)
+    image_index: Annotated[int, Range(0)] = 0  # which test image the edge filters are applied to
+    timing_batch: Annotated[int, Range(1, 256)] = 8  # images in the loops-vs-im2col timing (3x32x32, 16 filters)
     SMOKE: ClassVar[dict] = {"timing_batch": 2}
 
 
@@ -315,7 +316,6 @@ def time_call(fn, *args, repeats: int = 3) -> float:
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
     seed_everything(cfg.seed)
     device = pick_device("cpu")  # NumPy only
     image, source = sample_image(cfg)

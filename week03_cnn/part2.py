@@ -2,49 +2,57 @@
 
 Run: python week03_cnn/part2.py [--smoke] [--help]
      python week03_cnn/part2.py --dataset mnist --epochs 3
+     python week03_cnn/part2.py --resume runs/week03/part2/<time>/checkpoint.pt   (after Ctrl-C)
 """
 
 from __future__ import annotations
 
-import math
-import time
-from typing import ClassVar, Literal
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.augment import crop_flip, translate
-from common.config import BaseConfig, dataclass, run
+from common.augment import Augment, crop_flip, translate
+from common.config import Range, ResumableConfig, run
 from common.data import ImageData, load
-from common.device import CpuBFloat16, pick_device, prepare_model, seed_everything
-from common.errors import LabError
+from common.device import pick_device, prepare_model, seed_everything
+from common.errors import ConfigError, LabError
 from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
 from common.runs import Run
 from common.train import fit, predict
 
+IMAGE_SIZE = {"cifar10": 32, "mnist": 28}  # pixels per side; every conv block halves it
+
 
 @dataclass
-class Config(BaseConfig):
+class Config(ResumableConfig):
     """Week 3, Part 2: a CNN on CIFAR-10 (or MNIST), with augmentation and feature maps."""
 
     dataset: Literal["cifar10", "mnist"] = "cifar10"  # which image data set to learn
-    epochs: int = 10  # passes over the training data
-    batch_size: int = 128  # images per optimizer step
-    lr: float = 2e-3  # peak learning rate of the one-cycle schedule (AdamW)
-    weight_decay: float = 5e-4  # AdamW decoupled weight decay
-    width: int = 32  # channels of the first conv block; each next block doubles them
-    blocks: int = 3  # conv blocks (conv-[BN]-ReLU-pool), each halves the image: up to 4 (MNIST), 5 (CIFAR)
-    head_pool: int = 1  # last feature maps averaged to head_pool x head_pool before the linear head
+    epochs: Annotated[int, Range(1)] = 10  # passes over the training data
+    batch_size: Annotated[int, Range(1)] = 128  # images per optimizer step
+    lr: Annotated[float, Range(0, lo_open=True)] = 2e-3  # peak learning rate of the one-cycle schedule (AdamW)
+    weight_decay: Annotated[float, Range(0, 1)] = 5e-4  # AdamW decoupled weight decay
+    width: Annotated[int, Range(1, 512)] = 32  # channels of the first conv block; each next block doubles them
+    blocks: Annotated[int, Range(1, 5)] = 3  # conv blocks (conv-[BN]-ReLU-pool), each halves the image (MNIST: <= 4)
+    head_pool: Annotated[int, Range(1)] = 1  # last feature maps averaged to head_pool x head_pool before the head
     batch_norm: bool = True  # BatchNorm2d after every conv
-    dropout: float = 0.1  # dropout probability before the linear head (0 = none)
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.1  # dropout probability before the linear head
     augment: bool = True  # random crop (pad 4) + horizontal flip per batch; MNIST: 2-pixel shifts only
-    val_fraction: float = 0.1  # share of the training set held out for validation curves (0 = none)
-    budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
-    channels_last: bool = True  # NHWC memory layout: faster convolutions on most CPUs and on GPUs
-    bf16: bool = False  # CPU only: bfloat16 autocast, ~1.5-2x faster on CPUs with AVX512-BF16/AMX
-    SMOKE: ClassVar[dict] = {"epochs": 4, "batch_size": 32, "width": 16, "lr": 5e-3}  # learns the twin in ~3 s
+    val_fraction: Annotated[float, Range(0, 0.5)] = 0.1  # share of the training set held out for validation
+    SMOKE: ClassVar[dict] = {"epochs": 4, "batch_size": 32, "width": 16, "lr": 5e-3}  # learns the twin in seconds
+
+    def check(self) -> None:
+        side = IMAGE_SIZE[self.dataset] >> self.blocks  # side of the last feature maps
+        if side < 1:
+            raise ConfigError(f"--blocks {self.blocks}: each block halves the {IMAGE_SIZE[self.dataset]}-pixel "
+                              f"{self.dataset} images, so use at most {IMAGE_SIZE[self.dataset].bit_length() - 1}")
+        if self.head_pool > side:
+            raise ConfigError(f"--head-pool {self.head_pool}: after {self.blocks} blocks the feature maps are "
+                              f"{side}x{side}, so use at most {side}")
 
 
 class CNN(nn.Module):
@@ -82,53 +90,35 @@ class CNN(nn.Module):
         return self.head(self.dropout(x))
 
 
-def training_augment(data: ImageData, augment: bool):
-    """The random part of the training batches (applied to uint8, before normalizing): random
-    crop + flip when ``augment``, else None.
-
-    Digits must not be mirrored (a flipped 2 is not a 2), so MNIST gets small shifts only.
-    """
-    if not augment:
-        return None
-    return translate(2) if data.x_train.shape[1] == 1 else crop_flip(4)
-
-
 def make_model(cfg: Config, data: ImageData) -> CNN:
-    size = data.x_train.shape[-1]
-    if cfg.blocks < 1 or size >> cfg.blocks < 1:
-        raise LabError(f"--blocks {cfg.blocks}: each block halves the {size}-pixel image, so use 1 to "
-                       f"{int(math.log2(size))} blocks")
-    if cfg.width < 1 or cfg.head_pool < 1 or cfg.batch_size < 1:
-        raise LabError("--width, --head-pool and --batch-size must be at least 1")
-    if cfg.dropout >= 1:
-        raise LabError(f"--dropout {cfg.dropout}: a probability below 1 (1 would drop every feature)")
-    widths = tuple(cfg.width * 2**i for i in range(cfg.blocks))
+    widths = tuple(cfg.width * 2**i for i in range(cfg.blocks))  # 32, 64, 128: channels double as maps halve
     return CNN(data.x_train.shape[1], data.num_classes, widths, cfg.batch_norm, cfg.dropout, cfg.head_pool)
 
 
-def one_cycle(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int,
-              warmup: float = 0.25) -> torch.optim.lr_scheduler.LRScheduler:
-    """One-cycle learning rate, stepped after every batch: warm up from lr/25 to lr over the
-    first ``warmup`` of training, then anneal to ~0. Large steps early explore; small steps
-    at the end settle into a minimum, which is where most of the final accuracy comes from.
+def training_augment(dataset: str) -> Augment:
+    """The random part of the training batches (applied to uint8, before normalizing).
 
-    With a time budget the number of steps that fit is unknown in advance, so progress is the
-    larger of the share of steps done and the share of the budget used (wall clock): the run
-    anneals to ~0 when its epochs or its time run out, whichever comes first. Such a run does
-    not repeat exactly (how far it gets depends on the machine's speed).
+    Photos get a random crop (pad 4) and a left-right flip: a mirrored cat is still a cat.
+    Digits are never mirrored (a flipped 2 is not a 2), so MNIST gets small shifts only.
     """
-    if cfg.budget_s <= 0:
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                   steps_per_epoch=steps_per_epoch, pct_start=warmup)
-    start, total_steps = time.perf_counter(), cfg.epochs * steps_per_epoch
+    return translate(2) if dataset == "mnist" else crop_flip(4)
 
-    def factor(step: int) -> float:
-        progress = min(max(step / total_steps, (time.perf_counter() - start) / cfg.budget_s), 1.0)
-        if progress < warmup:
-            return 0.04 + 0.96 * progress / warmup
-        return 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))  # cosine down to 0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def make_loaders(cfg: Config, data: ImageData,
+                 device: torch.device) -> tuple[TensorLoader, TensorLoader | None, TensorLoader]:
+    """Training batches (shuffled, augmented), validation batches held out from the training
+    set (None when ``val_fraction`` is 0) and test batches, all normalized with the training
+    set's mean and std. The test set is touched once, at the end."""
+    x, y, x_val, y_val = data.x_train, data.y_train, data.x_train[:0], data.y_train[:0]
+    if cfg.val_fraction > 0:
+        x, y, x_val, y_val = split(x, y, cfg.val_fraction, cfg.seed)
+    if len(x) < cfg.batch_size:  # drop_last: an epoch would have no batch at all
+        raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x)} training images")
+    normalize = normalizer(data.mean, data.std)
+    train = TensorLoader(x, y, cfg.batch_size, shuffle=True, drop_last=True, device=device, seed=cfg.seed,
+                         augment=training_augment(cfg.dataset) if cfg.augment else None, transform=normalize)
+    val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=device) if len(x_val) else None
+    return train, val, TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
 
 
 @torch.no_grad()
@@ -145,40 +135,28 @@ def feature_maps(model: CNN, image: torch.Tensor, max_maps: int = 16) -> list[tu
 
 
 def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
-    """Diagonal / row sums: the share of each true class that was predicted right."""
+    """Diagonal / row sums (rows are the true classes): the share of each class predicted right."""
     return matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    cnn = make_model(cfg, data)  # before Run.start: impossible settings stop here, with no run folder
-    run_ = Run.start(cfg, __file__, device)
-
-    x_train, y_train, x_val, y_val = data.x_train, data.y_train, None, None
-    if cfg.val_fraction > 0:
-        x_train, y_train, x_val, y_val = split(data.x_train, data.y_train, cfg.val_fraction, cfg.seed)
-    normalize = normalizer(data.mean, data.std)
-    train = TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True, device=device,
-                         augment=training_augment(data, cfg.augment), transform=normalize, seed=cfg.seed)
-    val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=device) if x_val is not None else None
-    test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
-
-    cnn = prepare_model(cnn, device)
-    if cfg.channels_last:  # prepare_model does this on CUDA; on the CPU it is worth it too
-        cnn = cnn.to(memory_format=torch.channels_last)
-    model = CpuBFloat16(cnn) if cfg.bf16 and device.type == "cpu" else cnn
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters\n{cnn}")
+    train, val, test = make_loaders(cfg, data, device)
+    model = prepare_model(make_model(cfg, data), device)  # on CUDA also channels_last, which tensor cores prefer
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = one_cycle(optimizer, cfg, len(train))
-    result = fit(model, train, val, optimizer, cfg.epochs, device, run=run_, scheduler=scheduler,
-                 scheduler_per_batch=True, config=cfg.to_dict(), time_budget_s=cfg.budget_s)
-    plot_history(result.rows, run_.path("curves.png"), title=f"CNN on {data.name}")
+    # One-cycle learning rate, stepped by fit after every batch: warm up from lr/25 to lr over the first
+    # quarter, then anneal to ~0. Big steps explore early; small ones at the end settle into a minimum.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, epochs=cfg.epochs, steps_per_epoch=len(train),
+                                                    pct_start=0.25)
+    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder behind
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters\n{model}")
+    loop = fit(model, optimizer, train, val, cfg.epochs, scheduler=scheduler, run=run_, resume=cfg.resume)
+    plot_history(loop.rows, run_.path("curves.png"), title=f"CNN on {data.name}")
 
-    logits, targets = predict(model, test, device)
+    logits, targets = predict(model, test)
     predicted = logits.argmax(1)
     test_acc = (predicted == targets).float().mean().item()
     matrix = confusion_matrix(targets.numpy(), predicted.numpy(), data.num_classes)
@@ -188,15 +166,15 @@ def main(cfg: Config) -> dict:
     for name, acc in zip(data.classes, class_acc):
         print(f"{name:>12s}  {acc:7.2%}")
 
-    image = normalize(data.x_test[:1].to(device))
+    image = normalizer(data.mean, data.std)(data.x_test[:1].to(device))
     plot_images(data.x_test[:1].numpy(), run_.path("test_image.png"), titles=[data.classes[int(data.y_test[0])]])
-    for k, (name, maps) in enumerate(feature_maps(cnn, image), start=1):
+    for k, (name, maps) in enumerate(feature_maps(model, image), start=1):
         plot_images(maps.numpy(), run_.path(f"feature_maps_block{k}.png"), title=f"feature maps, {name}",
                     cmap="viridis")
 
-    return run_.finish(test_acc=test_acc, epochs_done=len(result.rows), params=n_params,
-                       train_time_s=round(sum(r["epoch_time_s"] for r in result.rows), 2),
-                       final_train_loss=result.last.get("train_loss"), final_val_acc=result.last.get("val_acc"),
+    return run_.finish(test_acc=test_acc, epochs_done=loop.epoch, params=n_params,
+                       train_time_s=round(sum(r["epoch_time_s"] for r in loop.rows), 2),
+                       final_train_loss=loop.last.get("train_loss"), final_val_acc=loop.last.get("val_acc"),
                        per_class_acc={c: round(float(a), 4) for c, a in zip(data.classes, class_acc)})
 
 
