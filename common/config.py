@@ -292,7 +292,7 @@ def _from_yaml(cls: type, path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of Config fields, got {type(data).__name__}")
     if isinstance(data.get("config"), dict):  # a run's config.yaml: the fields sit under "config"
-        data = data["config"]
+        data = {k: v for k, v in data["config"].items() if k != "resume"}  # replaying a run is not resuming it
     known = {f.name for f in fields(cls)}
     values = {}
     for key, value in data.items():
@@ -314,18 +314,21 @@ class Resolved:
     preset_notes: list[str]
 
 
-def resolve(cls: type, argv: list[str] | None = None, description: str | None = None) -> Resolved:
-    """Parse ``argv`` into ``cls`` with the precedence of the module docstring."""
+def resolve(cls: type, argv: list[str] | None = None, description: str | None = None,
+            script: str = "") -> Resolved:
+    """Parse ``argv`` into ``cls`` with the precedence of the module docstring. ``script``
+    ("week03/part2") lets ``--resume`` refuse another script's checkpoint at once."""
     parser = build_parser(cls, description)
     explicit = vars(parser.parse_args(argv))
     try:
         config_file = explicit.pop("config", None)
+        explicit = {k: _checked(cls, k, v) for k, v in explicit.items()}  # flag lists -> tuple fields
         from_file = _from_yaml(cls, config_file) if config_file else {}
         said = {**from_file, **explicit}  # what the user chose, one way or the other
         values = {f.name: getattr(cls(), f.name) for f in fields(cls)}
         notes: list[str] = []
         if said.get("resume"):
-            values.update(_resumed_settings(cls, said))
+            values.update(_resumed_settings(cls, said, script))
             notes.append(f"resuming {said['resume']} with its own settings")
         else:
             for field_name, table in cls.PRESETS.items():
@@ -348,16 +351,23 @@ def _apply(values: dict, preset: dict, said: dict, label: str) -> list[str]:
     return [f"{label}: " + " ".join(f"{k}={v}" for k, v in applied.items())] if applied else []
 
 
-def _resumed_settings(cls: type, said: dict) -> dict[str, Any]:
+def _resumed_settings(cls: type, said: dict, script: str) -> dict[str, Any]:
     """The settings stored in the checkpoint being resumed; a flag may change only the fields
     in ``RESUME_MAY_CHANGE``, because the saved weights and optimizer belong to the others."""
     from common.checkpoint import read_checkpoint
     from common.errors import CheckpointError
 
     try:
-        saved = read_checkpoint(said["resume"])["config"]
+        payload = read_checkpoint(said["resume"])
     except CheckpointError as e:
         raise ConfigError(f"--resume: {e}") from None
+    if script and payload.get("script") and payload["script"] != script:
+        raise ConfigError(f"--resume: {said['resume']} was written by {payload['script']}, not {script}; "
+                          "resume it with that script, or pass a checkpoint of this one")
+    if "epochs" in said and isinstance(said["epochs"], int) and said["epochs"] < payload["epoch"]:
+        raise ConfigError(f"--epochs {said['epochs']}: the run being resumed has already trained "
+                          f"{payload['epoch']} epochs; pass more to train on, or leave --epochs out")
+    saved = payload["config"]
     known = {f.name for f in fields(cls)}
     settings = {}
     for name, value in saved.items():
@@ -413,11 +423,16 @@ def _on_sigterm(signum, frame):
 def run(main, cls: type, argv: list[str] | None = None) -> dict:
     """Parse the command line into ``cls``, call ``main(cfg)``, and turn a LabError or Ctrl-C /
     SIGTERM into one line on stderr and a non-zero exit instead of a traceback."""
-    module_doc = (sys.modules[main.__module__].__doc__ or "").strip() or None
+    from common.runs import Run, week_and_script
+
+    module = sys.modules[main.__module__]
+    module_doc = (module.__doc__ or "").strip() or None
+    script = "/".join(week_and_script(module.__file__)) if getattr(module, "__file__", None) else ""
+    Run.current = None
     if threading_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        resolved = resolve(cls, argv, description=module_doc)
+        resolved = resolve(cls, argv, description=module_doc, script=script)
         for note in resolved.preset_notes:
             print(note)
         finished = finished_run(resolved.config)
@@ -426,8 +441,6 @@ def run(main, cls: type, argv: list[str] | None = None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt as e:
-        from common.runs import Run
-
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"{what}: {Run.interrupted_message()}", file=sys.stderr)
         raise SystemExit(143 if isinstance(e, Terminated) else Interrupted.exit_code) from None

@@ -295,8 +295,10 @@ def test_resume_refuses_changed_settings_and_foreign_checkpoints(tmp_path, capsy
     assert lab(tmp_path, "--resume", str(checkpoint), "--lr", "0.5") == {"exit": 2}
     assert "--lr 0.5 differs from the run being resumed" in capsys.readouterr().err
     foreign = save_checkpoint(tmp_path / "foreign.pt", Tiny(), script="week03/part2")
-    assert lab(tmp_path, "--resume", str(foreign), "--epochs", "3") == {"exit": 1}
+    assert lab(tmp_path, "--resume", str(foreign), "--epochs", "3") == {"exit": 2}
     assert "written by week03/part2, not tests/tiny_lab" in capsys.readouterr().err
+    assert lab(tmp_path, "--resume", str(checkpoint), "--epochs", "0") == {"exit": 2}
+    capsys.readouterr()
     (tmp_path / "junk.pt").write_bytes(b"junk!!")
     before = sorted(p for p in tmp_path.rglob("*"))
     assert lab(tmp_path, "--resume", str(tmp_path / "junk.pt")) == {"exit": 2}

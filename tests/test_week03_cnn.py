@@ -346,7 +346,7 @@ def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(tmp_path, offlin
 
 def test_resume_refuses_another_scripts_or_another_models_checkpoint(tmp_path, offline, capsys):
     foreign = save_checkpoint(tmp_path / "foreign" / "checkpoint.pt", CNN(), script="week04/part2")
-    assert lab(tmp_path, "--smoke", "--resume", str(foreign)) == {"exit": 1}
+    assert lab(tmp_path, "--smoke", "--resume", str(foreign)) == {"exit": 2}
     err = capsys.readouterr().err
     assert "written by week04/part2, not week03/part2" in err and err.count("\n") == 1, err
     other_model = save_checkpoint(tmp_path / "other" / "checkpoint.pt", nn.Linear(2, 2), script="week03/part2")

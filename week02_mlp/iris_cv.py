@@ -12,34 +12,30 @@ Run: python week02_mlp/iris_cv.py [--smoke] [--help]
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
-from torch import nn
 
-from common.config import BaseConfig, run
+from common.config import BaseConfig, Range, run
 from common.data import load
 from common.device import pick_device, seed_everything
-from common.errors import LabError
 from common.loader import TensorLoader, split
 from common.plots import plt, save
 from common.runs import Run
-from common.train import evaluate
-from week02_mlp.part2 import Config as Part2Config
-from week02_mlp.part2 import Splits, train_mlp, with_defaults
+from week02_mlp import part2
 
 
 @dataclass
 class Config(BaseConfig):
     """Week 2 self-work: Iris with stratified k-fold cross-validation vs single splits."""
 
-    folds: int = 5  # k of k-fold cross-validation (each fold tests on 150/k flowers)
-    splits: int = 10  # random single 80/20 splits to compare against
-    hidden: str = "16"  # hidden widths of the MLP (the other model is softmax regression: no hidden layer)
-    epochs: int = 100  # training epochs per model (both models must be trained to convergence to compare)
-    batch_size: int = 16  # examples per step
-    lr: float = 0.03  # Adam peak learning rate (OneCycle)
+    folds: Annotated[int, Range(2, 50)] = 5  # k of k-fold CV (each fold tests on 150/k flowers, >= 1 per species)
+    splits: Annotated[int, Range(2)] = 10  # random single 80/20 splits to compare against
+    hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (16,)  # hidden widths of the MLP (the other model: none)
+    epochs: Annotated[int, Range(1)] = 100  # training epochs per model (compare models trained to convergence)
+    batch_size: Annotated[int, Range(1)] = 16  # examples per step
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.03  # Adam peak learning rate (OneCycle)
 
     SMOKE: ClassVar[dict] = {"folds": 3, "splits": 2, "epochs": 10}
 
@@ -60,23 +56,25 @@ def stratified_folds(labels: torch.Tensor, k: int, seed: int = 0) -> list[torch.
     return [torch.cat(parts).sort().values for parts in folds]
 
 
-def standardized(x_tr, y_tr, x_te, y_te, classes) -> Splits:
-    """Scale with the training rows' mean and std only: the test rows stay unseen."""
+def fold_splits(labels: torch.Tensor, k: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(train rows, test rows) for each of the ``k`` rounds: fold i is the test set of round i,
+    the other k - 1 folds train. Every row is tested exactly once, never by a model it trained."""
+    folds = stratified_folds(labels, k, seed)
+    return [(torch.cat([f for j, f in enumerate(folds) if j != i]), test) for i, test in enumerate(folds)]
+
+
+def held_out_accuracy(model_cfg: part2.Config, x_tr, y_tr, x_te, y_te, classes: list[str],
+                      device: torch.device) -> float:
+    """Train a fresh model on (x_tr, y_tr) and score it on (x_te, y_te). The features are scaled
+    with the training rows' mean and std only: the test rows stay unseen."""
     mean, std = x_tr.mean(dim=0), x_tr.std(dim=0).clamp_min(1e-6)
-    empty = x_tr[:0]
-    return Splits((x_tr - mean) / std, y_tr, empty, y_tr[:0], (x_te - mean) / std, y_te, classes, is_image=False)
-
-
-def held_out_accuracy(model_cfg: Part2Config, sets: Splits, device: torch.device) -> float:
-    model, _ = train_mlp(model_cfg, sets, device, verbose=False)
-    batches = TensorLoader(sets.x_test, sets.y_test, 256, device=device)
-    return evaluate(model, batches, nn.CrossEntropyLoss(), device)["acc"]
+    scale = lambda x: (x - mean) / std  # noqa: E731
+    sets = part2.Splits(scale(x_tr), y_tr, x_tr[:0], y_tr[:0], scale(x_te), y_te, classes, is_image=False)
+    model, _ = part2.train_quietly(model_cfg, sets, device)
+    return part2.evaluate(model, TensorLoader(sets.x_test, sets.y_test, 256, device=device))["acc"]
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
-    if cfg.folds < 2:
-        raise LabError(f"--folds must be at least 2, got {cfg.folds}")
     # Iris batches are 16 x 4 numbers: splitting such tiny operations over threads costs more
     # than it saves (10x slower on a busy 2-core machine), so train on one thread.
     threads = torch.get_num_threads()
@@ -94,27 +92,22 @@ def cross_validate(cfg: Config) -> dict:
     x, y = torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test])
     run_ = Run.start(cfg, __file__, device)
 
-    models = {
-        f"MLP ({cfg.hidden})": cfg.hidden,
-        "softmax regression": "",
-    }
-    folds = stratified_folds(y, cfg.folds, cfg.seed)
+    models = {f"MLP ({' '.join(map(str, cfg.hidden))})": cfg.hidden, "softmax regression": ()}
     results: dict[str, dict[str, list[float]]] = {}
     for name, hidden in models.items():
-        model_cfg = with_defaults(Part2Config(dataset="iris", hidden=hidden, epochs=cfg.epochs,
-                                              batch_size=cfg.batch_size, lr=cfg.lr, dropout=0.0, val_fraction=0.0,
-                                              seed=cfg.seed, device=cfg.device))
+        model_cfg = part2.Config(dataset="iris", hidden=hidden, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                 optimizer="adam", lr=cfg.lr, schedule="onecycle", dropout=0.0, val_fraction=0.0,
+                                 seed=cfg.seed, device=cfg.device)
         cv = []
-        for i, test_rows in enumerate(folds):
-            train_rows = torch.cat([f for j, f in enumerate(folds) if j != i])
-            sets = standardized(x[train_rows], y[train_rows], x[test_rows], y[test_rows], data.classes)
-            cv.append(held_out_accuracy(model_cfg, sets, device))
+        for i, (train_rows, test_rows) in enumerate(fold_splits(y, cfg.folds, cfg.seed)):
+            cv.append(held_out_accuracy(model_cfg, x[train_rows], y[train_rows], x[test_rows], y[test_rows],
+                                        data.classes, device))
             run_.log(model=name, evaluation=f"{cfg.folds}-fold CV", fold=i + 1, test_size=len(test_rows),
                      test_acc=cv[-1])
         single = []
         for s in range(cfg.splits):  # the same model, judged on different random 30-flower test sets
             x_tr, y_tr, x_te, y_te = split(x, y, 0.2, seed=1000 + s)
-            single.append(held_out_accuracy(model_cfg, standardized(x_tr, y_tr, x_te, y_te, data.classes), device))
+            single.append(held_out_accuracy(model_cfg, x_tr, y_tr, x_te, y_te, data.classes, device))
             run_.log(model=name, evaluation="single 80/20 split", fold=s + 1, test_size=len(y_te),
                      test_acc=single[-1])
         results[name] = {"cv": cv, "single": single}

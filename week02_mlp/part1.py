@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from common.config import BaseConfig, run
+from common.config import BaseConfig, Range, run
 from common.data import load
 from common.device import seed_everything
 from common.loader import split
@@ -305,15 +305,15 @@ def load_digits(data_dir: str, seed: int) -> Digits:
 class Config(BaseConfig):
     """Week 2, Part 1: an MLP from scratch in NumPy: backprop by hand, initialization, SGD."""
 
-    hidden: str = "128,64"  # hidden widths of the digits MLP, comma separated
+    hidden: Annotated[tuple[int, ...], Range(1, 4096)] = (128, 64)  # hidden widths of the digits MLP (alone: none)
     activation: Literal["relu", "tanh", "sigmoid"] = "relu"  # nonlinearity of the digits MLP
     init: Init = "he"  # weight initialization of the digits MLP
-    lr: float = 0.05  # SGD step size
-    batch_size: int = 32  # examples per SGD step
-    epochs: int = 40  # passes over the digits training data
-    depth: int = 10  # hidden layers of the deep nets in the initialization study
-    width: int = 128  # units per hidden layer of those deep nets
-    study_epochs: int = 15  # epochs each deep net trains for in the study
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # SGD step size
+    batch_size: Annotated[int, Range(1)] = 32  # examples per SGD step
+    epochs: Annotated[int, Range(1)] = 40  # passes over the digits training data
+    depth: Annotated[int, Range(1, 100)] = 10  # hidden layers of the deep nets in the initialization study
+    width: Annotated[int, Range(1, 4096)] = 128  # units per hidden layer of those deep nets
+    study_epochs: Annotated[int, Range(1)] = 15  # epochs each deep net trains for in the study
 
     SMOKE: ClassVar[dict] = {"epochs": 4, "depth": 6, "width": 32, "study_epochs": 2}
 
@@ -380,7 +380,6 @@ def plot_init_study(rows: list[dict], cfg: Config, path) -> None:
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
     seed_everything(cfg.seed)
     digits = load_digits(cfg.data_dir, cfg.seed)  # load BEFORE Run.start
     run_ = Run.start(cfg, __file__, torch.device("cpu"))
@@ -396,7 +395,7 @@ def main(cfg: Config) -> dict:
     vanishing = sigmoid["grad_std"][0] / sigmoid["grad_std"][-1]
 
     # 3. Mini-batch SGD on digits
-    widths = [int(w) for w in cfg.hidden.split(",") if w.strip()]
+    widths = list(cfg.hidden)
     net = MLP([digits.x_train.shape[1], *widths, 10], cfg.activation, cfg.init, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     print(f"\nTraining a {[64, *widths, 10]} MLP ({cfg.activation}, {cfg.init} init) on {len(digits.x_train)} digits "

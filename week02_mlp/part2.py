@@ -1,109 +1,87 @@
-"""Week 2, Part 2: an MLP as a torch.nn.Module, trained with torch.optim on MNIST or Iris.
+"""Week 2, Part 2: an MLP as a torch.nn.Module, trained by a loop we write, on MNIST or Iris.
 
-Part 1 wrote every gradient by hand; here autograd computes them and an optimizer applies
-them. The model is the same idea: Linear -> activation -> ... -> Linear -> logits, trained
-with softmax cross-entropy (``nn.CrossEntropyLoss`` takes raw logits: the log-sum-exp trick
-lives inside it).
+Part 1 wrote every gradient by hand; here autograd computes them and torch.optim applies them.
+The model is the same idea: Linear -> activation -> ... -> Linear -> logits, trained with
+softmax cross-entropy (``nn.CrossEntropyLoss`` takes raw logits: the log-sum-exp trick lives
+inside it). The loop is the one every PyTorch script has: forward, loss, zero_grad, backward,
+step; then an evaluation pass with dropout off and no gradients. After each epoch it logs a row
+and saves a checkpoint, so Ctrl-C loses at most one epoch and ``--resume`` goes on exactly.
 
 Run: python week02_mlp/part2.py [--smoke] [--help]
      python week02_mlp/part2.py --dataset iris
      python week02_mlp/part2.py --optimizer sgd --lr 0.1 --schedule constant
+     python week02_mlp/part2.py --resume runs/week02/part2/<timestamp>/checkpoint.pt   (after Ctrl-C)
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.augment import translate
-from common.config import BaseConfig, run
+from common.checkpoint import load_checkpoint
+from common.config import Range, ResumableConfig, run
 from common.data import ImageData, TabularData, load
-from common.device import cpu_has_native_bf16, pick_device, seed_everything
-from common.errors import LabError
+from common.device import pick_device, seed_everything
+from common.errors import ConfigError, NonFiniteLoss
 from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
-from common.runs import Run
-from common.train import FitResult, evaluate, fit, predict
-
-# What "auto" / 0 in the config mean for each data set: MNIST has 60k images of 784 pixels,
-# Iris 120 training rows of 4 numbers, so they want very different widths, batches and epochs.
-DATASET_DEFAULTS = {
-    "mnist": {"hidden": "1024,1024", "epochs": 12, "batch_size": 512},
-    "iris": {"hidden": "16", "epochs": 30, "batch_size": 16},
-}
-# A sensible starting step size per data set and optimizer. Plain SGD needs a much larger step
-# than Adam, whose update is normalized to about lr per weight whatever the gradient's scale;
-# Iris (120 rows, a few hundred steps in all) wants bigger steps than MNIST (thousands of steps).
-DEFAULT_LR = {
-    "mnist": {"sgd": 0.1, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3},
-    "iris": {"sgd": 0.3, "momentum": 0.03, "adam": 1e-2, "adamw": 1e-2},
-}
+from common.runs import Run, week_and_script
 
 
 @dataclass
-class Config(BaseConfig):
-    """Week 2, Part 2: an MLP (nn.Module) trained with torch.optim on MNIST or Iris."""
+class Config(ResumableConfig):
+    """Week 2, Part 2: an MLP (nn.Module) trained by a hand-written loop on MNIST or Iris."""
 
-    dataset: Literal["mnist", "iris"] = "mnist"  # which data set to learn
-    hidden: str = "auto"  # hidden layer widths, comma separated ("" = no hidden layer); auto: per data set
+    dataset: Literal["mnist", "iris"] = "mnist"  # data set; iris sets hidden 16, epochs 30, batch 16, lr 0.01
+    hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (1024, 1024)  # hidden widths; --hidden alone: none
     activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # nonlinearity after each hidden layer
-    dropout: float = 0.2  # probability of zeroing a hidden unit during training
-    optimizer: Literal["adam", "adamw", "sgd", "momentum"] = "adam"  # momentum = SGD with --momentum
-    lr: float = 0.0  # (peak) learning rate; 0: per data set and optimizer (mnist: adam 1e-3, sgd 0.1)
-    momentum: float = 0.9  # momentum of the "momentum" optimizer
-    weight_decay: float = 0.0  # L2 penalty (adamw: decoupled weight decay)
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # chance of zeroing a hidden unit in training
+    optimizer: Literal["adam", "adamw", "sgd", "momentum"] = "adam"  # momentum: SGD with --momentum
+    lr: Annotated[float, Range(0, lo_open=True)] = 1e-3  # peak learning rate for adam; sgd wants ~0.1, momentum ~0.01
+    momentum: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.9  # mu of the momentum optimizer
+    weight_decay: Annotated[float, Range(0, 1)] = 0.0  # L2 penalty (adamw: decoupled weight decay)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"  # learning-rate schedule, stepped per batch
-    epochs: int = 0  # passes over the training data; 0: per data set (mnist 12, iris 30)
-    batch_size: int = 0  # examples per step; 0: per data set (mnist 512, iris 16)
-    label_smoothing: float = 0.0  # target = (1 - eps) * one-hot + eps / classes
-    shift: int = 1  # images: random translation by up to SHIFT pixels (augmentation; 0: none)
-    val_fraction: float = 0.1  # share of the training data held out for validation (0: none)
-    bf16: Literal["auto", "on", "off"] = "auto"  # CPU matmuls in bfloat16; auto: on if the CPU has AVX512-BF16/AMX
+    epochs: Annotated[int, Range(1)] = 12  # passes over the training data
+    batch_size: Annotated[int, Range(1)] = 512  # examples per optimizer step
+    label_smoothing: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # target = (1-eps) one-hot + eps/classes
+    shift: Annotated[int, Range(0, 8)] = 1  # images: random shift by up to SHIFT pixels (augmentation; 0: none)
+    val_fraction: Annotated[float, Range(0, 0.5)] = 0.1  # share of the training data held out for validation
 
-    # The synthetic twin is small (461 training images) and hard: a few quick epochs at a larger step.
-    SMOKE: ClassVar[dict] = {"hidden": "128", "epochs": 4, "batch_size": 32, "lr": 3e-3}
-
-
-# ----------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+    # Iris is 120 rows of 4 numbers, not 60k images of 784 pixels: a small net, small batches.
+    PRESETS: ClassVar[dict] = {"dataset": {"iris": {"hidden": (16,), "epochs": 30, "batch_size": 16, "lr": 1e-2}}}
+    # The MNIST twin is small (461 training images) and hard: the same net, small batches, a few epochs.
+    SMOKE: ClassVar[dict] = {"epochs": 8, "batch_size": 32}
 
 
 class MLP(nn.Module):
     """Flatten -> [Linear -> activation -> Dropout] per hidden width -> Linear (logits).
 
-    PyTorch's ``nn.Linear`` starts from Kaiming-uniform weights with a = sqrt(5) (variance
-    1/(3 fan_in)); for ReLU nets He init (variance 2/fan_in, Part 1) is the principled choice,
-    so we apply it, with zero biases.
+    ``nn.Linear`` starts from Kaiming-uniform weights with a = sqrt(5) (variance 1/(3 fan_in));
+    for ReLU nets He init (variance 2/fan_in, Part 1) is the principled choice, so we apply it.
     """
 
-    def __init__(self, in_features: int, hidden: list[int], num_classes: int, activation: str = "relu",
-                 dropout: float = 0.0, bf16: bool = False):
+    ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int, activation: str = "relu",
+                 dropout: float = 0.0):
         super().__init__()
-        nonlinearity = "relu" if activation in ("relu", "gelu") else activation
+        gain = "relu" if activation in ("relu", "gelu") else activation
+        widths = (in_features, *hidden)
         layers: list[nn.Module] = [nn.Flatten()]
-        width = in_features
-        for next_width in hidden:
-            layers += [he_init(nn.Linear(width, next_width), nonlinearity), ACTIVATIONS[activation]()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = next_width
-        layers.append(he_init(nn.Linear(width, num_classes), "linear"))  # logits: no nonlinearity follows
+        for fan_in, fan_out in zip(widths, widths[1:]):
+            layers += [he_init(nn.Linear(fan_in, fan_out), gain), self.ACTIVATIONS[activation](), nn.Dropout(dropout)]
+        layers.append(he_init(nn.Linear(widths[-1], num_classes), "linear"))  # logits: no activation after
         self.layers = nn.Sequential(*layers)
-        self.bf16 = bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # bf16 on the CPU: the weights stay float32 (the optimizer updates exact values); only
-        # the matrix products run in bfloat16, which CPUs with AVX512-BF16 do about twice as fast.
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16 and x.device.type == "cpu"):
-            logits = self.layers(x)
-        return logits.float()
+        return self.layers(x)
 
 
 def he_init(layer: nn.Linear, nonlinearity: str) -> nn.Linear:
@@ -113,41 +91,26 @@ def he_init(layer: nn.Linear, nonlinearity: str) -> nn.Linear:
     return layer
 
 
-def use_bf16(setting: str, device: torch.device) -> bool:
-    native = setting == "on" or (setting == "auto" and cpu_has_native_bf16())
-    return device.type == "cpu" and native
-
-
-def parse_hidden(text: str) -> list[int]:
-    """ "1024,1024" -> [1024, 1024]; "" -> [] (softmax regression)."""
-    try:
-        widths = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise LabError(f"--hidden must be comma-separated widths like 256,128; got {text!r}") from None
-    if any(w < 1 for w in widths):
-        raise LabError(f"--hidden widths must be >= 1; got {text!r}")
-    return widths
-
-
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                    ) -> torch.optim.Optimizer:
     """SGD:      w <- w - lr g
     momentum: v <- mu v + g;  w <- w - lr v            (a running sum of past gradients)
     Adam:     m <- b1 m + (1-b1) g;  s <- b2 s + (1-b2) g^2;
               w <- w - lr m_hat / (sqrt(s_hat) + eps)  (per-weight step ~ lr, bias-corrected)"""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name in ("sgd", "momentum"):
+        mu = momentum if name == "momentum" else 0.0
+        return torch.optim.SGD(params, lr=lr, momentum=mu, weight_decay=weight_decay)
+    adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def make_schedule(name: str, optimizer: torch.optim.Optimizer, total_steps: int):
     """A per-batch schedule. OneCycle warms up to the peak lr for 25% of the steps, then anneals
     to ~0: the warm-up lets a large peak rate start safely, the annealing settles the weights."""
     if name == "onecycle":
+        if total_steps < 5:  # its warm-up and annealing phases need a few steps each
+            raise ConfigError(f"--schedule onecycle needs at least 5 optimizer steps in all, this run has "
+                              f"{total_steps}: raise --epochs, lower --batch-size, or use --schedule constant")
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"],
                                                    total_steps=total_steps, pct_start=0.25)
     if name == "cosine":
@@ -156,7 +119,99 @@ def make_schedule(name: str, optimizer: torch.optim.Optimizer, total_steps: int)
 
 
 # ----------------------------------------------------------------------------------------
-# Data: tensors in memory, normalized once
+# The loop
+# ----------------------------------------------------------------------------------------
+def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer: torch.optim.Optimizer, scheduler=None,
+                    ) -> dict[str, float]:
+    """One pass over the training batches; the mean loss and accuracy over the pass."""
+    model.train()  # dropout on
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x)             # forward: records the graph
+        loss = loss_fn(logits, y)     # mean cross-entropy of the batch
+        optimizer.zero_grad()         # backward ADDS into .grad: clear the last step's
+        loss.backward()               # dloss/dw into every parameter's .grad
+        optimizer.step()              # w <- w - lr * update(.grad)
+        if scheduler is not None:
+            scheduler.step()          # per batch: the lr moves every step
+        total_loss += loss.detach() * len(x)  # a tensor: no GPU sync per step
+        correct += (logits.argmax(dim=1) == y).sum()
+        seen += len(x)
+    return {"loss": (total_loss / seen).item(), "acc": (correct / seen).item()}
+
+
+@torch.inference_mode()  # no graph, no .grad: faster and lighter
+def predict(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of every batch, with dropout off."""
+    model.eval()
+    logits, targets = zip(*[(model(x), y) for x, y in batches])
+    return torch.cat(logits), torch.cat(targets)
+
+
+def evaluate(model: nn.Module, batches) -> dict[str, float]:
+    """Plain cross-entropy (no label smoothing: comparable across settings) and accuracy."""
+    logits, targets = predict(model, batches)
+    return {"loss": F.cross_entropy(logits, targets).item(), "acc": (logits.argmax(1) == targets).float().mean().item()}
+
+
+def setup(cfg: Config, sets: Splits, device: torch.device):
+    """Model, optimizer, schedule and training batches as ``cfg`` says. Seeded here, so the same
+    seed gives the same initial weights and batches: comparisons are like for like."""
+    seed_everything(cfg.seed)
+    model = MLP(sets.in_features, cfg.hidden, len(sets.classes), cfg.activation, cfg.dropout).to(device)
+    augment = translate(cfg.shift) if sets.is_image and cfg.shift > 0 else None
+    batches = TensorLoader(sets.x_train, sets.y_train, cfg.batch_size, shuffle=True, augment=augment, device=device,
+                           seed=cfg.seed)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    return model, optimizer, make_schedule(cfg.schedule, optimizer, cfg.epochs * len(batches)), batches
+
+
+def main(cfg: Config) -> dict:
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
+    sets = prepare(data, cfg.val_fraction, cfg.seed)
+    model, optimizer, scheduler, train_batches = setup(cfg, sets, device)
+    val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device) if len(sets.x_val) else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    done = 0
+    if cfg.resume:  # weights, optimizer, schedule and random state as they were after that epoch
+        script = "/".join(week_and_script(__file__))  # checked BEFORE Run.start touches the run's folder
+        done = load_checkpoint(cfg.resume, model, optimizer, scheduler, script=script)["epoch"]
+    run_ = Run.start(cfg, __file__, device)  # resumed: the same folder, metrics.csv rows up to `done`
+    print(f"data: {data.name}: {len(sets.x_train)} train, {len(sets.x_val)} validation, {len(sets.x_test)} test")
+
+    t0 = time.perf_counter()
+    for epoch in range(done + 1, cfg.epochs + 1):
+        train_batches.set_epoch(epoch)  # order and shifts depend on (seed, epoch) only: a resume repeats them
+        start = time.perf_counter()
+        train = train_one_epoch(model, train_batches, loss_fn, optimizer, scheduler)
+        if not math.isfinite(train["loss"]):  # keep the last good checkpoint: do not save this one
+            raise NonFiniteLoss(f"the training loss became {train['loss']} in epoch {epoch}; try a smaller --lr")
+        val = evaluate(model, val_batches) if val_batches else {}
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
+               "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.perf_counter() - start, 3)}
+        run_.log(**row)
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        run_.save_checkpoint(model, optimizer, scheduler, epoch=epoch)  # Ctrl-C now loses this epoch at most
+    train_time = time.perf_counter() - t0
+
+    plot_history(run_.rows, run_.path("curves.png"), title=f"MLP on {data.name}")
+    test_batches = TensorLoader(sets.x_test, sets.y_test, 2048, device=device)
+    test = evaluate(model, test_batches)  # the test set, once, at the end
+    report_mistakes(model, test_batches, data, sets.classes, run_, test["acc"])
+    last = run_.rows[-1]
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"test accuracy {test['acc']:.4f}; {n_params:,} parameters; trained in {train_time:.1f}s")
+    return run_.finish(test_acc=test["acc"], test_loss=test["loss"], val_acc=last.get("val_acc"),
+                       train_acc=last["train_acc"], first_train_loss=run_.rows[0]["train_loss"],
+                       last_train_loss=last["train_loss"], epochs=len(run_.rows), train_time_s=round(train_time, 2),
+                       fastest_epoch_s=min(r["epoch_time_s"] for r in run_.rows), params=n_params,
+                       threads=torch.get_num_threads(), chance=1 / len(sets.classes))
+
+
+# ----------------------------------------------------------------------------------------
+# Data: tensors in memory, normalized once; pictures of the results
 # ----------------------------------------------------------------------------------------
 @dataclass
 class Splits:
@@ -180,59 +235,14 @@ def prepare(data: ImageData | TabularData, val_fraction: float, seed: int = 0) -
     """Hold out a validation split, then standardize the inputs: tabular features with the mean
     and std of the training part only (using validation or test rows would leak information
     about them), images with the per-channel pixel statistics of the training images."""
-    if not 0 <= val_fraction < 1:
-        raise LabError(f"--val-fraction must be in [0, 1); got {val_fraction}")
     x_tr, y_tr, x_val, y_val = split(data.x_train, data.y_train, val_fraction, seed)
     if isinstance(data, ImageData):
         scale = normalizer(data.mean, data.std)  # uint8 pixels -> standardized float32
     else:
         mean, std = x_tr.mean(dim=0), x_tr.std(dim=0).clamp_min(1e-6)
-        scale = lambda x: (x - mean) / std
+        scale = lambda x: (x - mean) / std  # noqa: E731
     return Splits(scale(x_tr), y_tr, scale(x_val), y_val, scale(data.x_test), data.y_test, list(data.classes),
                   isinstance(data, ImageData))
-
-
-# ----------------------------------------------------------------------------------------
-# Training (used by this script and by the week's self-work scripts)
-# ----------------------------------------------------------------------------------------
-def with_defaults(cfg: Config) -> Config:
-    """Fill in the "auto" / 0 fields from the data set's and the optimizer's defaults."""
-    defaults = DATASET_DEFAULTS[cfg.dataset]
-    return dataclasses.replace(
-        cfg,
-        hidden=defaults["hidden"] if cfg.hidden == "auto" else cfg.hidden,
-        epochs=cfg.epochs or defaults["epochs"],
-        batch_size=cfg.batch_size or defaults["batch_size"],
-        lr=cfg.lr or DEFAULT_LR[cfg.dataset][cfg.optimizer],
-    )
-
-
-def build_model(cfg: Config, sets: Splits, device: torch.device) -> MLP:
-    """The MLP ``cfg`` describes, freshly initialized from ``cfg.seed``."""
-    seed_everything(cfg.seed)
-    return MLP(sets.in_features, parse_hidden(cfg.hidden), len(sets.classes), cfg.activation, cfg.dropout,
-               use_bf16(cfg.bf16, device)).to(device)
-
-
-def train_mlp(cfg: Config, sets: Splits, device: torch.device, run_: Run | None = None,
-              verbose: bool = True) -> tuple[MLP, FitResult]:
-    """Build the MLP and optimizer from ``cfg`` (defaults already filled in) and fit it.
-
-    The seed is set here, so two calls with the same seed start from the same weights and see
-    the same batches: comparisons between optimizers or learning rates are like for like.
-    """
-    model = build_model(cfg, sets, device)
-    augment = translate(cfg.shift) if sets.is_image and cfg.shift > 0 else None
-    train_batches = TensorLoader(sets.x_train, sets.y_train, cfg.batch_size, shuffle=True, augment=augment,
-                                 device=device, seed=cfg.seed)
-    val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device) if len(sets.x_val) else None
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    scheduler = make_schedule(cfg.schedule, optimizer, cfg.epochs * len(train_batches))
-    result = fit(model, train_batches, val_batches, optimizer, cfg.epochs, device,
-                 loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run=run_,
-                 scheduler=scheduler, scheduler_per_batch=True, config=cfg.to_dict(), resume=cfg.resume or None,
-                 verbose=verbose)
-    return model, result
 
 
 def worst_mistakes(probs: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -242,42 +252,33 @@ def worst_mistakes(probs: torch.Tensor, targets: torch.Tensor, k: int) -> torch.
     return wrong[confidence[wrong].argsort(descending=True)[:k]]
 
 
-def main(cfg: Config) -> dict:
-    cfg = with_defaults(cfg.resolved())
-    parse_hidden(cfg.hidden)  # a typo in --hidden should stop us before loading any data
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)  # load BEFORE Run.start
-    sets = prepare(data, cfg.val_fraction, cfg.seed)
-    run_ = Run.start(cfg, __file__, device)
-    print(f"data: {data.name}: {len(sets.x_train)} train, {len(sets.x_val)} validation, {len(sets.x_test)} test "
-          f"examples; torch threads: {torch.get_num_threads()}")
-
-    t0 = time.perf_counter()
-    model, result = train_mlp(cfg, sets, device, run_)
-    train_time = time.perf_counter() - t0
-    plot_history(result.rows, run_.path("curves.png"), title=f"MLP on {data.name}")
-
-    test_batches = TensorLoader(sets.x_test, sets.y_test, 2048, device=device)
-    test = evaluate(model, test_batches, nn.CrossEntropyLoss(), device)
-    logits, targets = predict(model, test_batches, device)
-    predicted = logits.argmax(dim=1)
-    matrix = confusion_matrix(targets.numpy(), predicted.numpy(), len(sets.classes))
-    plot_confusion(matrix, sets.classes, run_.path("confusion.png"),
-                   title=f"test accuracy {test['acc']:.2%} ({len(targets)} examples)")
-    probs = logits.softmax(dim=1)
+def report_mistakes(model: nn.Module, batches, data, classes: list[str], run_: Run, acc: float) -> None:
+    """confusion.png, and for images worst_mistakes.png: the most confident wrong answers."""
+    logits, targets = (t.cpu() for t in predict(model, batches))
+    predicted, probs = logits.argmax(dim=1), logits.softmax(dim=1)
+    matrix = confusion_matrix(targets.numpy(), predicted.numpy(), len(classes))
+    plot_confusion(matrix, classes, run_.path("confusion.png"), title=f"test accuracy {acc:.2%} ({len(targets)})")
     worst = worst_mistakes(probs, targets, k=24)
     if isinstance(data, ImageData) and len(worst):
-        titles = [f"{sets.classes[targets[i]]}->{sets.classes[predicted[i]]} {probs[i].max():.2f}" for i in worst]
+        titles = [f"{classes[targets[i]]}->{classes[predicted[i]]} {probs[i].max():.2f}" for i in worst]
         plot_images(data.x_test[worst].numpy(), run_.path("worst_mistakes.png"), titles=titles, ncols=8,
                     title="most confident mistakes (true->predicted, confidence)")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"test accuracy {test['acc']:.4f}, {len(worst)} most confident mistakes plotted; "
-          f"{n_params:,} parameters; trained in {train_time:.1f}s")
-    return run_.finish(test_acc=test["acc"], test_loss=test["loss"], val_acc=result.last.get("val_acc"),
-                       train_acc=result.last.get("train_acc"), epochs=len(result.rows),
-                       train_time_s=round(train_time, 2), fastest_epoch_s=min(r["epoch_time_s"] for r in result.rows),
-                       params=n_params, threads=torch.get_num_threads(), bf16=model.bf16)
+
+
+def train_quietly(cfg: Config, sets: Splits, device: torch.device) -> tuple[MLP, list[dict]]:
+    """For the week's self-work scripts: the loop above without run folder or checkpoints; one
+    row of train and validation metrics per epoch, ending early if the loss is no longer finite."""
+    model, optimizer, scheduler, train_batches = setup(cfg, sets, device)
+    val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device) if len(sets.x_val) else None
+    loss_fn, rows = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), []
+    for epoch in range(1, cfg.epochs + 1):
+        train = train_one_epoch(model, train_batches, loss_fn, optimizer, scheduler)
+        val = evaluate(model, val_batches) if val_batches else {}
+        rows.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+                     **{f"val_{k}": v for k, v in val.items()}})
+        if not math.isfinite(train["loss"]):
+            break
+    return model, rows
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ only the step size and the batch size change. Two things to see:
     (the "linear scaling" rule of thumb: lr roughly proportional to batch size, up to a point).
 
 Run: python week02_mlp/sweep.py [--smoke] [--help]
-     python week02_mlp/sweep.py --optimizer adam --lrs 0.0001,0.001,0.01,0.1
+     python week02_mlp/sweep.py --optimizer adam --lrs 0.0001 0.001 0.01 0.1
 """
 
 from __future__ import annotations
@@ -16,55 +16,50 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
-from torch import nn
 
-from common.config import BaseConfig, run
+from common.config import BaseConfig, Range, run
 from common.data import load
 from common.device import pick_device, seed_everything
-from common.errors import LabError, NonFiniteLoss
+from common.errors import ConfigError
 from common.loader import TensorLoader
 from common.plots import plt, save
 from common.runs import Run
-from common.train import evaluate, predict
-from week02_mlp.part2 import Config as Part2Config
-from week02_mlp.part2 import Splits, build_model, prepare, train_mlp, with_defaults
+from week02_mlp import part2
 
 
 @dataclass
 class Config(BaseConfig):
     """Week 2 self-work: learning rate x batch size sweep of an MLP, final validation accuracy as a heatmap."""
 
-    lrs: str = "0.001,0.01,0.1,1,10"  # learning rates to try, comma separated
-    batch_sizes: str = "16,64,256,1024"  # batch sizes to try, comma separated
+    lrs: Annotated[tuple[float, ...], Range(0, lo_open=True)] = (0.001, 0.01, 0.1, 1, 10)  # learning rates to try
+    batch_sizes: Annotated[tuple[int, ...], Range(1)] = (16, 64, 256, 1024)  # batch sizes to try
     optimizer: Literal["sgd", "momentum", "adam", "adamw"] = "sgd"  # the optimizer of every cell
-    hidden: str = "128"  # hidden layer widths of the MLP
-    epochs: int = 2  # epochs per cell (short runs: this is a scan, not a final model)
-    train_size: int = 10000  # MNIST training images used (0: all), to keep the grid fast
-    val_fraction: float = 0.1  # share of those held out for validation
+    hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (128,)  # hidden layer widths of the MLP
+    epochs: Annotated[int, Range(1)] = 2  # epochs per cell (short runs: this is a scan, not a final model)
+    train_size: Annotated[int, Range(1)] = 10000  # MNIST training images used (more than there are: all)
+    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # share of those held out for validation
 
-    SMOKE: ClassVar[dict] = {"lrs": "0.03,3,3000", "batch_sizes": "16,128", "hidden": "32", "epochs": 1}
+    # 3000 is absurd on purpose: the smoke run must show a diverged cell, not only good ones.
+    SMOKE: ClassVar[dict] = {"lrs": (0.01, 0.1, 3000), "batch_sizes": (16, 128), "hidden": (128,), "epochs": 2}
 
-
-def parse_numbers(text: str, kind: type, flag: str) -> list:
-    try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise LabError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise LabError(f"{flag} needs at least one value, all > 0; got {text!r}")
-    return values
+    def check(self) -> None:
+        if not self.lrs or not self.batch_sizes:
+            raise ConfigError("--lrs and --batch-sizes need at least one value each, e.g. --lrs 0.01 0.1")
 
 
-def load_subset(cfg: Config) -> Splits:
+def load_subset(cfg: Config) -> part2.Splits:
     """MNIST (or its twin with --smoke), the first ``train_size`` training images, split."""
     data = load("mnist", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    if cfg.train_size and cfg.train_size < len(data.x_train):
-        data.x_train, data.y_train = data.x_train[:cfg.train_size], data.y_train[:cfg.train_size]
-    return prepare(data, cfg.val_fraction, cfg.seed)
+    data.x_train, data.y_train = data.x_train[:cfg.train_size], data.y_train[:cfg.train_size]
+    sets = part2.prepare(data, cfg.val_fraction, cfg.seed)
+    if len(sets.x_val) < 10:  # every cell is judged on the validation images
+        raise ConfigError(f"--train-size {cfg.train_size} with --val-fraction {cfg.val_fraction} leaves "
+                          f"{len(sets.x_val)} validation images; hold out at least 10")
+    return sets
 
 
 @dataclass
@@ -88,17 +83,17 @@ class CellResult:
         return "stable"
 
 
-def sweep_cell(cfg: Part2Config, sets: Splits, device: torch.device) -> CellResult:
+def sweep_cell(cfg: part2.Config, sets: part2.Splits, device: torch.device) -> CellResult:
     """Train with ``cfg`` and judge the result on the validation split."""
     val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device)
-    initial_loss = evaluate(build_model(cfg, sets, device), val_batches, nn.CrossEntropyLoss(), device)["loss"]
-    try:
-        model, result = train_mlp(cfg, sets, device, verbose=False)
-    except NonFiniteLoss:
+    initial_model = part2.setup(cfg, sets, device)[0]  # the weights every cell starts from
+    initial_loss = part2.evaluate(initial_model, val_batches)["loss"]
+    model, rows = part2.train_quietly(cfg, sets, device)
+    if not (math.isfinite(rows[-1]["train_loss"]) and math.isfinite(rows[-1]["val_loss"])):
         return CellResult(math.nan, math.nan, initial_loss, math.nan)
-    logits, _ = predict(model, val_batches, device)
+    logits, _ = part2.predict(model, val_batches)
     top_share = torch.bincount(logits.argmax(dim=1)).max().item() / len(logits)
-    return CellResult(result.last["val_acc"], result.last["val_loss"], initial_loss, top_share)
+    return CellResult(rows[-1]["val_acc"], rows[-1]["val_loss"], initial_loss, top_share)
 
 
 def plot_heatmap(cells: list[list[CellResult]], lrs: list[float], batch_sizes: list[int], path, title: str) -> None:
@@ -127,23 +122,21 @@ def plot_heatmap(cells: list[list[CellResult]], lrs: list[float], batch_sizes: l
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
-    lrs = parse_numbers(cfg.lrs, float, "--lrs")
-    batch_sizes = parse_numbers(cfg.batch_sizes, int, "--batch-sizes")
+    lrs, batch_sizes = cfg.lrs, cfg.batch_sizes
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     sets = load_subset(cfg)
     run_ = Run.start(cfg, __file__, device)
     print(f"{len(lrs)} x {len(batch_sizes)} runs of {cfg.epochs} epochs on {len(sets.x_train)} images "
-          f"({cfg.optimizer}, hidden {cfg.hidden}); chance is 0.10")
+          f"({cfg.optimizer}, hidden {' '.join(map(str, cfg.hidden))}); chance is 0.10")
 
     cells: list[list[CellResult]] = []
     for batch_size in batch_sizes:
         cells.append([])
         for lr in lrs:
-            cell_cfg = with_defaults(Part2Config(hidden=cfg.hidden, epochs=cfg.epochs, batch_size=batch_size,
-                                                 optimizer=cfg.optimizer, lr=lr, schedule="constant", dropout=0.0,
-                                                 shift=0, seed=cfg.seed, device=cfg.device))
+            cell_cfg = part2.Config(hidden=cfg.hidden, epochs=cfg.epochs, batch_size=batch_size,
+                                    optimizer=cfg.optimizer, lr=lr, schedule="constant", dropout=0.0, shift=0,
+                                    seed=cfg.seed, device=cfg.device)
             t0 = time.perf_counter()
             c = sweep_cell(cell_cfg, sets, device)
             cells[-1].append(c)
@@ -166,7 +159,7 @@ def main(cfg: Config) -> dict:
         acc, bs, lr = max(learned)
         summary.update(best_val_acc=acc, best_lr=lr, best_batch_size=bs)
         print(f"best: batch {bs}, lr {lr:g}: val_acc {acc:.4f}")
-    return run_.finish(**summary)
+    return run_.finish(**summary, chance=1 / len(sets.classes))
 
 
 if __name__ == "__main__":
