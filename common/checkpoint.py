@@ -84,6 +84,8 @@ def _reason(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if text.startswith("Weights only load failed"):  # torch's long advice does not apply to damaged files
         text = "not a plain tensors-and-numbers PyTorch file"
+    elif isinstance(e, KeyError) or len(text) < 8:  # e.g. KeyError('101') for a text file: says nothing
+        text = f"unreadable: {type(e).__name__} {text}"
     return textwrap.shorten(text, width=140, placeholder=" ...")
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import io
 import math
@@ -120,6 +121,7 @@ class ResumableConfig(BaseConfig):
 # ----------------------------------------------------------------------------------------
 # Field types: what a flag accepts, and the range check
 # ----------------------------------------------------------------------------------------
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
@@ -325,7 +327,8 @@ def resolve(cls: type, argv: list[str] | None = None, description: str | None = 
         explicit = {k: _checked(cls, k, v) for k, v in explicit.items()}  # flag lists -> tuple fields
         from_file = _from_yaml(cls, config_file) if config_file else {}
         said = {**from_file, **explicit}  # what the user chose, one way or the other
-        values = {f.name: getattr(cls(), f.name) for f in fields(cls)}
+        defaults = cls()
+        values = {f.name: getattr(defaults, f.name) for f in fields(cls)}
         notes: list[str] = []
         if said.get("resume"):
             values.update(_resumed_settings(cls, said, script))

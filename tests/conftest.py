@@ -37,6 +37,14 @@ def run_script(script: Path | str, *args: str, tmp_path: Path, cwd: Path | None 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def pytest_configure(config):
+    """pytest-xdist runs one worker per core: torch in each worker must not also use every core,
+    or the workers fight over them (measured: Week 4's tests 3x slower under load)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
     """The same offline environment for code run inside the test process."""

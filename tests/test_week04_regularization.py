@@ -1,10 +1,13 @@
-"""Week 4: NumPy BatchNorm/Dropout/weight decay/schedules vs PyTorch, early stopping,
-ReduceLROnPlateau, and the pieces of the best-CNN recipe."""
+"""Week 4: NumPy BatchNorm/Dropout/weight decay/schedules vs PyTorch; when each scheduler
+steps, early stopping, choosing on validation, exact resume; the pieces of the best-CNN recipe."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +15,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.checkpoint import load_checkpoint
-from common.errors import LabError
+from common.checkpoint import read_checkpoint, save_checkpoint
+from common.config import parse_config, run
+from common.data import load
+from common.errors import ConfigError
 from common.parity import assert_close
-from common.runs import Run
-from common.train import fit
+from common.train import Callback, fit
 from week04_regularization import best_cnn, part1, part2
+
+
+# ---------------------------------------------------------------------------------------------
+# What each script's --smoke run must show (tests/test_smoke.py runs them)
+# ---------------------------------------------------------------------------------------------
+def check_part1(summary: dict, rows: list[dict]) -> None:
+    assert summary["bn_grad_rel_error"] < 1e-6  # analytic vs central differences in float64: ~1e-9
+    assert abs(summary["bn_out_std"] - 1) < 1e-3  # BatchNorm output: unit variance per feature
+    assert summary["sgd_l2_vs_decoupled"] < 1e-12  # the same update for plain SGD, up to rounding
+    assert summary["adam_l2_vs_adamw"] > 0.1  # and clearly different for Adam
+    assert abs(summary["dropout_zero_fraction"] - 0.3) < 0.02 and abs(summary["dropout_mean"] - 1) < 0.05
+
+
+def losses_fall(rows: list[dict]) -> None:
+    """The training loss of the last epoch is below the first, for every schedule in the rows."""
+    for schedule in dict.fromkeys(r.get("schedule", "") for r in rows):
+        losses = [float(r["train_loss"]) for r in rows if r.get("schedule", "") == schedule]
+        assert len(losses) >= 2 and losses[-1] < losses[0], f"{schedule or 'training'} loss did not fall: {losses}"
+
+
+def check_part2(summary: dict, rows: list[dict]) -> None:
+    losses_fall(rows)
+    assert summary["best_schedule"] in part2.SCHEDULES
+    assert summary["val_acc"] > 0.3 and summary["test_acc"] > 0.3  # 10 classes: chance is 0.1
+
+
+def check_best_cnn(summary: dict, rows: list[dict]) -> None:
+    losses_fall(rows)
+    assert summary["test_acc"] > 0.3 and summary["test_acc_no_tta"] > 0.3  # chance is 0.1
+    assert summary["steps"] > 0 and summary["train_time_s"] > 0
+
+
+SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2, "best_cnn.py": check_best_cnn}
 
 # ---------------------------------------------------------------------------------------------
 # BatchNorm: NumPy == nn.BatchNorm1d / nn.BatchNorm2d in float64
@@ -235,49 +272,76 @@ def test_schedule_curves_share_one_length():
     assert len(curves) == 5 and all(len(c) == 50 for c in curves.values())
 
 
+
 # ---------------------------------------------------------------------------------------------
-# Part 2: early stopping, best checkpoint, ReduceLROnPlateau, no decay on BN/bias
+# Part 2: when each scheduler steps, early stopping, choosing on validation, resume
 # ---------------------------------------------------------------------------------------------
-def _log(tmp_path, name="case"):
-    run_ = Run.start(part2.Config(out=str(tmp_path)), part2.__file__, torch.device("cpu"), quiet=True)
-    return run_, part2.ScheduleLog(run_, name, prefix=False)
+def lab(module, out: Path, *argv: str) -> dict:
+    """Run a Week 4 script in this process as its command line would; the summary, or the exit status."""
+    try:
+        return run(module.main, module.Config, ["--out", str(out), "--device", "cpu", *argv])
+    except SystemExit as e:
+        return {"exit": e.code}
 
 
-def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path):
-    """w moves 10% of the way to 10 each epoch: 1, 1.9, 2.71, 3.44, 4.10. The validation target
-    is 3, so the validation loss is lowest after epoch 3 and rises after it."""
+TINY = ("--smoke", "--width", "4", "--blocks", "2")  # part2 in about a second (461 training images, batch 32)
+STEPS_PER_EPOCH = (512 - round(0.1 * 512)) // 32  # the twin's 512 images less 10% validation, whole batches
+
+
+def linear_case():
+    """w moves 10% of the way to 10 each epoch: 1, 1.9, 2.71, 3.44, 4.10, ... The validation
+    target is 3, so the validation loss is lowest after epoch 3 and rises after it."""
     model = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(model.weight)
     one = torch.ones(1, 1)
-    train, val = [(one, 10 * one)], [(one, 3 * one)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    run_, log = _log(tmp_path)
-    result = fit(model, train, val, optimizer, epochs=20, device=torch.device("cpu"), loss_fn=nn.MSELoss(),
-                 run=log, patience=2, verbose=False)
-    assert result.stopped_early and result.best_epoch == 3 and len(result.rows) == 5
-    best_w = 10 * (1 - 0.9**3)
-    assert model.weight.item() == pytest.approx(best_w, rel=1e-6)  # restored, not the epoch-5 weight
-
-    part2.save_best(log, model, result, {})
-    fresh = nn.Linear(1, 1, bias=False)
-    payload = load_checkpoint(run_.path("best.pt"), fresh)
-    assert fresh.weight.item() == pytest.approx(best_w, rel=1e-6) and payload["epoch"] == 3
-    assert [r["schedule"] for r in run_.rows] == ["case"] * 5  # the metrics rows carry the schedule
+    return model, torch.optim.SGD(model.parameters(), lr=0.05), [(one, 10 * one)], [(one, 3 * one)]
 
 
-def test_reduce_on_plateau_lowers_the_lr_when_validation_loss_stalls(tmp_path):
+def test_early_stopping_stops_and_restores_the_best_epoch():
+    model, optimizer, train, val = linear_case()
+    early = part2.EarlyStopping(model, patience=2)
+    loop = fit(model, optimizer, train, val, epochs=20, loss_fn=nn.MSELoss(), callbacks=[early])
+    assert loop.stop and loop.epoch == 5 and early.best_epoch == 3  # epochs 4 and 5 did not improve
+    assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)  # epoch 3's weight, not epoch 5's
+    assert early.state_dict()["best_weights"]["weight"].item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)
+
+
+def test_early_stopping_restores_the_best_weights_on_the_last_epoch_too():
+    model, optimizer, train, val = linear_case()
+    loop = fit(model, optimizer, train, val, epochs=4, loss_fn=nn.MSELoss(),
+               callbacks=[part2.EarlyStopping(model, patience=10)])
+    assert not loop.stop and loop.epoch == 4
+    assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)
+
+
+def test_reduce_on_plateau_is_handed_the_validation_loss_once_per_epoch():
     """Inputs of 0 give the weight no gradient, so the validation loss is exactly flat."""
     model = nn.Linear(1, 1, bias=False)
     train, val = [(torch.zeros(4, 1), torch.ones(4, 1))], [(torch.ones(4, 1), torch.zeros(4, 1))]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler, per_batch = part2.make_scheduler("plateau", optimizer, epochs=6, steps_per_epoch=1)
     assert not per_batch
-    _, log = _log(tmp_path)
-    result = fit(model, train, val, optimizer, 6, torch.device("cpu"), loss_fn=nn.MSELoss(), run=log,
-                 scheduler=scheduler, verbose=False)
-    lrs = [row["lr"] for row in result.rows]
-    # epoch 1 sets the best, epochs 2-3 do not improve (> patience=1): lr x0.1 from epoch 4 on
-    assert lrs[:3] == [0.5] * 3 and lrs[3] == pytest.approx(0.05)
+    loop = fit(model, optimizer, train, val, 6, loss_fn=nn.MSELoss(), callbacks=[part2.EpochScheduler(scheduler)])
+    # epoch 1 sets the best; 2 and 3 do not improve (> patience 1): x0.1 from epoch 4, again from epoch 6
+    assert [row["lr"] for row in loop.rows] == pytest.approx([0.5, 0.5, 0.5, 0.05, 0.05, 0.005])
+
+
+def test_one_cycle_steps_after_every_batch_and_cosine_after_every_epoch():
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 2), torch.randint(0, 2, (8,))) for _ in range(3)]  # 3 batches per epoch
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    one_cycle, per_batch = part2.make_scheduler("onecycle", optimizer, epochs=2, steps_per_epoch=3)
+    assert per_batch
+    fit(model, optimizer, batches, None, 2, scheduler=one_cycle)
+    assert one_cycle.last_epoch == 6  # stepped once per batch: its plan of 2 x 3 steps is complete
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cosine, per_batch = part2.make_scheduler("cosine", optimizer, epochs=4, steps_per_epoch=3)
+    assert not per_batch
+    loop = fit(model, optimizer, batches, None, 4, callbacks=[part2.EpochScheduler(cosine)])
+    # Part 1's formula at t = epochs done: the rate each epoch trained with (per batch would fall 3x faster)
+    assert [row["lr"] for row in loop.rows] == pytest.approx([part1.cosine_lr(t, 0.1, 4) for t in range(4)])
 
 
 def test_make_scheduler_knows_which_step_per_batch():
@@ -288,29 +352,173 @@ def test_make_scheduler_knows_which_step_per_batch():
         part2.make_scheduler("warp", optimizer, 5, 10)
 
 
-def test_no_weight_decay_on_batchnorm_and_biases():
+def test_one_weight_decay_split_for_the_week_no_decay_on_batchnorm_and_biases():
     model = part2.CNN(3, 10, (4, 8), batch_norm=True, dropout=0.1)
-    optimizer = part2.make_optimizer(model, "adamw", 1e-3, 0.05)
-    decayed, free = optimizer.param_groups
+    decayed, free = part2.make_optimizer(model, "adamw", 1e-3, 0.05).param_groups
     assert decayed["weight_decay"] == 0.05 and all(p.ndim > 1 for p in decayed["params"])
     assert free["weight_decay"] == 0.0 and all(p.ndim == 1 for p in free["params"])
     assert len(decayed["params"]) + len(free["params"]) == len(list(model.parameters()))
+    assert best_cnn.make_optimizer is part2.make_optimizer  # the speed recipe uses the same one
+    speed = best_cnn.SpeedNet((4, 8, 8))
+    sgd = part2.make_optimizer(speed, "sgd", 0.4, 5e-4, momentum=0.85, no_decay_lr_scale=16)
+    weights, others = sgd.param_groups
+    assert weights["lr"] == 0.4 and others["lr"] == pytest.approx(6.4) and others["weight_decay"] == 0
+    assert weights["momentum"] == 0.85 and weights["nesterov"]
+    frozen = {id(p) for p in speed.parameters() if not p.requires_grad}  # whitening filters, BN gammas
+    assert frozen and not frozen & {id(p) for g in sgd.param_groups for p in g["params"]}
 
 
-def test_part2_compares_all_schedules_in_one_run(tmp_path):
-    summary = part2.main(part2.Config(smoke=True, out=str(tmp_path), device="cpu", schedule="all", epochs=2))
-    run_dir = tmp_path / "week04" / "part2"
-    (folder,) = list(run_dir.iterdir())
-    rows = (folder / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("schedule,epoch")
-    assert {line.split(",")[0] for line in rows[1:]} == set(part2.SCHEDULES)
-    for schedule in part2.SCHEDULES:
-        assert (folder / f"{schedule}_best.pt").exists()
-        assert f"test_acc_{schedule}" in summary
-    assert (folder / "schedules.png").exists()
-    table = (folder / "comparison.txt").read_text()
-    assert all(f"week04/part2/{s}" in table for s in part2.SCHEDULES)
-    assert summary["best_schedule"] in part2.SCHEDULES
+def test_part2_chooses_the_schedule_on_validation_not_on_test(tmp_path, monkeypatch):
+    val_loss = {"step": 0.9, "plateau": 0.5, "onecycle": 0.7, "cosine": 0.6}
+    test_acc = {"step": 0.9, "plateau": 0.2, "onecycle": 0.5, "cosine": 0.4}  # the test set would pick step
+
+    def fake(schedule, make_model, train, val, test, cfg, device, log):
+        row = {"epoch": 1, "train_loss": 1.0, "val_loss": val_loss[schedule], "val_acc": 0.5, "lr": 0.1}
+        log.log(**row)
+        return [row], {"val_loss": val_loss[schedule], "test_acc": test_acc[schedule]}
+
+    monkeypatch.setattr(part2, "train_schedule", fake)
+    summary = part2.main(parse_config(part2.Config, ["--out", str(tmp_path), *TINY, "--schedule", "all"]))
+    assert summary["best_schedule"] == "plateau" and summary["test_acc"] == 0.2
+
+
+def test_part2_compares_all_schedules_in_one_run_and_meets_the_test_set_once_each(tmp_path, monkeypatch):
+    test_passes = []
+    real_make_loaders = part2.make_loaders
+
+    def counting(cfg, data, device):
+        train, val, test = real_make_loaders(cfg, data, device)
+
+        class CountedLoader(type(test)):
+            def __iter__(self):
+                test_passes.append(1)
+                return super().__iter__()
+
+        test.__class__ = CountedLoader
+        return train, val, test
+
+    monkeypatch.setattr(part2, "make_loaders", counting)
+    summary = lab(part2, tmp_path, *TINY, "--schedule", "all", "--epochs", "2", "--lr", "0.02")
+    assert len(test_passes) == len(part2.SCHEDULES)  # once per trained model, at the end
+    (folder,) = (tmp_path / "week04" / "part2").iterdir()
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    assert [r["schedule"] for r in rows] == [s for s in part2.SCHEDULES for _ in range(2)]
+    for s in part2.SCHEDULES:
+        assert (folder / f"{s}_checkpoint.pt").exists() and (folder / f"{s}_curves.png").exists()
+        # the kept model's validation loss is that of the epoch it kept (the best one, restored)
+        kept = next(r for r in rows if r["schedule"] == s and int(r["epoch"]) == summary[f"kept_epoch_{s}"])
+        assert summary[f"val_loss_{s}"] == pytest.approx(float(kept["val_loss"]), rel=1e-5)
+        assert summary[f"val_loss_{s}"] == pytest.approx(min(float(r["val_loss"]) for r in rows
+                                                             if r["schedule"] == s), rel=1e-5)
+    assert summary["best_schedule"] == min(part2.SCHEDULES, key=lambda s: summary[f"val_loss_{s}"])
+    assert summary["test_acc"] == summary[f"test_acc_{summary['best_schedule']}"]
+    assert all((folder / f"schedules_{key}.png").exists() for key in ("val_loss", "val_acc", "lr"))
+    assert all(f"week04/part2/{s}" in (folder / "comparison.txt").read_text() for s in part2.SCHEDULES)
+
+
+def test_train_subset_is_drawn_at_random_so_a_copy_sorted_by_class_keeps_every_class():
+    data = load("cifar10", smoke=True)
+    order = data.y_train.argsort(stable=True)  # stored class by class, as the JPEG copy of CIFAR-10 is
+    x = data.x_train[order].clone()
+    x[:, 0, 0, 0] = data.y_train[order].to(torch.uint8)  # each image carries its label: pairs must stay together
+    small = part2.subset(dataclasses.replace(data, x_train=x, y_train=data.y_train[order]), 200, seed=0)
+    assert len(small.y_train) == 200 and torch.equal(small.x_train[:, 0, 0, 0].long(), small.y_train)
+    assert torch.bincount(small.y_train, minlength=10).min() >= 10  # about 20 each; the first 200: 4 classes
+    assert part2.subset(data, 0, seed=0) is data
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dataset, mirrors", [("mnist", False), ("cifar10", True)])
+def test_part2_never_mirrors_digits_but_does_mirror_photos(dataset, mirrors, tmp_path, monkeypatch):
+    """The augmentation part2 really trains with (Week 3's rule), on images with a bright bar
+    near the left edge: a shift keeps it on the left, a mirror moves it to the right."""
+    trained_on = []
+
+    def capture(model, optimizer, train, *args, **kwargs):
+        trained_on.append(train)
+        raise _Captured
+
+    monkeypatch.setattr(part2, "fit", capture)
+    with pytest.raises(_Captured):
+        part2.main(parse_config(part2.Config, ["--out", str(tmp_path), *TINY, "--dataset", dataset]))
+    channels, size = (1, 28) if dataset == "mnist" else (3, 32)
+    images = torch.zeros(64, channels, size, size, dtype=torch.uint8)
+    images[..., 4:6] = 255
+    mirrored = 0
+    for batch in range(10):
+        out = trained_on[0].augment(images, torch.Generator().manual_seed(batch))
+        bar_column = out.float().mean(dim=(1, 2)).argmax(dim=1)
+        mirrored += int((bar_column > size // 2).sum())
+    assert (mirrored > 0) == mirrors, f"{mirrored} of 640 {dataset} images were mirrored"
+
+
+class Interrupt(Callback):
+    """Ctrl-C (KeyboardInterrupt) after a given optimizer step."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_step_end(self, loop) -> None:
+        if loop.step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def model_weights(folder: Path, pattern: str) -> dict:
+    (path,) = folder.glob(pattern)
+    return read_checkpoint(path)["model"]
+
+
+@pytest.mark.parametrize("schedule, lr, epochs, interrupt_in_epoch", [
+    ("plateau", "0.1", "8", 5),  # best epoch 4, stops after 6: cut after the best, before the stop
+    ("step", "0.03", "6", 6),  # best epoch 5 of 6: cut in the last epoch, the restore comes after the resume
+])
+def test_part2_resumes_exactly_after_ctrl_c(schedule, lr, epochs, interrupt_in_epoch, tmp_path, monkeypatch):
+    argv = (*TINY, "--schedule", schedule, "--lr", lr, "--epochs", epochs, "--patience", "2")
+    whole = lab(part2, tmp_path / "whole", *argv)
+    assert whole["kept_epoch"] < whole["epochs_done"], "the case must restore earlier weights at its end"
+
+    at_step = (interrupt_in_epoch - 1) * STEPS_PER_EPOCH + 3
+    real_fit = part2.fit
+    monkeypatch.setattr(part2, "fit", lambda *a, callbacks=(), **k: real_fit(*a, callbacks=[*callbacks,
+                                                                                          Interrupt(at_step)], **k))
+    assert lab(part2, tmp_path / "cut", *argv) == {"exit": 130}
+    monkeypatch.setattr(part2, "fit", real_fit)
+    (checkpoint,) = (tmp_path / "cut").glob("week04/part2/*/*_checkpoint.pt")
+    assert read_checkpoint(checkpoint)["epoch"] == interrupt_in_epoch - 1  # the last whole epoch
+
+    resumed = lab(part2, tmp_path / "elsewhere", "--resume", str(checkpoint))
+    for key in ("val_loss", "test_acc", "kept_epoch", "epochs_done", "stopped_early"):
+        assert resumed[key] == whole[key], key
+    pattern = "week04/part2/*/*_checkpoint.pt"
+    expected, got = model_weights(tmp_path / "whole", pattern), model_weights(tmp_path / "cut", pattern)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit for bit
+    whole_rows, resumed_rows = (list(csv.DictReader(next(p.glob("week04/part2/*/metrics.csv")).open()))
+                                for p in (tmp_path / "whole", tmp_path / "cut"))
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731
+    assert drop_time(resumed_rows) == drop_time(whole_rows)  # one run folder with every epoch once
+
+
+def test_part2_refuses_to_resume_a_schedule_all_comparison(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="cannot be resumed"):
+        part2.Config(schedule="all", resume="x.pt")
+    # a checkpoint as a --schedule all run writes it (its settings say "all")
+    checkpoint = save_checkpoint(tmp_path / "cosine_checkpoint.pt", part2.CNN(3, 10, (4, 8)), epoch=1,
+                                 config=part2.Config(smoke=True, schedule="all").to_dict(), script="week04/part2")
+    assert lab(part2, tmp_path, "--resume", str(checkpoint)) == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "cannot be resumed" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_part2_checks_settings_before_creating_a_run_folder(tmp_path, capsys):
+    assert lab(part2, tmp_path, *TINY, "--dataset", "mnist", "--blocks", "5") == {"exit": 2}
+    assert "at most 4" in capsys.readouterr().err
+    assert lab(part2, tmp_path, *TINY, "--batch-size", "1000") == {"exit": 1}
+    assert "more than the 461 training images" in capsys.readouterr().err
+    assert lab(part2, tmp_path, "--smoke", "--val-fraction", "0") == {"exit": 2}
+    assert not (tmp_path / "week04").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +527,7 @@ def test_part2_compares_all_schedules_in_one_run(tmp_path):
 @pytest.mark.parametrize("dtype, rtol", [
     # float32 is the training path (bf16 logits are upcast to it): float32 rounding, ~6e-8 per operation.
     (torch.float32, 1e-6),
-    pytest.param(torch.float64, 1e-10, marks=pytest.mark.xfail(
-        strict=True, reason="best_cnn.label_smoothing_loss casts every input to float32 (logits.float()), so "
-                            "float64 in gives a float32 loss; upcast only bf16/fp16 there, then drop this mark")),
+    (torch.float64, 1e-10),
 ], ids=["float32", "float64"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.2])
 def test_label_smoothing_loss_matches_torch(smoothing, dtype, rtol):
@@ -334,6 +540,11 @@ def test_label_smoothing_loss_matches_torch(smoothing, dtype, rtol):
     expected = F.cross_entropy(logits, target, label_smoothing=smoothing)  # float64 reference
     assert loss.dtype == dtype, f"a {dtype} input gave a {loss.dtype} loss"
     assert_close(loss.item(), expected.item(), f"label-smoothed cross-entropy ({dtype})", rtol=rtol, atol=0)
+
+
+def test_label_smoothing_loss_upcasts_bf16_logits():
+    logits = torch.randn(8, 10).to(torch.bfloat16)
+    assert best_cnn.label_smoothing_loss(logits, torch.zeros(8, dtype=torch.long), 0.1).dtype == torch.float32
 
 
 def test_flip_tta_averages_the_two_views_and_is_mirror_invariant():
@@ -371,45 +582,82 @@ def test_residual_branches_start_at_zero_and_other_gammas_are_frozen():
     assert not any(g.norm2.weight.requires_grad for g in plain.groups)
 
 
-def test_optimizer_groups_and_lr_factor():
-    model = best_cnn.SpeedNet((4, 8, 8))
-    weights, others = best_cnn.optimizer_groups(model, lr=0.4, weight_decay=5e-4, bias_lr_scale=16)
-    assert all(p.ndim > 1 for p in weights["params"]) and weights["weight_decay"] == 5e-4
-    assert all(p.ndim == 1 for p in others["params"]) and others["weight_decay"] == 0
-    assert others["lr"] == pytest.approx(6.4)
+def test_lr_factor_is_a_triangle():
     factor = lambda p: best_cnn.lr_factor(p, warmup=0.2, start=0.1, end=0.0)  # noqa: E731
-    assert factor(0) == pytest.approx(0.1) and factor(0.2) == pytest.approx(1.0)
-    assert factor(0.6) == pytest.approx(0.5) and factor(1.0) == pytest.approx(0.0)
+    assert factor(0) == pytest.approx(0.1) and factor(0.1) == pytest.approx(0.55)
+    assert factor(0.2) == pytest.approx(1.0) and factor(0.6) == pytest.approx(0.5)
+    assert factor(1.0) == pytest.approx(0.0) and factor(1.5) == pytest.approx(0.0)
 
 
-def test_gpu_recipe_replaces_only_defaults():
-    cfg = best_cnn.Config(epochs=3.0)
-    assert best_cnn.for_device(cfg, torch.device("cpu")) == cfg
-    on_gpu = best_cnn.for_device(cfg, torch.device("cuda"))  # a device object needs no GPU
-    assert on_gpu.epochs == 3.0  # set by the user: kept
-    assert on_gpu.width2 == best_cnn.GPU_RECIPE["width2"] and on_gpu.batch_size == best_cnn.GPU_RECIPE["batch_size"]
+def test_gpu_recipe_fills_in_only_what_the_user_did_not_say():
+    gpu = best_cnn.Config.PRESETS["recipe"]["gpu"]
+    cfg = parse_config(best_cnn.Config, ["--recipe", "gpu", "--batch-size", "256", "--epochs", "10"])
+    assert (cfg.batch_size, cfg.epochs) == (256, 10.0)  # said explicitly: kept, although equal to the defaults
+    assert (cfg.width2, cfg.lr, cfg.eval_each_epoch) == (gpu["width2"], gpu["lr"], True)  # the rest: the recipe
+    assert parse_config(best_cnn.Config, ["--recipe", "gpu"]).batch_size == gpu["batch_size"]
+    assert parse_config(best_cnn.Config, []) == best_cnn.Config()  # the CPU recipe is the defaults
 
 
-def test_best_cnn_learns_the_twin(tmp_path):
-    summary = best_cnn.main(best_cnn.Config(smoke=True, out=str(tmp_path), device="cpu"))
-    assert summary["test_acc"] > 0.2  # 10 classes: chance is 0.1
-    assert summary["steps"] == 2 * (512 // 64)
-    checkpoint = next((tmp_path / "week04" / "best_cnn").glob("*/checkpoint.pt"))
-    assert json.loads((checkpoint.parent / "summary.json").read_text())["steps"] == summary["steps"]
+def test_cuda_with_the_cpu_recipe_prints_a_hint(monkeypatch, capsys):
+    monkeypatch.setattr(best_cnn, "pick_device", lambda name: torch.device("cuda"))  # no GPU needed
+    monkeypatch.setattr(best_cnn, "load", lambda *a, **k: (_ for _ in ()).throw(_Captured()))  # stop there
+    for recipe, hint in (("cpu", True), ("gpu", False)):
+        with pytest.raises(_Captured):
+            best_cnn.main(best_cnn.Config(recipe=recipe))
+        assert ("--recipe gpu" in capsys.readouterr().out) == hint
 
 
-def test_best_cnn_resumes_where_it_stopped(tmp_path):
-    # A budget used up at once stops the first run after one step (of 2 epochs x 8 steps);
-    first = best_cnn.main(best_cnn.Config(smoke=True, out=str(tmp_path / "a"), device="cpu", budget_s=1e-6))
-    # the second run picks up its checkpoint and finishes the schedule.
-    checkpoint = next((tmp_path / "a").glob("week04/best_cnn/*/checkpoint.pt"))
-    resumed = best_cnn.main(best_cnn.Config(smoke=True, out=str(tmp_path / "b"), device="cpu",
-                                            resume=str(checkpoint)))
-    assert first["steps"] == 1 and resumed["steps"] == 16  # the schedule went on from step 1
-    rows = next((tmp_path / "b").glob("week04/best_cnn/*/metrics.csv")).read_text().splitlines()
-    assert [r.split(",")[:2] for r in rows[1:]] == [["2", "9"], ["3", "16"]]  # epochs go on from 1
+def interrupt_at_step(monkeypatch, step: int) -> None:
+    """Ctrl-C at a given training step of best_cnn (its loop calls the loss once per step)."""
+    calls = []
+    real_loss = best_cnn.label_smoothing_loss
+
+    def loss(*args):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(best_cnn, "label_smoothing_loss", loss)
 
 
-def test_part2_refuses_to_resume_all_schedules(tmp_path):
-    with pytest.raises(LabError, match="--resume continues one run"):
-        part2.main(part2.Config(smoke=True, out=str(tmp_path), schedule="all", resume="x.pt"))
+def test_best_cnn_resumes_exactly_without_a_budget(tmp_path, monkeypatch):
+    whole = lab(best_cnn, tmp_path / "whole", "--smoke")
+    assert whole["steps"] == 3 * (512 // 64)  # 3 epochs of whole batches
+    interrupt_at_step(monkeypatch, 13)  # in epoch 2 (8 steps per epoch)
+    assert lab(best_cnn, tmp_path / "cut", "--smoke") == {"exit": 130}
+    monkeypatch.undo()
+    (checkpoint,) = (tmp_path / "cut").glob("week04/best_cnn/*/checkpoint.pt")
+    assert read_checkpoint(checkpoint)["extra"]["step"] == 8  # saved at the end of epoch 1
+    resumed = lab(best_cnn, tmp_path / "cut", "--resume", str(checkpoint))
+    assert (resumed["steps"], resumed["test_acc"]) == (whole["steps"], whole["test_acc"])
+    pattern = "week04/best_cnn/*/checkpoint.pt"
+    expected, got = model_weights(tmp_path / "whole", pattern), model_weights(tmp_path / "cut", pattern)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit for bit
+    rows = next((tmp_path / "cut").glob("week04/best_cnn/*/metrics.csv")).read_text().splitlines()
+    assert [r.split(",")[:2] for r in rows[1:]] == [["1", "8"], ["2", "16"], ["3", "24"]]
+
+
+def test_best_cnn_budget_run_that_finished_has_nothing_to_resume(tmp_path, capsys):
+    first = lab(best_cnn, tmp_path, "--smoke", "--budget-s", "1e-6")  # used up by the first step
+    assert first["steps"] == 1
+    checkpoint = next(tmp_path.glob("week04/best_cnn/*/checkpoint.pt"))
+    assert lab(best_cnn, tmp_path, "--resume", str(checkpoint)) == json.loads(
+        (checkpoint.parent / "summary.json").read_text())
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_best_cnn_damaged_or_foreign_checkpoint_is_one_line_and_writes_nothing(tmp_path, capsys):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint at all")
+    assert lab(best_cnn, tmp_path / "out", "--resume", str(damaged)) == {"exit": 2}
+    assert "corrupt or not a PyTorch file" in capsys.readouterr().err
+    lab(part2, tmp_path / "p2", *TINY, "--epochs", "1")
+    foreign = next((tmp_path / "p2").glob("week04/part2/*/onecycle_checkpoint.pt"))
+    before = {p: p.read_bytes() for p in foreign.parent.iterdir()}
+    capsys.readouterr()
+    assert lab(best_cnn, tmp_path / "out", "--resume", str(foreign)) == {"exit": 2}  # refused with the settings
+    err = capsys.readouterr().err
+    assert "written by week04/part2, not week04/best_cnn" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in foreign.parent.iterdir()} == before
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,10 @@
 """Week 4, self-work: our best CNN on CIFAR-10, a speed-run recipe in one script.
 
-Run: python week04_regularization/best_cnn.py                 # CPU recipe (or GPU recipe on CUDA)
+Run: python week04_regularization/best_cnn.py                 # the CPU recipe
+     python week04_regularization/best_cnn.py --recipe gpu    # the GPU recipe (wider net, batch 1024)
      python week04_regularization/best_cnn.py --budget-s 600  # at most 10 minutes of training
      python week04_regularization/best_cnn.py --no-whiten --no-residual --label-smoothing 0  # ablations
+     python week04_regularization/best_cnn.py --resume runs/week04/best_cnn/<time>/checkpoint.pt
 
 The anchors are the CIFAR-10 speed runs: David Page's ResNet-9 ("How to train your ResNet",
 94% in 26 s on a V100) and Keller Jordan's airbench (94% in under 3 s on an A100). This script
@@ -16,19 +18,24 @@ is our own, written to be read top to bottom; each trick says what it is for whe
     flip test-time augmentation
     bf16 autocast and channels_last: on CUDA, and on CPUs with native bf16 (each about halved
     a training step on this repository's 2-core CPU)
-    on CUDA only: optional torch.compile, cudnn autotuning, a wider net, batch 1024
+    on CUDA: optional torch.compile, cudnn autotuning; --recipe gpu: a wider net, batch 1024
 
-One script, two recipes: the Config defaults are the CPU recipe (the best we measured in a
-10-minute budget on 2 CPU cores); GPU_RECIPE holds the values that replace them on CUDA.
+Two recipes: the Config defaults are the CPU recipe (the best we measured in a 10-minute
+budget on 2 CPU cores); ``--recipe gpu`` applies PRESETS["recipe"]["gpu"] on top of them,
+except where you set a value yourself (``--recipe gpu --batch-size 512`` keeps 512).
+
+Resuming (``--resume CHECKPOINT``) is exact without a time budget: the batches of epoch e (order
+and augmentation) depend only on (seed, e), and the schedule only on the step count. With
+``--budget-s`` the schedule follows the clock, so a resumed run goes on from the training time
+it had used, and ends near, not exactly at, the weights an uninterrupted run would have had.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass as plain_dataclass
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +43,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.augment import random_crop, random_flip
-from common.checkpoint import load_checkpoint, save_checkpoint
-from common.config import BaseConfig, dataclass, run
+from common.checkpoint import load_checkpoint
+from common.config import Range, ResumableConfig, run
 from common.data import ImageData, load
 from common.device import autocast, cpu_has_native_bf16, pick_device, prepare_model, seed_everything
-from common.errors import Interrupted, NonFiniteLoss
-from common.loader import normalizer
+from common.errors import ConfigError, NonFiniteLoss
+from common.loader import TensorLoader, normalizer
 from common.plots import plot_history
-from common.runs import Run
+from common.runs import Run, week_and_script
+from week04_regularization.part2 import make_optimizer
 
 # =========================================================================================
 #                                  Hyperparameters
@@ -51,67 +59,55 @@ from common.runs import Run
 
 
 @dataclass
-class Config(BaseConfig):
+class Config(ResumableConfig):
     """Week 4, self-work: the best CNN on CIFAR-10 we can train in a time budget."""
 
+    recipe: Literal["cpu", "gpu"] = "cpu"  # gpu: widths 64/256/256, batch 1024, 16 epochs, lr 1.6 (flags win)
     # --- time and data ---------------------------------------------------------------------
-    budget_s: float = 0.0  # training-time budget in seconds (0 = use epochs); the LR schedule ends on time
-    epochs: float = 10.0  # passes over the 50k training images (fractions allowed); unused with budget_s
-    batch_size: int = 256  # images per step (CPU: 256 beat 512 at equal epochs and equal time here)
+    budget_s: Annotated[float, Range(0)] = 0.0  # training-time budget in s (0: train `epochs`); the LR ends on time
+    epochs: Annotated[float, Range(0, 1000, lo_open=True)] = 10.0  # passes over the training images (fractions ok)
+    batch_size: Annotated[int, Range(1)] = 256  # images per step (CPU: 256 beat 512 at equal epochs and time)
     # --- network -----------------------------------------------------------------------------
-    width1: int = 32  # channels of conv group 1 (32x32 -> 16x16)
-    width2: int = 64  # channels of conv group 2 (16x16 -> 8x8)
-    width3: int = 128  # channels of conv group 3 (8x8 -> 4x4)
+    width1: Annotated[int, Range(1, 4096)] = 32  # channels of conv group 1 (32x32 -> 16x16)
+    width2: Annotated[int, Range(1, 4096)] = 64  # channels of conv group 2 (16x16 -> 8x8)
+    width3: Annotated[int, Range(1, 4096)] = 128  # channels of conv group 3 (8x8 -> 4x4)
     whiten: bool = True  # frozen 2x2 patch-whitening first layer (else a plain trainable 3x3 conv)
     residual: bool = True  # second conv of each group as a residual branch whose BN starts at 0
-    bn_momentum: float = 0.4  # BatchNorm running-stat momentum (airbench's; PyTorch's 0.1 measured the same)
-    head_scale: float = 0.125  # logits multiplied by this: small logits at the start, steadier training
+    bn_momentum: Annotated[float, Range(0, 1)] = 0.4  # BatchNorm running-stat momentum (airbench's; 0.1 measured same)
+    head_scale: Annotated[float, Range(0, lo_open=True)] = 0.125  # logits times this: small at the start, steadier
     # --- optimizer and schedule -------------------------------------------------------------
-    lr: float = 0.8  # peak SGD learning rate (mean loss over the batch); 0.8-1.6 measured equally good
-    momentum: float = 0.85  # Nesterov momentum
-    weight_decay: float = 5e-4  # L2 on conv and linear weights only (not BatchNorm, not biases)
-    bias_lr_scale: float = 16.0  # BatchNorm shifts and biases learn this many times faster (no decay)
-    warmup: float = 0.2  # share of training spent ramping the LR up from lr*lr_start
-    lr_start: float = 0.1  # LR at step 0, as a fraction of lr
-    lr_end: float = 0.0  # LR at the last step, as a fraction of lr
-    label_smoothing: float = 0.2  # share of the target spread over all classes
-    whiten_bias_epochs: float = 3.0  # train the whitening layer's bias this many epochs, then freeze it
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.8  # peak SGD learning rate; 0.8-1.6 measured equally good
+    momentum: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.85  # Nesterov momentum
+    weight_decay: Annotated[float, Range(0, 1)] = 5e-4  # L2 on conv and linear weights only (not BN, not biases)
+    bias_lr_scale: Annotated[float, Range(0, lo_open=True)] = 16.0  # BN shifts and biases learn this much faster
+    warmup: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # share of training ramping the LR up from lr*lr_start
+    lr_start: Annotated[float, Range(0, 1)] = 0.1  # LR at step 0, as a fraction of lr
+    lr_end: Annotated[float, Range(0, 1)] = 0.0  # LR at the last step, as a fraction of lr
+    label_smoothing: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # share of the target spread over all classes
+    whiten_bias_epochs: Annotated[float, Range(0)] = 3.0  # train the whitening bias this many epochs, then freeze it
     # --- augmentation and evaluation ----------------------------------------------------------
-    translate: int = 2  # random shift by up to this many pixels (reflect padding); 0 = off
+    translate: Annotated[int, Range(0, 8)] = 2  # random shift by up to this many pixels (reflect padding); 0: off
     flip: bool = True  # random horizontal flips in training
     tta: bool = True  # test-time augmentation: average the logits of each image and its mirror
-    eval_each_epoch: bool = False  # also measure test accuracy after every epoch (costs time on CPU)
-    # --- memory layout and compiling ---------------------------------------------------------------
+    eval_each_epoch: bool = False  # also print test accuracy after every epoch: to watch only, nothing is chosen on it
+    # --- speed: memory layout, bf16, compiling ------------------------------------------------
     channels_last: bool = True  # NHWC tensors: oneDNN (CPU) and tensor cores (GPU) run convs faster
     bf16: bool = True  # bfloat16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX)
-    compile: bool = False  # torch.compile the model, CUDA only (compiling takes ~1 min, not counted)
+    compile: bool = False  # torch.compile, CUDA only (H200, --recipe gpu: no faster, +13 s compiling, timed)
 
-    SMOKE: ClassVar[dict] = {"epochs": 2.0, "batch_size": 64, "width1": 8, "width2": 16, "width3": 16,  # --smoke
+    SMOKE: ClassVar[dict] = {"epochs": 3.0, "batch_size": 64, "width1": 16, "width2": 32, "width3": 32,
                              "whiten_bias_epochs": 1.0}
-
-
-# The GPU recipe: on CUDA these replace the CPU defaults above, field by field, unless you set
-# the field yourself on the command line. A GPU has compute to spare for a wider net and more
-# epochs; the widths are airbench94's (64/256/256), the batch is 1024. NOT MEASURED in this
-# repository (no GPU was available): the target is >= 94% on the original CIFAR-10 in < 10 s.
-GPU_RECIPE: dict = {
-    "batch_size": 1024,  # fewer, larger steps: one step saturates the GPU
-    "epochs": 16.0,  # airbench94 needs 9.9 with extras we left out (Lookahead, alternating flips, ...)
-    "width1": 64,
-    "width2": 256,
-    "width3": 256,
-    "lr": 1.6,  # 4x the CPU batch, 2x the LR (on the CPU, 1.6 was as good as 0.8 at batch 256)
-    "eval_each_epoch": True,  # evaluation is nearly free on a GPU
-}
-
-
-def for_device(cfg: Config, device: torch.device) -> Config:
-    """On CUDA, swap in the GPU recipe for every field still at its CPU default."""
-    if device.type != "cuda" or cfg.smoke:
-        return cfg
-    defaults = Config()
-    changes = {k: v for k, v in GPU_RECIPE.items() if getattr(cfg, k) == getattr(defaults, k)}
-    return dataclasses.replace(cfg, **changes)
+    # The GPU recipe. A GPU has compute to spare for a wider net and more epochs; the widths are
+    # airbench94's (64/256/256), the batch is 1024. See the README for what was measured.
+    PRESETS: ClassVar[dict] = {"recipe": {"gpu": {
+        "batch_size": 1024,  # fewer, larger steps: one step saturates the GPU
+        "epochs": 16.0,  # airbench94 needs 9.9 with extras we left out (Lookahead, alternating flips, ...)
+        "width1": 64,
+        "width2": 256,
+        "width3": 256,
+        "lr": 1.6,  # 4x the CPU batch, 2x the LR (on the CPU, 1.6 was as good as 0.8 at batch 256)
+        "eval_each_epoch": True,  # evaluation is nearly free on a GPU
+    }}}
 
 
 # =========================================================================================
@@ -222,21 +218,13 @@ def label_smoothing_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: 
         loss = (1 - s) * (-log p_y) + s * mean_k(-log p_k)
 
     The net is never pushed to infinite confidence, which regularizes it and keeps logits small.
-    Equal to F.cross_entropy(logits, target, label_smoothing=s).
+    Equal to F.cross_entropy(logits, target, label_smoothing=s). bf16 logits (autocast) are
+    upcast to float32 for the log-softmax; float64 logits stay float64.
     """
-    log_p = F.log_softmax(logits.float(), dim=1)
+    log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
     true_class = -log_p.gather(1, target.unsqueeze(1)).squeeze(1)
     uniform = -log_p.mean(dim=1)
     return ((1 - smoothing) * true_class + smoothing * uniform).mean()
-
-
-def optimizer_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float) -> list[dict]:
-    """Conv and linear weights: lr with weight decay. BatchNorm parameters and biases: no decay
-    (it would only drag them towards 0) and a larger LR: they are few and move slowly otherwise."""
-    weights = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    others = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": weights, "lr": lr, "weight_decay": weight_decay, "base_lr": lr},
-            {"params": others, "lr": lr * bias_lr_scale, "weight_decay": 0.0, "base_lr": lr * bias_lr_scale}]
 
 
 def lr_factor(progress: float, warmup: float, start: float, end: float) -> float:
@@ -285,7 +273,7 @@ def prepare_batch(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 # =========================================================================================
 #                                     Training
 # =========================================================================================
-@plain_dataclass
+@dataclass
 class TrainState:
     """Where training stands; saved in checkpoints so that --resume continues the schedule."""
 
@@ -305,25 +293,34 @@ class TrainState:
         return self.progress(total_steps, budget_s) >= 1
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_train: torch.Tensor, y_train: torch.Tensor,
-                augment, cfg: Config, state: TrainState, total_steps: int, device: torch.device,
-                generator: torch.Generator) -> dict:
-    """One pass over a fresh shuffle of the training set (or less, when the steps or the time
-    budget run out); the LR is set before every step from the training progress."""
+def flip_translate(translate: int, flip: bool):
+    """The training augmentation, for TensorLoader: random shifts by up to ``translate`` pixels,
+    then random left-right flips (photos: a mirrored horse is still a horse). It draws from the
+    generator the loader hands it, seeded from (seed, epoch, batch): a resumed run repeats it."""
+
+    def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if translate:
+            x = random_crop(x, translate, generator)
+        return random_flip(x, generator) if flip else x
+
+    return augment
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: TensorLoader, peak_lrs: list[float],
+                cfg: Config, state: TrainState, total_steps: int, device: torch.device) -> dict:
+    """One pass over the training batches (or less, when the steps or the time budget run
+    out); the LR of every parameter group is set before every step from the training progress."""
     model.train()
     t0 = time.perf_counter()
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     seen = 0
-    order = torch.randperm(len(x_train), generator=generator).to(device)
-    for i in tqdm(range(len(x_train) // cfg.batch_size), desc=f"epoch {state.epoch}", leave=False, disable=None):
+    for x, y in tqdm(batches, desc=f"epoch {state.epoch}", leave=False, disable=None):
         progress = state.progress(total_steps, cfg.budget_s, time.perf_counter() - t0)
         if progress >= 1 and seen > 0:  # at least one step per epoch, so every epoch has a row
             break
         factor = lr_factor(progress, cfg.warmup, cfg.lr_start, cfg.lr_end)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        x, y = augment(x_train[idx]), y_train[idx]
+        for group, peak in zip(optimizer.param_groups, peak_lrs):
+            group["lr"] = peak * factor
         with mixed_precision(device, cfg.bf16):
             logits = model(x)
         loss = label_smoothing_loss(logits, y, cfg.label_smoothing)
@@ -339,33 +336,28 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_train: tor
     state.train_time += time.perf_counter() - t0
     train_loss = (loss_sum / seen).item()
     if not math.isfinite(train_loss):
-        raise NonFiniteLoss(f"loss became {train_loss} in epoch {state.epoch}; try a smaller --lr")
+        raise NonFiniteLoss(f"loss became {train_loss} in epoch {state.epoch}; stopped, keeping the last "
+                            "checkpoint. Try a smaller --lr")
     return {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, "train_acc": (correct / seen).item(),
             "lr": optimizer.param_groups[0]["lr"], "train_time_s": round(state.train_time, 2)}
 
+
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    cfg = for_device(cfg, device)
+    if device.type == "cuda" and cfg.recipe == "cpu":
+        print("hint: this is the CPU recipe (a small net, batch 256); on a GPU, --recipe gpu trains the wider "
+              "net with batch 1024")
     data = load("cifar10", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    run_ = Run.start(cfg, __file__, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithms for these shapes
+    if len(data.x_train) < cfg.batch_size:  # whole batches only: an epoch would have no step at all
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(data.x_train)} training images")
 
-    # Data stays on the device as uint8 (4x smaller than float); each batch is normalized and
-    # augmented there, in one vectorized call: no DataLoader, no workers, no per-image Python.
+    # Data stays on the device as uint8 (4x smaller than float); each batch is augmented and
+    # normalized there, in one vectorized call: no DataLoader, no workers, no per-image Python.
     normalize = normalizer(data.mean, data.std)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-
-    def augment(x: torch.Tensor) -> torch.Tensor:
-        x = normalize(x)
-        if cfg.translate:
-            x = random_crop(x, cfg.translate, generator)
-        if cfg.flip:
-            x = random_flip(x, generator)
-        return prepare_batch(x, cfg.channels_last)
+    train = TensorLoader(data.x_train, data.y_train, cfg.batch_size, shuffle=True, drop_last=True, device=device,
+                         seed=cfg.seed, augment=flip_translate(cfg.translate, cfg.flip),
+                         transform=lambda x: prepare_batch(normalize(x), cfg.channels_last))
 
     net = SpeedNet((cfg.width1, cfg.width2, cfg.width3), cfg.whiten, cfg.residual, cfg.bn_momentum,
                    cfg.head_scale, data.num_classes, data.x_train.shape[1])
@@ -375,41 +367,39 @@ def main(cfg: Config) -> dict:
     # channels_last also on the CPU: measured here, it made a training step 1.6-2x faster.
     net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     model = prepare_model(net, device, channels_last=False, compile=cfg.compile and device.type == "cuda")
-    optimizer = torch.optim.SGD(optimizer_groups(net, cfg.lr, cfg.weight_decay, cfg.bias_lr_scale),
-                                momentum=cfg.momentum, nesterov=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithms for these shapes
+    # Week 4's optimizer: weight decay on conv/linear weights only; BN and biases learn faster.
+    optimizer = make_optimizer(net, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum, cfg.bias_lr_scale)
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales these
     print(f"model: {n_params:,} parameters, device {device}")
 
-    steps_per_epoch = len(x_train) // cfg.batch_size
+    steps_per_epoch = len(train)
     total_steps = max(math.ceil(cfg.epochs * steps_per_epoch), 1)
     state = TrainState()
-    if cfg.resume:  # continue a run: same step count and training time, so the schedule goes on
-        payload = load_checkpoint(cfg.resume, net, optimizer)
+    if cfg.resume:  # weights, optimizer, random state; the step count puts the schedule where it was
+        payload = load_checkpoint(cfg.resume, net, optimizer, script="/".join(week_and_script(__file__)))
         state = TrainState(payload["epoch"], payload["extra"]["step"], payload["extra"]["train_time_s"])
-        print(f"resumed from {cfg.resume} at step {state.step}")
+        print(f"resumed from {cfg.resume} after epoch {state.epoch} (step {state.step})")
+    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
 
     def accuracy(tta: bool) -> float:
         return test_accuracy(model, data, normalize, device, tta, cfg.channels_last, cfg.bf16)
 
-    def save() -> None:
-        save_checkpoint(run_.path("checkpoint.pt"), net, optimizer, epoch=state.epoch, config=cfg.to_dict(),
-                        step=state.step, train_time_s=state.train_time)
-
-    try:
-        while not state.finished(total_steps, cfg.budget_s):
-            state.epoch += 1
-            if cfg.whiten:  # the whitening bias learns for the first few epochs only
-                net.stem.bias.requires_grad_(state.epoch <= cfg.whiten_bias_epochs)
-            row = train_epoch(model, optimizer, x_train, y_train, augment, cfg, state, total_steps, device,
-                              generator)
-            if cfg.eval_each_epoch:
-                row["test_acc"] = accuracy(tta=False)
-            run_.log(**row)
-            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            save()  # outside the timed part: checkpoints do not count as training time
-    except KeyboardInterrupt:
-        save()
-        raise Interrupted(f"interrupted in epoch {state.epoch}; checkpoint saved to {run_.path('checkpoint.pt')} "
-                          f"(continue with --resume {run_.path('checkpoint.pt')})") from None
+    while not state.finished(total_steps, cfg.budget_s):
+        state.epoch += 1
+        train.set_epoch(state.epoch)  # the batches of this epoch, as an uninterrupted run would see them
+        if cfg.whiten:  # the whitening bias learns for the first few epochs only
+            net.stem.bias.requires_grad_(state.epoch <= cfg.whiten_bias_epochs)
+        row = train_epoch(model, optimizer, train, peak_lrs, cfg, state, total_steps, device)
+        if cfg.eval_each_epoch:  # to watch progress only: no choice is made on the test set
+            row["test_acc"] = accuracy(tta=False)
+        run_.log(**row)
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        # Between epochs, outside the timed part. Ctrl-C (common.config.run) names this file;
+        # a resume redoes the unfinished epoch. "stopped": a time budget ran out (nothing to resume).
+        run_.save_checkpoint(net, optimizer, epoch=state.epoch, step=state.step, train_time_s=state.train_time,
+                             stopped=bool(cfg.budget_s) and state.finished(total_steps, cfg.budget_s))
 
     test_acc_plain = accuracy(tta=False)
     test_acc = accuracy(tta=True) if cfg.tta else test_acc_plain
@@ -418,6 +408,7 @@ def main(cfg: Config) -> dict:
     return run_.finish(test_acc=test_acc, test_acc_no_tta=test_acc_plain, train_time_s=round(state.train_time, 2),
                        epochs_done=round(state.step / steps_per_epoch, 2), steps=state.step, params=n_params,
                        data=data.name)
+
 
 if __name__ == "__main__":
     run(main, Config)

@@ -11,13 +11,13 @@ every schedule on one figure.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass as plain_dataclass
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
 
-from common.config import BaseConfig, dataclass, run
+from common.config import BaseConfig, Range, run
 from common.device import seed_everything
 from common.parity import max_relative_error, numerical_grad
 from common.plots import plot_curves
@@ -52,7 +52,7 @@ def _channel_axes(x: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     raise ValueError(f"BatchNorm expects (N, D) or (N, C, H, W) input, got shape {x.shape}")
 
 
-@plain_dataclass
+@dataclass
 class BatchNormCache:
     """What the backward pass needs from the forward pass."""
 
@@ -200,7 +200,7 @@ def sgd_step(w: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float = 0
     return w - lr * (grad + weight_decay * w)
 
 
-@plain_dataclass
+@dataclass
 class AdamState:
     m: np.ndarray  # first moment: running mean of gradients
     v: np.ndarray  # second moment: running mean of squared gradients
@@ -334,18 +334,17 @@ def schedule_curves(total_steps: int, base_lr: float = 0.1) -> dict[str, list[fl
 class Config(BaseConfig):
     """Week 4, Part 1: BatchNorm, Dropout, weight decay and LR schedules from scratch (NumPy)."""
 
-    batch_size: int = 64  # rows in the BatchNorm / Dropout demonstration batch
-    features: int = 8  # features per row
-    dropout: float = 0.3  # dropout probability in the demonstration
-    bn_steps: int = 50  # training batches fed to BatchNorm before switching to eval mode
-    wd_steps: int = 200  # optimizer steps in the weight-decay demonstration
-    schedule_steps: int = 100  # steps shown in the schedule plot
+    batch_size: Annotated[int, Range(2, 100_000)] = 64  # rows in the BatchNorm / Dropout batch (2+: unbiased var)
+    features: Annotated[int, Range(1, 1024)] = 8  # features per row
+    dropout: Annotated[float, Range(0, 1)] = 0.3  # dropout probability in the demonstration
+    bn_steps: Annotated[int, Range(1, 1_000_000)] = 50  # training batches fed to BatchNorm before eval mode
+    wd_steps: Annotated[int, Range(1, 1_000_000)] = 200  # optimizer steps in the weight-decay demonstration
+    schedule_steps: Annotated[int, Range(2, 1_000_000)] = 100  # steps shown in the schedule plot
 
     SMOKE: ClassVar[dict] = {"bn_steps": 10, "wd_steps": 50, "schedule_steps": 40}  # what --smoke changes
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     run_ = Run.start(cfg, __file__, device=torch.device("cpu"))  # NumPy only: runs on the CPU

@@ -1,235 +1,234 @@
-"""Week 4, Part 2: the Week 3 CNN with BatchNorm, Dropout and weight decay, trained with a
-choice of learning-rate schedule and early stopping on a held-out validation set.
+"""Week 4, Part 2: when a learning-rate scheduler steps, and how early stopping decides.
+
+The Week 3 CNN (imported, with Week 3's batches and augmentation) with BatchNorm, Dropout and
+weight decay, one of four LR schedules, and early stopping on validation data held out from
+the training set. When each schedule steps is the lesson:
+
+    onecycle        after every BATCH: fit(scheduler=...) steps it after each optimizer step
+    step, cosine    after every EPOCH, on a fixed plan: the EpochScheduler callback below
+    plateau         after every EPOCH, handed the validation loss: it reacts to the run
+
+``--schedule all`` trains each from the same initial weights and keeps the one with the lowest
+validation loss; each trained model meets the test set once, at the end.
 
 Run: python week04_regularization/part2.py [--smoke] [--help]
-     python week04_regularization/part2.py --schedule plateau --epochs 20 --patience 3
-     python week04_regularization/part2.py --schedule all --train-subset 10000   # compare all four
-
-With ``--schedule all`` every schedule trains the same network from the same initial weights;
-metrics.csv gets one row per (schedule, epoch), schedules.png puts their curves on one figure
-and comparison.txt holds the table (also printed).
+     python week04_regularization/part2.py --schedule all --train-subset 10000   # compare the four
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Any, ClassVar, Literal
 
-import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from common.augment import crop_flip
-from common.checkpoint import save_checkpoint
-from common.config import BaseConfig, dataclass, run
-from common.data import load
+from common.checkpoint import restore_scheduler
+from common.config import Range, ResumableConfig, run
+from common.data import ImageData, load
 from common.device import pick_device, prepare_model, seed_everything
-from common.errors import LabError
-from common.loader import TensorLoader, normalizer, split
-from common.plots import plot_history, save
+from common.errors import ConfigError
+from common.loader import TensorLoader
+from common.plots import plot_curves, plot_history
 from common.runs import Run, compare_table
-from common.train import FitResult, fit, predict
-from week03_cnn.part2 import CNN
+from common.train import Callback, Loop, evaluate, fit
+from week03_cnn.part2 import CNN, IMAGE_SIZE, make_loaders
 
 SCHEDULES = ("step", "plateau", "onecycle", "cosine")
 
 
 @dataclass
-class Config(BaseConfig):
-    """Week 4, Part 2: a regularized CNN with LR schedules and early stopping."""
+class Config(ResumableConfig):
+    """Week 4, Part 2: a regularized CNN, four learning-rate schedules, early stopping."""
 
     dataset: Literal["cifar10", "mnist"] = "cifar10"  # which image data set to learn
     schedule: Literal["step", "plateau", "onecycle", "cosine", "all"] = "onecycle"  # LR schedule; all: compare
-    epochs: int = 15  # most passes over the training data (early stopping may end sooner)
-    patience: int = 3  # early stopping: stop after this many epochs without a lower val loss (0 = off)
-    batch_size: int = 128  # images per optimizer step
+    epochs: Annotated[int, Range(1)] = 15  # most passes over the training data (early stopping may end sooner)
+    patience: Annotated[int, Range(0)] = 3  # stop after this many epochs without a lower val loss (0: never stop)
+    batch_size: Annotated[int, Range(1)] = 128  # images per optimizer step
     optimizer: Literal["adamw", "sgd"] = "adamw"  # AdamW (decoupled decay) or SGD+Nesterov (L2 decay)
-    lr: float = 2e-3  # peak/initial learning rate (try 0.05 with --optimizer sgd)
-    weight_decay: float = 0.05  # AdamW: decoupled decay per unit lr; SGD: L2 coefficient (try 5e-4)
-    width: int = 32  # channels of the first conv block; each next block doubles them
-    blocks: int = 3  # conv blocks (conv-BN-ReLU-pool)
+    lr: Annotated[float, Range(0, lo_open=True)] = 2e-3  # peak/initial learning rate (try 0.05 with sgd)
+    weight_decay: Annotated[float, Range(0, 1)] = 0.05  # AdamW: decoupled decay per unit lr; SGD: L2 (try 5e-4)
+    width: Annotated[int, Range(1, 512)] = 32  # channels of the first conv block; each next block doubles them
+    blocks: Annotated[int, Range(1, 5)] = 3  # conv blocks (conv-BN-ReLU-pool), each halves the image
     batch_norm: bool = True  # BatchNorm2d after every conv
-    dropout: float = 0.2  # dropout probability before the linear head (0 = none)
-    augment: bool = True  # random crop (pad 4) + horizontal flip on every training batch
-    val_fraction: float = 0.1  # share of the training set held out for validation / early stopping
-    train_subset: int = 0  # train on only this many images (0 = all): quicker comparisons on a CPU
-    budget_s: float = 0.0  # stop each schedule's training after this many seconds (0 = no limit)
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # dropout probability before the linear head
+    augment: bool = True  # Week 3's rule: crop + flip for photos, shifts only for digits (never mirrored)
+    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # share of training images held out
+    train_subset: Annotated[int, Range(0)] = 0  # use only N training images, drawn at random (0: all): quicker
 
-    SMOKE: ClassVar[dict] = {"epochs": 3, "batch_size": 64, "width": 8, "patience": 2}  # what --smoke changes
+    SMOKE: ClassVar[dict] = {"epochs": 6, "batch_size": 32, "width": 16, "lr": 5e-3, "patience": 2}
 
-
-# =========================================================================================
-# Optimizer: weight decay on the weights that need it, not on BatchNorm or biases
-# =========================================================================================
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: conv/linear weights get weight decay; BatchNorm gammas/betas and biases
-    (every 1-D parameter) get none.
-
-    Decay pulls a weight towards 0 to keep the function simple. A BatchNorm gamma of 0 or a
-    bias of 0 is not "simpler", it just fights what the layer needs, and a conv followed by
-    BatchNorm is scale-invariant anyway: there decay only changes the effective learning rate.
-    """
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def check(self) -> None:
+        if self.resume and self.schedule == "all":
+            raise ConfigError("--resume continues the run of one schedule; a --schedule all comparison cannot be "
+                              "resumed (run the schedule you want alone, e.g. --schedule cosine)")
+        size = IMAGE_SIZE[self.dataset]
+        if size >> self.blocks < 1:
+            raise ConfigError(f"--blocks {self.blocks}: each block halves the {size}-pixel {self.dataset} images, "
+                              f"so use at most {size.bit_length() - 1}")
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+# ---- Weight decay on the weights that need it, not on BatchNorm or biases ----
+def param_groups(model: nn.Module, lr: float, weight_decay: float, no_decay_lr_scale: float = 1.0) -> list[dict]:
+    """Conv/linear weights (2+ dims) get weight decay; BatchNorm gammas/betas and biases (1-D) get
+    none and may learn ``no_decay_lr_scale`` times faster (best_cnn.py: 16). A BN gamma or bias of
+    0 is not "simpler", and a conv before BN is scale-invariant: there decay keeps the LR up."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim > 1], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim <= 1], "lr": lr * no_decay_lr_scale, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                   no_decay_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """AdamW: decay is decoupled (w <- w*(1 - lr*wd), Part 1). SGD: decay is an L2 gradient,
     which for SGD is the same thing; Nesterov momentum looks one step ahead."""
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, lr, weight_decay, no_decay_lr_scale)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw or sgd")
 
 
-# =========================================================================================
-# Learning-rate schedules (Part 1 wrote them as functions; here PyTorch's classes)
-# =========================================================================================
-def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
-                   ) -> tuple[Any, bool]:
-    """The scheduler and whether it is stepped after every batch (True) or every epoch.
-
-    step      StepLR: lr x0.1 every epochs//3 epochs (a staircase)
-    plateau   ReduceLROnPlateau: lr x0.1 when the validation loss has not improved for 1 epoch;
-              it reacts to the run instead of a fixed plan (fit() passes it val_loss)
-    onecycle  OneCycleLR: warm up for 25% of the steps to the peak lr, then anneal to ~0; per batch
-    cosine    CosineAnnealingLR: half a cosine from lr to 0 over all epochs; per epoch
-    """
+# ---- Learning-rate schedules, and WHEN each one steps ----
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> tuple[Any, bool]:
+    """The scheduler (Part 1 wrote them as functions) and whether it steps after every batch:
+    step      StepLR: lr x0.1 every epochs//3 epochs (a staircase); per epoch
+    plateau   ReduceLROnPlateau: lr x0.1 after 2 epochs in a row without a lower validation loss
+    onecycle  OneCycleLR: up to the peak in 25% of training, then to ~0; planned in batches
+    cosine    CosineAnnealingLR: half a cosine from lr to 0 over the epochs; per epoch"""
+    schedulers = torch.optim.lr_scheduler
     if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(epochs // 3, 1), gamma=0.1), False
+        return schedulers.StepLR(optimizer, step_size=max(epochs // 3, 1), gamma=0.1), False
     if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=1), False
+        return schedulers.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=1), False
     if name == "onecycle":
         peak = [group["lr"] for group in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=epochs * steps_per_epoch,
-                                                   pct_start=0.25), True
+        return schedulers.OneCycleLR(optimizer, peak, total_steps=epochs * steps_per_epoch, pct_start=0.25), True
     if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs), False
+        return schedulers.CosineAnnealingLR(optimizer, T_max=epochs), False
     raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
 
 
-# =========================================================================================
-# Training one schedule, logging into a shared run folder
-# =========================================================================================
-class ScheduleLog:
-    """What fit() needs from a Run (``log`` and ``path``), adding a ``schedule`` column to every
-    metrics row and a ``<schedule>_`` prefix to file names when several schedules share a run."""
+class EpochScheduler(Callback):
+    """Steps a per-epoch scheduler once each epoch ends, after validation: the epoch's metrics
+    row shows the LR it trained with, and the next epoch trains with the new one.
+    ReduceLROnPlateau is handed the validation loss and decides from it; the others count."""
 
-    def __init__(self, run: Run, schedule: str, prefix: bool):
-        self.run, self.schedule, self.prefix = run, schedule, f"{schedule}_" if prefix else ""
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
 
-    def log(self, **row: Any) -> None:
-        self.run.log(schedule=self.schedule, **row)
+    def on_epoch_end(self, loop: Loop) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(loop.row["val_loss"])
+        else:
+            self.scheduler.step()
 
-    def path(self, name: str) -> Path:
-        return self.run.path(self.prefix + name)
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict()}
 
-
-def save_best(log: ScheduleLog, model: nn.Module, result: FitResult, config: dict) -> Path:
-    """Write the weights fit() restored (those of the epoch with the lowest validation loss)
-    as best.pt, next to checkpoint.pt (the last epoch, for resuming)."""
-    return save_checkpoint(log.path("best.pt"), model, epoch=result.best_epoch, config=config,
-                           best_val_loss=result.best_val_loss, stopped_early=result.stopped_early)
+    def load_state_dict(self, state: dict) -> None:
+        restore_scheduler(self.scheduler, state["scheduler"])  # also when --resume --epochs changed the plan
 
 
-def train_schedule(schedule: str, make_model: Callable[[], nn.Module], train: TensorLoader,
-                   val: TensorLoader, test: TensorLoader, cfg: Config, device: torch.device,
-                   log: ScheduleLog) -> tuple[nn.Module, FitResult, dict]:
-    """Train a fresh model with one schedule and early stopping; returns model, fit result and
-    the summary row for the comparison table."""
+# ---- Early stopping: how it decides ----
+class EarlyStopping(Callback):
+    """After each epoch: a new lowest validation loss? Remember those weights. None for
+    ``patience`` epochs? Stop. At the end (stopped, or the last epoch) put them back: we keep the
+    model validation liked best (never judged on the test set, whose accuracy would then be an
+    optimistic estimate). They are in ``state_dict``: a resumed run restores the same ones."""
+
+    def __init__(self, model: nn.Module, patience: int):
+        self.model, self.patience = model, patience
+        self.best_loss, self.best_epoch, self.best_weights = math.inf, 0, None
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if loop.row["val_loss"] < self.best_loss:
+            self.best_loss, self.best_epoch = loop.row["val_loss"], loop.epoch
+            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if loop.epoch - self.best_epoch >= self.patience:
+            loop.stop = True
+            print(f"early stopping after epoch {loop.epoch}: no lower validation loss for {self.patience} epochs")
+        if (loop.stop or loop.epoch == loop.epochs) and self.best_epoch != loop.epoch:
+            self.model.load_state_dict(self.best_weights)
+            print(f"end of training: restored the weights of epoch {self.best_epoch} (lowest validation loss)")
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_weights": self.best_weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.best_epoch, self.best_weights = (state[k] for k in self.state_dict())
+
+
+# ---- Training one schedule ----
+def train_schedule(schedule: str, make_model: Callable[[], nn.Module], train: TensorLoader, val: TensorLoader,
+                   test: TensorLoader, cfg: Config, device: torch.device, log: Run) -> tuple[list[dict], dict]:
+    """Train a fresh model with one schedule (and early stopping): its metrics rows and summary."""
     seed_everything(cfg.seed)  # the same initial weights for every schedule
-    # channels_last (NHWC) speeds up convolutions on GPUs and, as Week 3 measured, on CPUs too.
-    model = prepare_model(make_model(), device).to(memory_format=torch.channels_last)
+    model = prepare_model(make_model(), device)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler, per_batch = make_scheduler(schedule, optimizer, cfg.epochs, len(train))
-    print(f"--- schedule: {schedule} ---")
-    result = fit(model, train, val, optimizer, cfg.epochs, device, loss_fn=nn.CrossEntropyLoss(), run=log,
-                 scheduler=scheduler, scheduler_per_batch=per_batch, patience=cfg.patience,
-                 resume=cfg.resume or None, config=cfg.to_dict(), time_budget_s=cfg.budget_s)
-    if cfg.patience > 0:  # fit() restored the best epoch's weights: keep them on disk too
-        save_best(log, model, result, cfg.to_dict())
-    logits, targets = predict(model, test, device)
-    test_acc = (logits.argmax(1) == targets).float().mean().item()
-    best_row = next(r for r in result.rows if r["epoch"] == result.best_epoch)
-    summary = {"test_acc": test_acc, "best_val_loss": result.best_val_loss, "best_val_acc": best_row.get("val_acc"),
-               "best_epoch": result.best_epoch, "epochs_done": len(result.rows),
-               "stopped_early": result.stopped_early,
-               "train_time_s": round(sum(r["epoch_time_s"] for r in result.rows), 2)}
-    return model, result, summary
+    callbacks: list[Callback] = [] if per_batch else [EpochScheduler(scheduler)]
+    early = EarlyStopping(model, cfg.patience) if cfg.patience else None
+    callbacks += [early] if early else []  # last: it judges the epoch after the schedule has stepped
+    print(f"--- schedule: {schedule} (steps per {'batch' if per_batch else 'epoch'}) ---")
+    # fit() steps the scheduler it is given after EVERY BATCH; per-epoch ones are callbacks.
+    loop = fit(model, optimizer, train, val, cfg.epochs, scheduler=scheduler if per_batch else None,
+               callbacks=callbacks, run=log, resume=cfg.resume)
+    # The kept model (the best epoch's weights with early stopping, else the last epoch's): its
+    # validation figures choose between schedules; the test set is touched here, once.
+    kept_val, kept_test = evaluate(model, val), evaluate(model, test)
+    summary = {"val_loss": kept_val["loss"], "val_acc": kept_val["acc"], "test_acc": kept_test["acc"],
+               "kept_epoch": early.best_epoch if early else loop.epoch, "epochs_done": loop.epoch,
+               "stopped_early": loop.stop, "train_time_s": round(sum(r["epoch_time_s"] for r in loop.rows), 2)}
+    return loop.rows, summary
 
 
-def plot_schedules(rows: list[dict], path: Path) -> Path:
-    """Validation loss, validation accuracy and learning rate per epoch, one line per schedule."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for schedule in dict.fromkeys(r["schedule"] for r in rows):
-        mine = [r for r in rows if r["schedule"] == schedule]
-        epochs = [r["epoch"] for r in mine]
-        for ax, key in zip(axes, ("val_loss", "val_acc", "lr")):
-            ax.plot(epochs, [r[key] for r in mine], marker="o", markersize=3, label=schedule)
-    for ax, key in zip(axes, ("validation loss", "validation accuracy", "learning rate (end of epoch)")):
-        ax.set(xlabel="epoch", title=key)
-        ax.grid(alpha=0.3)
-    axes[2].set_yscale("log")
-    axes[0].legend()
-    return save(fig, path)
-
-
-def comparison_table(run_: Run, summaries: dict[str, dict]) -> str:
-    """The experiment log's table (common.runs.compare_table), one row per schedule."""
-    entries = [{"week": run_.week, "script": run_.script, "dir": str(run_.path(schedule)),
-                "config": {**run_.config, "schedule": schedule}, "summary": summary}
-               for schedule, summary in summaries.items()]
-    return compare_table(entries, metrics=["test_acc", "best_val_acc", "best_val_loss", "best_epoch", "epochs_done",
-                                           "stopped_early", "train_time_s"])
+def subset(data: ImageData, n: int, seed: int) -> ImageData:
+    """``n`` training images drawn at random (0: all), before validation is held out of them; the
+    first ``n`` of a copy stored class by class (CIFAR-10's JPEG copy) would miss classes."""
+    if not n or n >= len(data.x_train):
+        return data
+    keep = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))[:n]
+    return dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
 def main(cfg: Config) -> dict:
-    cfg = cfg.resolved()
-    if cfg.resume and cfg.schedule == "all":
-        raise LabError("--resume continues one run: pass the --schedule it was trained with, not 'all'")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    run_ = Run.start(cfg, __file__, device)
-
-    # Validation is carved out of the TRAINING set: the test set is touched once, at the end.
-    x_train, y_train, x_val, y_val = split(data.x_train, data.y_train, cfg.val_fraction, cfg.seed)
-    if cfg.train_subset:
-        x_train, y_train = x_train[:cfg.train_subset], y_train[:cfg.train_subset]
-    normalize = normalizer(data.mean, data.std)
-    train = TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True,
-                         augment=crop_flip(padding=4) if cfg.augment else None, transform=normalize,
-                         device=device, seed=cfg.seed)
-    val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=device)
-    test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
-    print(f"train {len(x_train)}, validation {len(x_val)}, test {len(data.x_test)} images ({data.name})")
-
-    widths = tuple(cfg.width * 2**i for i in range(cfg.blocks))
-
-    def make_model() -> CNN:
-        return CNN(data.x_train.shape[1], data.num_classes, widths, cfg.batch_norm, cfg.dropout)
-
+    data = subset(load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed), cfg.train_subset, cfg.seed)
+    train, val, test = make_loaders(cfg, data, device)  # Week 3's: validation held out, Week 3's augmentation
+    if val is None:  # early stopping and the choice of schedule need validation images
+        raise ConfigError(f"--val-fraction {cfg.val_fraction} of {len(data.x_train)} training images holds out "
+                          "none for validation; use more images or a larger --val-fraction")
+    print(f"train {len(train.x)}, validation {len(val.x)}, test {len(test.x)} images ({data.name})")
+    widths = tuple(cfg.width * 2**i for i in range(cfg.blocks))  # channels double as the maps halve
+    make_model = partial(CNN, data.x_train.shape[1], data.num_classes, widths, cfg.batch_norm, cfg.dropout)
+    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
     schedules = SCHEDULES if cfg.schedule == "all" else (cfg.schedule,)
     summaries: dict[str, dict] = {}
     for schedule in schedules:
-        log = ScheduleLog(run_, schedule, prefix=len(schedules) > 1)
-        _, result, summaries[schedule] = train_schedule(schedule, make_model, train, val, test, cfg, device, log)
-        if len(schedules) == 1:
-            plot_history(result.rows, run_.path("curves.png"), title=f"CNN, {schedule} schedule")
-
-    plot_schedules(run_.rows, run_.path("schedules.png"))
-    table = comparison_table(run_, summaries)
+        log = run_.sub(schedule, schedule=schedule)  # files <schedule>_*, rows with a schedule column
+        rows, summaries[schedule] = train_schedule(schedule, make_model, train, val, test, cfg, device, log)
+        plot_history(rows, log.path("curves.png"), title=f"CNN, {schedule} schedule")
+    for key in ("val_loss", "val_acc", "lr"):  # every schedule on one figure per metric
+        curves = {s: [(r["epoch"], r[key]) for r in run_.rows if r["schedule"] == s] for s in schedules}
+        plot_curves(curves, run_.path(f"schedules_{key}.png"), ylabel=key, logy=key == "lr", title=data.name)
+    entries = [{"week": run_.week, "script": run_.script, "dir": schedule, "summary": summary,
+                "config": {**run_.config, "schedule": schedule}} for schedule, summary in summaries.items()]
+    table = compare_table(entries, metrics=list(summaries[schedules[0]]))  # common.runs: the experiment log
     run_.path("comparison.txt").write_text(table + "\n")
     print(table)
 
-    best = max(summaries, key=lambda s: summaries[s]["test_acc"])
-    if len(schedules) == 1:
-        extras = summaries[best]
-    else:  # every schedule's figures, e.g. test_acc_cosine
-        extras = {f"{key}_{s}": value for s, summary in summaries.items() for key, value in summary.items()}
-    return run_.finish(**{**extras, "test_acc": summaries[best]["test_acc"], "best_schedule": best})
+    best = min(summaries, key=lambda s: summaries[s]["val_loss"])  # chosen on validation, never on test
+    per_schedule = {f"{key}_{s}": value for s, summary in summaries.items() for key, value in summary.items()}
+    return run_.finish(**(per_schedule if len(schedules) > 1 else {}), **summaries[best], best_schedule=best)
+
 
 if __name__ == "__main__":
     run(main, Config)
