@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def train_fast(settings: dict, data_dir: str, device: str) -> dict:
     (measured 1.6-2x faster convolutions on this CPU) and bfloat16 autocast on CPUs that have it
     in hardware (``common.device.CpuBFloat16``); on CUDA, ``fit`` autocasts by itself."""
     from common.data import load
-    from common.device import CpuBFloat16, cpu_has_native_bf16, pick_device, seed_everything
+    from common.device import CpuBFloat16, pick_device, seed_everything
     from common.train import fit, predict
 
     cfg = week3.Config(**settings, data_dir=data_dir, device=device)
@@ -54,9 +53,7 @@ def train_fast(settings: dict, data_dir: str, device: str) -> dict:
     dev = pick_device(cfg.device)
     data = load(cfg.dataset, cfg.data_dir)
     train, val, test = week3.make_loaders(cfg, data, dev)
-    model = week3.make_model(cfg, data).to(dev, memory_format=torch.channels_last)
-    if dev.type == "cpu" and cpu_has_native_bf16():
-        model = CpuBFloat16(model)
+    model = fast_model(week3.make_model(cfg, data), dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, epochs=cfg.epochs, steps_per_epoch=len(train),
                                                     pct_start=0.25)
@@ -67,6 +64,15 @@ def train_fast(settings: dict, data_dir: str, device: str) -> dict:
     return {"test_acc": (logits.argmax(1) == targets).float().mean().item(), "train_s": round(train_s, 2),
             "epochs": loop.epoch, "params": sum(p.numel() for p in model.parameters()),
             "bf16": isinstance(model, CpuBFloat16), "threads": torch.get_num_threads()}
+
+
+def fast_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device`` in channels_last layout, under bf16 autocast on a CPU that has bf16
+    in hardware (on CUDA, ``fit`` autocasts by itself)."""
+    from common.device import CpuBFloat16, cpu_has_native_bf16
+
+    model = model.to(device, memory_format=torch.channels_last)
+    return CpuBFloat16(model) if device.type == "cpu" and cpu_has_native_bf16() else model
 
 
 def _timed(cmd: list[str], threads: int) -> tuple[dict, float]:
@@ -102,8 +108,7 @@ def mnist_vs_classic(data_dir: str, device: str, options: dict) -> dict:
 def cifar10(data_dir: str, device: str, options: dict) -> dict:
     fields, _ = config_options(options, week3.Config, default_threads=1)
     settings = {**CIFAR10, **fields}
-    with tempfile.TemporaryDirectory():
-        result = train_fast(settings, data_dir, device)
+    result = train_fast(settings, data_dir, device)
     return {"metric": "test_acc", "value": result["test_acc"], **result, "config": settings}
 
 
