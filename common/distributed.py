@@ -97,6 +97,7 @@ def teardown(info: DistInfo) -> None:
     process group. A function cannot drop the caller's own reference for it, so it is the
     caller's line to write; here we collect what was dropped, wait for every rank and leave."""
     gc.collect()
-    if info.distributed and dist.is_initialized():
-        dist.barrier()
+    if dist.is_initialized():  # also a world of one started by torchrun: it has a process group too
+        if info.distributed:
+            dist.barrier()
         dist.destroy_process_group()

@@ -66,3 +66,24 @@ def test_two_gloo_ranks_end_with_identical_weights(tmp_path):
     assert torch.equal(r0["weights"], r1["weights"]), "DDP ranks drifted apart"
     assert torch.equal(r0["loss"], r1["loss"])
     assert r0["loss"].item() < 1.0  # and they learned
+
+
+def test_teardown_leaves_the_process_group_of_a_world_of_one(monkeypatch):
+    """torchrun --nproc_per_node 1 still creates a process group; teardown must destroy it
+    (NCCL warns about a leak at exit otherwise: seen on a GPU machine)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from common.distributed import teardown
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    info = setup("cpu")
+    assert dist.is_initialized() and not info.distributed
+    teardown(info)
+    assert not dist.is_initialized()
