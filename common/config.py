@@ -41,7 +41,7 @@ import sys
 import tempfile
 import tokenize
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -50,7 +50,7 @@ import yaml
 from common.errors import ConfigError, Interrupted, LabError
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Range:
     """Allowed values of a number field: ``lo <= value <= hi`` (either end may be open or absent)."""
 
@@ -80,7 +80,7 @@ def _number_text(value: float | None) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
-@dataclass
+@dataclasses.dataclass
 class BaseConfig:
     """The flags every script has. A script's Config subclasses this and adds its own."""
 
@@ -108,7 +108,7 @@ class BaseConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-@dataclass
+@dataclasses.dataclass
 class ResumableConfig(BaseConfig):
     """The Config of a script that trains a model and can continue an interrupted run."""
 
@@ -308,7 +308,7 @@ def _from_yaml(cls: type, path: str) -> dict[str, Any]:
     return values
 
 
-@dataclass
+@dataclasses.dataclass
 class Resolved:
     """A parsed config and where its values came from (printed by ``run``)."""
 

@@ -114,7 +114,9 @@ def test_missing_data_in_a_script_is_one_line_exit_1_no_traceback(tmp_path):
     script = tmp_path / "needs_mnist.py"
     script.write_text(textwrap.dedent('''
         """Needs MNIST."""
-        from common.config import BaseConfig, dataclass, run
+        from dataclasses import dataclass
+
+        from common.config import BaseConfig, run
         from common.data import load
 
         @dataclass

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from common.config import BaseConfig, dataclass
+from common.config import BaseConfig
 from common.plots import confusion_matrix, plot_confusion, plot_curves, plot_history, plot_images
 from common.runs import Run, compare_plot, compare_table, read_index, week_and_script
 from common.runs import main as compare_main
