@@ -34,7 +34,7 @@ from week03_cnn import part2 as week3
 ROOT = Path(__file__).resolve().parents[1]
 
 # The settings measured in week03_cnn/README.md.
-MNIST = dict(dataset="mnist", epochs=2, batch_size=128, lr=8e-3, width=16, blocks=3, head_pool=3, batch_norm=True,
+MNIST = dict(dataset="mnist", epochs=1, batch_size=128, lr=8e-3, width=16, blocks=3, head_pool=3, batch_norm=True,
              dropout=0.0, augment=False, val_fraction=0.0)
 CIFAR10 = dict(dataset="cifar10", epochs=14, batch_size=128, lr=4e-3, width=32, blocks=4, batch_norm=True,
                dropout=0.1, augment=True, val_fraction=0.0)

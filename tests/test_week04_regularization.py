@@ -593,7 +593,7 @@ def test_gpu_recipe_fills_in_only_what_the_user_did_not_say():
     gpu = best_cnn.Config.PRESETS["recipe"]["gpu"]
     cfg = parse_config(best_cnn.Config, ["--recipe", "gpu", "--batch-size", "256", "--epochs", "10"])
     assert (cfg.batch_size, cfg.epochs) == (256, 10.0)  # said explicitly: kept, although equal to the defaults
-    assert (cfg.width2, cfg.lr, cfg.eval_each_epoch) == (gpu["width2"], gpu["lr"], True)  # the rest: the recipe
+    assert (cfg.width2, cfg.lr, cfg.eval_each_epoch) == (gpu["width2"], gpu["lr"], False)  # the rest: the recipe
     assert parse_config(best_cnn.Config, ["--recipe", "gpu"]).batch_size == gpu["batch_size"]
     assert parse_config(best_cnn.Config, []) == best_cnn.Config()  # the CPU recipe is the defaults
 
