@@ -301,6 +301,9 @@ def test_part1_main_smoke_summary(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "0.3"], "linear regression diverged at step 23 with --lr 0.3; stable step sizes are below 0.2455"),
     (["--logistic-lr", "1e300"], "logistic regression diverged at step 1 with --logistic-lr 1e+300"),
+    # Here the penalty, not the data, overshoots: w <- w (1 - 2 lr l2) grows when lr * l2 > 1.
+    (["--logistic-l2", "10"], "with --logistic-lr 0.5 and --logistic-l2 10; the penalty alone needs "
+                              "--logistic-lr x --logistic-l2 < 1"),
 ])
 def test_part1_step_size_too_large_stops_before_the_run_folder(flags, message, tmp_path):
     with pytest.raises(LabError, match=re.escape(message)):
@@ -421,7 +424,7 @@ def test_help_lists_every_field_with_its_default(module, capsys):
     (part1, ["--lr", "-1"], "argument --lr: must be > 0, got '-1'"),
     (part1, ["--lr", "0"], "argument --lr: must be > 0, got '0'"),
     (part1, ["--lr", "nan"], "argument --lr: must be a finite number"),
-    (part1, ["--l2", "-0.1"], "argument --l2: must be >= 0"),
+    (part1, ["--l2", "-0.1"], "argument --l2: must be in [0, 1000000]"),
     (part1, ["--seed", "123456789012345678901234"], "argument --seed: must be in [0, 4294967295]"),
     (part1, ["--seed", "-1"], "argument --seed: must be in [0, 4294967295]"),
     (part1, ["--study-lrs", "0.1", "abc"], "argument --study-lrs: expected a float, got 'abc'"),
@@ -429,9 +432,14 @@ def test_help_lists_every_field_with_its_default(module, capsys):
     (part1, ["--study-lrs"], "--study-lrs needs at least one learning rate"),
     (part1, ["--max-degree", "0"], "argument --max-degree: must be in [1, 30]"),
     (part1, ["--poly-train", "1"], "argument --poly-train: must be in [2, 100000]"),
+    (part1, ["--l2", "1e308"], "argument --l2: must be in [0, 1000000]"),  # was a LinAlgError traceback
+    (part1, ["--logistic-l2", "1e308"], "argument --logistic-l2: must be in [0, 1000000]"),
     (part2, ["--batch-size", "0"], "argument --batch-size: must be >= 1, got '0'"),
     (part2, ["--epochs", "2.5"], "argument --epochs: expected an int, got '2.5'"),
-    (part2, ["--logistic-lr", "-1"], "argument --logistic-lr: must be > 0"),
+    (part2, ["--logistic-lr", "-1"], "argument --logistic-lr: must be in (0, 1000000]"),
+    # Above float32's 3.4e38 the optimizer cannot even represent the step: a RuntimeError traceback.
+    (part2, ["--lr", "1e308"], "argument --lr: must be in (0, 1000000]"),
+    (part2, ["--logistic-lr", "1e39"], "argument --logistic-lr: must be in (0, 1000000]"),
     (part2, ["--x", "1e200"], "argument --x: must be in [-1000000, 1000000]"),
     (part2, ["--x", "inf"], "argument --x: must be a finite number"),
     (part2, ["--resume", "checkpoint.pt"], "unrecognized arguments: --resume"),
@@ -440,6 +448,7 @@ def test_help_lists_every_field_with_its_default(module, capsys):
     (pipeline, ["--n-points", "1"], "argument --n-points: must be in [2, 1000000]"),
     (pipeline, ["--noise", "-1"], "argument --noise: must be in [0, 100]"),
     (pipeline, ["--detailed-steps", "-1"], "argument --detailed-steps: must be >= 0"),
+    (pipeline, ["--lr", "1e308"], "argument --lr: must be in (0, 1000000]"),
 ])
 def test_silly_values_fail_in_parsing_with_one_line_and_exit_2(module, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

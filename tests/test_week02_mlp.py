@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import parse_config, run
-from common.errors import DataUnavailable
+from common.errors import DataUnavailable, NonFiniteLoss
 from common.parity import assert_close, torch_reference
 from week02_mlp import iris_cv, optimizers, part1, part2, sweep
 
@@ -167,6 +167,13 @@ def test_deep_sigmoid_net_gradient_vanishes_towards_the_input():
 # ----------------------------------------------------------------------------------------
 # Learning: the NumPy MLP on digits, the torch MLP on the synthetic MNIST twin and Iris
 # ----------------------------------------------------------------------------------------
+def test_part1_stops_with_a_message_when_the_loss_becomes_nan(tmp_path):
+    """A step size that blows up the digits MLP must end the run, not finish it on NaN weights."""
+    cfg = parse_config(part1.Config, ["--smoke", "--lr", "5", "--out", str(tmp_path / "runs"), "--device", "cpu"])
+    with pytest.raises(NonFiniteLoss, match="in epoch 1 with --lr 5: the step is too large"):
+        part1.main(cfg)
+
+
 def test_numpy_mlp_learns_digits():
     digits = part1.load_digits("", seed=0)  # bundled with scikit-learn: offline
     net = part1.MLP([64, 64, 10], activation="relu", init="he", seed=0)
@@ -265,7 +272,8 @@ def test_part2_mlp_learns_iris(offline):
     (["--epochs", "0"], "--epochs: must be >= 1"),
     (["--seed", "12345678901234567890"], "--seed: must be in [0, 4294967295]"),
     (["--hidden", "0"], "--hidden: must be in [1, 8192]"),
-    (["--lr", "0"], "--lr: must be > 0"),
+    (["--lr", "0"], "--lr: must be in (0, 1000000]"),
+    (["--lr", "1e308"], "--lr: must be in (0, 1000000]"),  # above float32's range: a torch traceback before
     (["--momentum", "1"], "--momentum: must be in (0, 1)"),
     (["--val-fraction", "0.9"], "--val-fraction: must be in [0, 0.5]"),
     (["--batch-size", "0"], "--batch-size: must be >= 1"),
@@ -380,6 +388,9 @@ def test_resume_of_a_finished_run_says_nothing_to_do_and_can_train_on(tmp_path, 
     lrs = [float(r.split(",")[5]) for r in rows]
     assert lrs[3] > lrs[2] and lrs[4] < lrs[3], "OneCycle was stretched to 5 epochs: back up, then annealing"
     assert any(not torch.equal(v, weights(checkpoint)[k]) for k, v in before.items()), "it trained on"
+    # The summary counts the training time of all 5 epochs, not only of the 2 this process trained.
+    epoch_times = [float(r.split(",")[-1]) for r in rows]
+    assert more["train_time_s"] == round(sum(epoch_times), 2), (more["train_time_s"], epoch_times)
 
 
 def test_resume_refuses_another_scripts_checkpoint_and_touches_nothing(tmp_path, capsys):
@@ -458,6 +469,10 @@ def test_sweep_verdicts():
     (iris_cv, ["--folds", "1"], "--folds: must be in [2, 50]"),
     (optimizers, ["--momentum", "0"], "--momentum: must be in (0, 1)"),
     (optimizers, ["--val-fraction", "0"], "--val-fraction: must be in (0, 0.5]"),
+    (optimizers, ["--sgd-lr", "1e308"], "--sgd-lr: must be in (0, 1000000]"),
+    (optimizers, ["--adam-lr", "1e39"], "--adam-lr: must be in (0, 1000000]"),
+    (sweep, ["--lrs", "0.1", "1e308"], "--lrs: must be in (0, 1000000]"),
+    (iris_cv, ["--lr", "1e308"], "--lr: must be in (0, 1000000]"),
 ])
 def test_self_work_bad_values_stop_in_parsing(module, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

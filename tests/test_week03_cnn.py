@@ -288,7 +288,8 @@ def test_cnn_learns_the_synthetic_cifar_twin(tmp_path, offline):
     (["--width", "0"], "--width: must be in [1, 512]"),
     (["--epochs", "0"], "--epochs: must be >= 1"),
     (["--batch-size", "0"], "--batch-size: must be >= 1"),
-    (["--lr", "0"], "--lr: must be > 0"),
+    (["--lr", "0"], "--lr: must be in (0, 1000000]"),
+    (["--lr", "1e308"], "--lr: must be in (0, 1000000]"),  # above float32's range: a torch traceback before
     (["--val-fraction", "0.9"], "--val-fraction: must be in [0, 0.5]"),
 ])
 def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, argv, message, capsys):
@@ -381,6 +382,16 @@ def test_a_diverged_variant_is_reported_and_its_nan_figures_declared(tmp_path, o
     assert math.isnan(summary["test_acc_plain_high_lr"]) and "test_acc_plain_high_lr" in summary["allowed_nan"]
     assert all(key.endswith("_plain_high_lr") for key in summary["allowed_nan"])
     assert math.isfinite(summary["test_acc_bn_high_lr"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "1e308"], "--lr: must be in (0, 1000000]"),
+    (["--high-lr-factor", "1e308"], "--high-lr-factor: must be in [0, 1000000]"),  # lr x factor overflowed float32
+])
+def test_bn_dropout_learning_rates_torch_cannot_represent_fail_in_parsing(tmp_path, argv, message, capsys):
+    assert lab(tmp_path, "--smoke", *argv, main=bn_dropout.main, cls=bn_dropout.Config) == {"exit": 2}
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
 
 
 def test_bn_dropout_has_no_resume_flag(capsys):

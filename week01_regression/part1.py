@@ -36,10 +36,11 @@ class Config(BaseConfig):
 
     epochs: Annotated[int, Range(1)] = 10000  # full-batch gradient-descent steps for linear regression
     lr: Annotated[float, Range(0, lo_open=True)] = 0.2  # linear-regression step size (stable below ~0.245 on diabetes)
-    l2: Annotated[float, Range(0)] = 0.0  # L2 (ridge) penalty l2*||w||^2 for linear regression
+    # Penalties stop at 1e6 (the ridge path goes to 100): 2*l2 must stay a float the eigenvalue solver handles.
+    l2: Annotated[float, Range(0, 1e6)] = 0.0  # L2 (ridge) penalty l2*||w||^2 for linear regression
     logistic_epochs: Annotated[int, Range(1)] = 2000  # full-batch gradient-descent steps for logistic regression
     logistic_lr: Annotated[float, Range(0, lo_open=True)] = 0.5  # logistic-regression step size
-    logistic_l2: Annotated[float, Range(0)] = 0.001  # logistic L2 penalty (keeps weights finite on separable data)
+    logistic_l2: Annotated[float, Range(0, 1e6)] = 0.001  # logistic L2 penalty (keeps weights finite on separable data)
     grad_tol: Annotated[float, Range(0)] = 0.0  # stop a descent once the gradient norm is below this (0: never)
     study_lrs: Annotated[tuple[float, ...], Range(0, lo_open=True)] = (0.002, 0.1, 0.3)  # learning rates to compare
     study_epochs: Annotated[int, Range(1)] = 1000  # gradient-descent steps per learning rate in the study
@@ -393,8 +394,11 @@ def main(cfg: Config) -> dict:
     logistic = train_logistic(clf.x_train, clf.y_train, cfg.logistic_lr, cfg.logistic_epochs, cfg.logistic_l2,
                               cfg.grad_tol)
     if logistic.diverged:
+        # The penalty's own step is w <- w (1 - 2 lr l2): it overshoots 0 further each time once lr * l2 > 1.
+        penalty = (f" and --logistic-l2 {cfg.logistic_l2:g}; the penalty alone needs --logistic-lr x --logistic-l2 "
+                   f"< 1" if cfg.logistic_lr * cfg.logistic_l2 >= 1 else "")
         raise LabError(f"logistic regression diverged at step {logistic.steps} with --logistic-lr "
-                       f"{cfg.logistic_lr:g}; use a smaller one")
+                       f"{cfg.logistic_lr:g}{penalty}; use a smaller --logistic-lr")
     run_ = Run.start(cfg, __file__, torch.device("cpu"))  # NumPy runs on the CPU whatever --device says
 
     # 1. Gradient check: hand-derived gradients against finite differences, at a random point.

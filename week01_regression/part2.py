@@ -33,8 +33,10 @@ class Config(BaseConfig):
 
     epochs: Annotated[int, Range(1)] = 100  # passes over the training data for each model
     batch_size: Annotated[int, Range(1)] = 32  # examples per SGD step
-    lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # SGD step size for linear regression (MSELoss)
-    logistic_lr: Annotated[float, Range(0, lo_open=True)] = 0.1  # SGD step size for logistic regression
+    # Learning rates stop at 1e6: far past any that trains, and below float32's 3.4e38, past which
+    # torch.optim cannot even represent the step (a RuntimeError instead of a diverging loss).
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # SGD step size for linear regression (MSELoss)
+    logistic_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.1  # SGD step size for logistic regression
     # Any point on the axis, negative too; bounded only so that 3x^3 stays a readable number.
     x: Annotated[float, Range(-1e6, 1e6)] = 2.0  # the point where the polynomial's derivative is taken
     synthetic: bool = False  # use the synthetic twins of diabetes and breast_cancer instead of the real sets

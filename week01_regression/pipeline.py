@@ -33,7 +33,9 @@ class Config(BaseConfig):
     n_points: Annotated[int, Range(2, 1_000_000)] = 16  # examples in the toy data set y = 2x + 1 + noise
     noise: Annotated[float, Range(0, 100)] = 0.3  # standard deviation of the noise on y
     steps: Annotated[int, Range(1)] = 40  # full-batch gradient-descent steps
-    lr: Annotated[float, Range(0, lo_open=True)] = 0.1  # SGD step size (diverges above 2/lambda_max, ~0.75 here)
+    # At most 1e6: past that the loss overflows anyway, and above float32's 3.4e38 torch.optim
+    # cannot represent the step at all (a RuntimeError instead of this script's message).
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.1  # SGD step size (diverges above 2/lambda_max, ~0.75 here)
     detailed_steps: Annotated[int, Range(0)] = 2  # how many of the first steps are printed stage by stage
 
     SMOKE: ClassVar[dict] = {"steps": 20}

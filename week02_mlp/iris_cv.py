@@ -35,7 +35,7 @@ class Config(BaseConfig):
     hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (16,)  # hidden widths of the MLP (the other model: none)
     epochs: Annotated[int, Range(1)] = 100  # training epochs per model (compare models trained to convergence)
     batch_size: Annotated[int, Range(1)] = 16  # examples per step
-    lr: Annotated[float, Range(0, lo_open=True)] = 0.03  # Adam peak learning rate (OneCycle)
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.03  # Adam peak learning rate (OneCycle; <= 1e6 like part2's)
 
     SMOKE: ClassVar[dict] = {"folds": 3, "splits": 2, "epochs": 10}
 

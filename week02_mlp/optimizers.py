@@ -34,10 +34,11 @@ class Config(BaseConfig):
     hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (256,)  # hidden layer widths (--hidden alone: none)
     epochs: Annotated[int, Range(1)] = 6  # passes over the training data, per optimizer
     batch_size: Annotated[int, Range(1)] = 128  # examples per step
-    sgd_lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # step size of plain SGD
-    momentum_lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # step size of SGD with momentum (same as SGD)
+    # Step sizes stop at 1e6, below float32's 3.4e38 (part2.py's --lr says why).
+    sgd_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # step size of plain SGD
+    momentum_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # step size of SGD with momentum (same as SGD)
     momentum: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.9  # momentum coefficient mu
-    adam_lr: Annotated[float, Range(0, lo_open=True)] = 1e-3  # step size of Adam (~lr per weight: smaller)
+    adam_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # step size of Adam (~lr per weight: smaller)
     val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # share of training data for validation
 
     SMOKE: ClassVar[dict] = {"hidden": (64,), "epochs": 6, "batch_size": 32}

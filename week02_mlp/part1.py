@@ -28,6 +28,7 @@ import torch
 from common.config import BaseConfig, Range, run
 from common.data import load
 from common.device import seed_everything
+from common.errors import NonFiniteLoss
 from common.loader import split
 from common.parity import max_relative_error, numerical_grad
 from common.plots import plot_history, plt, save
@@ -403,6 +404,9 @@ def main(cfg: Config) -> dict:
     history = []
     for epoch in range(1, cfg.epochs + 1):
         train_loss = train_epoch(net, digits.x_train, digits.y_train, cfg.lr, cfg.batch_size, rng)
+        if not np.isfinite(train_loss):  # NaN weights predict nothing: stop rather than report their accuracy
+            raise NonFiniteLoss(f"the training loss became {train_loss} in epoch {epoch} with --lr {cfg.lr:g}: "
+                                "the step is too large; use a smaller --lr")
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": accuracy(net, digits.x_train, digits.y_train),
                "val_loss": net.loss(digits.x_val, digits.y_val), "val_acc": accuracy(net, digits.x_val, digits.y_val)}
         history.append(row)

@@ -44,7 +44,9 @@ class Config(ResumableConfig):
     activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # nonlinearity after each hidden layer
     dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # chance of zeroing a hidden unit in training
     optimizer: Literal["adam", "adamw", "sgd", "momentum"] = "adam"  # momentum: SGD with --momentum
-    lr: Annotated[float, Range(0, lo_open=True)] = 1e-3  # peak learning rate for adam; sgd wants ~0.1, momentum ~0.01
+    # Learning rates stop at 1e6: far past any that trains, and below float32's 3.4e38, past which
+    # torch.optim cannot even represent the step (a RuntimeError instead of a diverging loss).
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # peak learning rate (adam; sgd wants ~0.1, momentum 0.01)
     momentum: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.9  # mu of the momentum optimizer
     weight_decay: Annotated[float, Range(0, 1)] = 0.0  # L2 penalty (adamw: decoupled weight decay)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"  # learning-rate schedule, stepped per batch
@@ -181,7 +183,6 @@ def main(cfg: Config) -> dict:
     run_ = Run.start(cfg, __file__, device)  # resumed: the same folder, metrics.csv rows up to `done`
     print(f"data: {data.name}: {len(sets.x_train)} train, {len(sets.x_val)} validation, {len(sets.x_test)} test")
 
-    t0 = time.perf_counter()
     for epoch in range(done + 1, cfg.epochs + 1):
         train_batches.set_epoch(epoch)  # order and shifts depend on (seed, epoch) only: a resume repeats them
         start = time.perf_counter()
@@ -194,7 +195,7 @@ def main(cfg: Config) -> dict:
         run_.log(**row)
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         run_.save_checkpoint(model, optimizer, scheduler, epoch=epoch)  # Ctrl-C now loses this epoch at most
-    train_time = time.perf_counter() - t0
+    train_time = sum(r["epoch_time_s"] for r in run_.rows)  # every epoch, those before a --resume too
 
     plot_history(run_.rows, run_.path("curves.png"), title=f"MLP on {data.name}")
     test_batches = TensorLoader(sets.x_test, sets.y_test, 2048, device=device)

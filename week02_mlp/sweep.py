@@ -35,7 +35,8 @@ from week02_mlp import part2
 class Config(BaseConfig):
     """Week 2 self-work: learning rate x batch size sweep of an MLP, final validation accuracy as a heatmap."""
 
-    lrs: Annotated[tuple[float, ...], Range(0, lo_open=True)] = (0.001, 0.01, 0.1, 1, 10)  # learning rates to try
+    # Up to 1e6, below float32's 3.4e38 (part2.py's --lr says why): enough to see every way a run breaks.
+    lrs: Annotated[tuple[float, ...], Range(0, 1e6, lo_open=True)] = (0.001, 0.01, 0.1, 1, 10)  # learning rates to try
     batch_sizes: Annotated[tuple[int, ...], Range(1)] = (16, 64, 256, 1024)  # batch sizes to try
     optimizer: Literal["sgd", "momentum", "adam", "adamw"] = "sgd"  # the optimizer of every cell
     hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (128,)  # hidden layer widths of the MLP

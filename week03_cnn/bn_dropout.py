@@ -42,8 +42,10 @@ class Config(BaseConfig):
     train_size: Annotated[int, Range(1)] = 10000  # training images used (a tenth of the set is held out for validation)
     epochs: Annotated[int, Range(1)] = 8  # passes over the training images, per variant
     batch_size: Annotated[int, Range(1)] = 128  # images per SGD step
-    lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # SGD learning rate (momentum 0.9, constant: no schedule)
-    high_lr_factor: Annotated[float, Range(0)] = 6.0  # the high-lr pair trains plain and BN at lr x this (0 = skip)
+    # Both stop at 1e6, so that lr x factor stays far below float32's 3.4e38, past which torch.optim
+    # cannot represent the step (a RuntimeError instead of a variant reported as diverged).
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # SGD learning rate (momentum 0.9, constant: no schedule)
+    high_lr_factor: Annotated[float, Range(0, 1e6)] = 6.0  # the high-lr pair trains plain and BN at lr x this (0: skip)
     dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.3  # dropout probability before the classifier
     width: Annotated[int, Range(1, 512)] = 16  # channels of the first conv block (then x2, x4)
     augment: bool = False  # random crop + flip; off by default so that overfitting (and Dropout) shows

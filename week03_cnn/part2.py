@@ -34,7 +34,9 @@ class Config(ResumableConfig):
     dataset: Literal["cifar10", "mnist"] = "cifar10"  # which image data set to learn
     epochs: Annotated[int, Range(1)] = 10  # passes over the training data
     batch_size: Annotated[int, Range(1)] = 128  # images per optimizer step
-    lr: Annotated[float, Range(0, lo_open=True)] = 2e-3  # peak learning rate of the one-cycle schedule (AdamW)
+    # Learning rates stop at 1e6: far past any that trains, and below float32's 3.4e38, past which
+    # torch.optim cannot even represent the step (a RuntimeError instead of a diverging loss).
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 2e-3  # peak learning rate of the one-cycle schedule (AdamW)
     weight_decay: Annotated[float, Range(0, 1)] = 5e-4  # AdamW decoupled weight decay
     width: Annotated[int, Range(1, 512)] = 32  # channels of the first conv block; each next block doubles them
     blocks: Annotated[int, Range(1, 5)] = 3  # conv blocks (conv-[BN]-ReLU-pool), each halves the image (MNIST: <= 4)
