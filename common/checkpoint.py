@@ -84,6 +84,8 @@ def _reason(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if text.startswith("Weights only load failed"):  # torch's long advice does not apply to damaged files
         text = "not a plain tensors-and-numbers PyTorch file"
+    elif isinstance(e, (EOFError, OSError)):  # e.g. "[Errno 22] Invalid argument" from a cut zip
+        text = f"cut short or damaged: {text}"
     elif isinstance(e, KeyError) or len(text) < 8:  # e.g. KeyError('101') for a text file: says nothing
         text = f"unreadable: {type(e).__name__} {text}"
     return textwrap.shorten(text, width=140, placeholder=" ...")
@@ -92,8 +94,12 @@ def _reason(e: BaseException) -> str:
 def read_checkpoint(path: str | Path) -> dict:
     """Load and validate a checkpoint file; every failure is a one-line CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint.pt file inside a run folder")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (runs are under --out)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); use another checkpoint or start without --resume")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, text, pickles with code: all are "not a checkpoint"

@@ -92,6 +92,7 @@ class BaseConfig:
 
     SMOKE: ClassVar[dict[str, Any]] = {}  # field values of the --smoke preset (a script sets its own)
     PRESETS: ClassVar[dict[str, dict[Any, dict[str, Any]]]] = {}  # field -> its value -> preset values
+    UNUSED: ClassVar[tuple[str, ...]] = ()  # common fields this script ignores (e.g. "device"): no flag for them
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -115,7 +116,7 @@ class ResumableConfig(BaseConfig):
     resume: str = ""  # checkpoint.pt of an earlier run of this script to continue (its settings are kept)
 
     # What may differ from the checkpoint's settings when resuming (e.g. --epochs to train on).
-    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("epochs", "device", "data_dir", "resume", "out")
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("epochs", "device", "data_dir", "resume")
 
 
 # ----------------------------------------------------------------------------------------
@@ -261,6 +262,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     comments = field_comments(cls)
     hints = _hints(cls)
     for f in fields(cls):
+        if f.name in cls.UNUSED:  # a flag appears in --help only if the script honours it
+            continue
         kind, bounds = _unpack(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default
@@ -284,6 +287,9 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
+RUN_FILE_KEYS = {"script", "started", "config", "environment", "resumed_from"}  # what Run.start writes
+
+
 def _from_yaml(cls: type, path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -293,7 +299,7 @@ def _from_yaml(cls: type, path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of Config fields, got {type(data).__name__}")
-    if isinstance(data.get("config"), dict):  # a run's config.yaml: the fields sit under "config"
+    if isinstance(data.get("config"), dict) and set(data) <= RUN_FILE_KEYS:  # a run's config.yaml
         data = {k: v for k, v in data["config"].items() if k != "resume"}  # replaying a run is not resuming it
     known = {f.name for f in fields(cls)}
     values = {}
@@ -391,7 +397,10 @@ def _resumed_settings(cls: type, said: dict, script: str) -> dict[str, Any]:
 
 def check_out(out: str) -> None:
     """``--out`` must be a folder we can create or write into; checked before any work."""
-    path = Path(out).expanduser()
+    try:
+        path = Path(out).expanduser()
+    except RuntimeError:  # "~nosuchuser/runs"
+        raise ConfigError(f"--out {out}: no such user's home folder; pass a plain path") from None
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; pass a folder for the run outputs")
     existing = path
@@ -434,8 +443,10 @@ def run(main, cls: type, argv: list[str] | None = None) -> dict:
     Run.current = None
     if threading_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    resuming = ""
     try:
         resolved = resolve(cls, argv, description=module_doc, script=script)
+        resuming = getattr(resolved.config, "resume", "")
         for note in resolved.preset_notes:
             print(note)
         finished = finished_run(resolved.config)
@@ -445,16 +456,17 @@ def run(main, cls: type, argv: list[str] | None = None) -> dict:
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"{what}: {Run.interrupted_message()}", file=sys.stderr)
+        print(f"{what}: {Run.interrupted_message(resuming)}", file=sys.stderr)
         raise SystemExit(143 if isinstance(e, Terminated) else Interrupted.exit_code) from None
 
 
 def finished_run(cfg) -> dict | None:
     """``--resume`` of a run that already finished, with no more epochs asked for: say so and
-    return its summary, instead of training zero epochs (or tripping over a finished schedule)."""
+    return its summary, instead of training zero epochs (or tripping over a finished schedule).
+    Finished means: the checkpoint has all its epochs (or was stopped early) and its run wrote
+    a summary after that checkpoint; otherwise the script runs on and finishes the run."""
     resume = getattr(cfg, "resume", "")
-    summary_path = Path(resume).parent / "summary.json" if resume else None
-    if summary_path is None or not summary_path.is_file():
+    if not resume:
         return None
     import json
 
@@ -464,10 +476,13 @@ def finished_run(cfg) -> dict | None:
     done, stopped = payload["epoch"], bool(payload["extra"].get("stopped"))
     if not stopped and getattr(cfg, "epochs", done) > done:
         return None  # train on to the new total
+    summary_path = Path(resume).parent / "summary.json"
     try:
+        if summary_path.stat().st_mtime < Path(resume).stat().st_mtime:
+            return None  # the checkpoint is newer than the summary: that run never finished
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError):
-        return None
+        return None  # no summary (e.g. stopped during the final evaluation): finish the run
     why = "stopped early" if stopped else "finished its epochs"
     shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
                      if not isinstance(v, (dict, list)) and k != "run_dir")

@@ -38,11 +38,16 @@ DOWNLOAD_TIMEOUT_S = 30
 
 def data_root(data_dir: str | Path | None = None) -> Path:
     """Where real data sets live: the argument, else $DL_LABS_DATA, else a cache folder."""
-    if data_dir:
-        return Path(data_dir).expanduser()
-    if os.environ.get("DL_LABS_DATA"):
-        return Path(os.environ["DL_LABS_DATA"]).expanduser()
-    return Path.home() / ".cache" / "dl-labs" / "data"
+    where, text = ("--data-dir", data_dir) if data_dir else ("$DL_LABS_DATA", os.environ.get("DL_LABS_DATA"))
+    if not text:
+        return Path.home() / ".cache" / "dl-labs" / "data"
+    try:
+        root = Path(text).expanduser()
+    except RuntimeError:  # "~nosuchuser/x"
+        raise DataUnavailable(f"{where} {text}: no such user's home folder; pass a plain path") from None
+    if root.exists() and not root.is_dir():
+        raise DataUnavailable(f"{where} {text} is a file; it must name the folder that holds the data sets")
+    return root
 
 
 def cache_root() -> Path:
@@ -213,7 +218,12 @@ def _idx_problem(path: Path, ndim: int) -> str | None:
 def _idx_damage(cls) -> Callable[[Path, bool], Damage | None]:
     def find(root: Path, train: bool) -> Damage | None:
         folder, prefix = root / cls.__name__ / "raw", "train" if train else "t10k"
-        for path, ndim in ((folder / f"{prefix}-images-idx3-ubyte", 3), (folder / f"{prefix}-labels-idx1-ubyte", 1)):
+        files = ((folder / f"{prefix}-images-idx3-ubyte", 3), (folder / f"{prefix}-labels-idx1-ubyte", 1))
+        present = [path for path, _ in files if path.is_file()]
+        if present and len(present) < len(files):  # half a data set: name what is missing, do not download
+            missing = next(path for path, _ in files if not path.is_file())
+            return missing, "is missing (the other file of the pair is there)"
+        for path, ndim in files:
             problem = _idx_problem(path, ndim)
             if problem:
                 return path, problem

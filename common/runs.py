@@ -76,10 +76,14 @@ class Run:
                                       "resume it with that script, or pass a checkpoint of this one")
             directory = Path(resume).parent
             resolved = directory.resolve()
-            out = resolved.parents[2] if len(resolved.parents) > 2 else resolved
+            # <out>/<week>/<script>/<stamp>/checkpoint.pt: the index is <out>'s; a checkpoint moved
+            # elsewhere keeps its own index beside it rather than writing into an unrelated folder.
+            in_place = resolved.parent.name == script and resolved.parent.parent.name == week
+            out = resolved.parents[2] if in_place else resolved
             rows = payload["extra"].get("rows", [])
+            earlier_s = float(payload["extra"].get("wall_time_s", 0.0))
         else:
-            out = Path(cfg.out)
+            out, earlier_s = Path(cfg.out).expanduser(), 0.0
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             directory = out / week / script / stamp
             n = 1
@@ -95,6 +99,7 @@ class Run:
                                "pass a writable --out") from None
             rows = []
         run = cls(directory, out, week, script, config, device)
+        run.started -= earlier_s  # wall time of a resumed run counts its earlier processes too
         meta = {"script": run.name, "started": datetime.now().isoformat(timespec="seconds"),
                 "config": config, "environment": describe(device)}
         if resume:
@@ -119,10 +124,13 @@ class Run:
         return view
 
     @staticmethod
-    def interrupted_message() -> str:
-        """What Ctrl-C / SIGTERM prints: where the last checkpoint is and how to go on."""
+    def interrupted_message(resuming: str = "") -> str:
+        """What Ctrl-C / SIGTERM prints: where the last checkpoint is and how to go on.
+        ``resuming``: the checkpoint being resumed, still intact if we stopped before training."""
         run = Run.current
         checkpoints = sorted(run.dir.glob("*checkpoint.pt")) if run is not None else []
+        if not checkpoints and resuming:
+            return f"stopped; {resuming} is unchanged (continue with --resume {resuming})"
         if not checkpoints:
             return "stopped before a checkpoint was saved; nothing to resume"
         from common.checkpoint import read_checkpoint
@@ -143,7 +151,8 @@ class Run:
         rows = [r for r in self.rows if not self.extra_columns or
                 all(r.get(k) == v for k, v in self.extra_columns.items())]
         return save_checkpoint(self.path("checkpoint.pt"), model, optimizer, scheduler, epoch=epoch,
-                               config=self.config, script=self.name, rows=rows, **extra)
+                               config=self.config, script=self.name, rows=rows,
+                               wall_time_s=round(time.perf_counter() - self.started, 3), **extra)
 
     def path(self, name: str) -> Path:
         return self.dir / (self.prefix + name)
@@ -252,11 +261,21 @@ def compare_plot(entries: list[dict], metric: str, path: str | Path, x: str = "e
     return plot_curves(curves, path, xlabel=x, ylabel=metric, title=f"{metric} by run")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compare runs from the run index (the experiment log).")
     parser.add_argument("--out", default="runs", help="the --out folder the runs wrote to (default: runs)")
     parser.add_argument("--script", help="only runs of this script, e.g. week02/optimizers")
-    parser.add_argument("--last", type=int, default=20, help="show the last N runs (default: 20)")
+    parser.add_argument("--last", type=_positive, default=20, help="show the last N runs (default: 20)")
     parser.add_argument("--plot", metavar="METRIC", help="also plot this metrics.csv column for each run")
     args = parser.parse_args(argv)
     entries = read_index(args.out, args.script)[-args.last:]

@@ -317,3 +317,29 @@ def test_sigterm_saves_and_exits_with_one_line(tmp_path):
                          tmp_path=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((checkpoint.parent / "summary.json").read_text())["epochs_done"] == 4
+
+
+def test_damaged_file_messages_say_what_is_wrong(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        read_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        read_checkpoint(tmp_path)
+    good = save_checkpoint(tmp_path / "good.pt", Tiny()).read_bytes()
+    (tmp_path / "cut.pt").write_bytes(good[:len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_checkpoint(tmp_path / "cut.pt")
+
+
+def test_ctrl_c_while_a_resume_starts_says_the_checkpoint_is_intact(tmp_path, capsys, monkeypatch):
+    lab(tmp_path, "--epochs", "1")
+    checkpoint = checkpoint_of(tmp_path)
+    capsys.readouterr()
+
+    def interrupted_start(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the data loads, before the run folder is opened
+
+    monkeypatch.setattr(tiny_lab.Run, "start", interrupted_start)
+    assert lab(tmp_path, "--resume", str(checkpoint), "--epochs", "2") == {"exit": 130}
+    err = capsys.readouterr().err
+    assert f"{checkpoint} is unchanged" in err and "nothing to resume" not in err

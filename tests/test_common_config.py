@@ -231,3 +231,35 @@ def test_script_cli_errors_have_no_traceback(tmp_path):
     result = run_script(script, "--epochs", "-1", tmp_path=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_field_the_script_ignores_has_no_flag(capsys):
+    @dataclass
+    class NumpyOnly(BaseConfig):
+        steps: Annotated[int, Range(1)] = 3  # steps
+        UNUSED: ClassVar[tuple] = ("device",)
+
+    assert "--device" not in " ".join(build_help(NumpyOnly, capsys).split())
+    with pytest.raises(SystemExit):
+        parse_config(NumpyOnly, ["--device", "cuda"])
+    assert "unrecognized arguments: --device cuda" in capsys.readouterr().err
+
+
+def build_help(cls, capsys) -> str:
+    with pytest.raises(SystemExit):
+        parse_config(cls, ["--help"])
+    return capsys.readouterr().out
+
+
+def test_out_with_a_tilde_is_the_home_folder_and_an_unknown_user_is_one_line(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from common.runs import Run
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run_ = Run.start(parse_config(Config, ["--out", "~/runs"]), "/x/week01_regression/demo.py", torch.device("cpu"),
+                     quiet=True)
+    assert run_.dir.is_relative_to(tmp_path / "runs"), "a quoted ~ must not create a folder named '~'"
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--out", "~nosuchuser_xyz/runs"])
+    assert "no such user's home folder" in capsys.readouterr().err

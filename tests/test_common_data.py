@@ -356,3 +356,22 @@ def test_cpu_bf16_autocast_only_when_asked():
     out = wrapped(a)
     assert out.dtype == torch.float32 and wrapped.model.weight.dtype == torch.float32
     torch.testing.assert_close(out, wrapped.model(a), rtol=2e-2, atol=2e-2)  # bf16: ~3 digits
+
+
+def test_half_of_an_mnist_pair_names_the_missing_file(tmp_path, offline):
+    raw = tmp_path / "root" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    n = 2
+    header = bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (raw / "train-images-idx3-ubyte").write_bytes(header + bytes(n * 784))
+    with pytest.raises(LabError, match="train-labels-idx1-ubyte is missing"):
+        load("mnist", tmp_path / "root")
+
+
+def test_data_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(LabError, match="is not a folder"):
+        load("mnist", tmp_path / "afile")
+    monkeypatch.setenv("DL_LABS_DATA", str(tmp_path / "afile"))
+    with pytest.raises(LabError, match=r"\$DL_LABS_DATA .* is a file"):
+        data_root()

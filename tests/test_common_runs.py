@@ -84,3 +84,12 @@ def test_plots_write_pngs(tmp_path):
 def test_confusion_matrix_counts():
     cm = confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], 3)
     assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_compare_rejects_a_non_positive_last(capsys):
+    import pytest
+
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            compare_main(["--last", bad])
+        assert "expected a whole number >= 1" in capsys.readouterr().err

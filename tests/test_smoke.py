@@ -55,7 +55,9 @@ def numbers(value, key=""):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_smoke_run(script, tmp_path):
     out = tmp_path / "runs"
-    result = run_script(script, "--smoke", "--out", str(out), "--device", "cpu", tmp_path=tmp_path)
+    config = importlib.import_module(f"{script.parent.name}.{script.stem}").Config
+    device = [] if "device" in config.UNUSED else ["--device", "cpu"]  # scripts without the flag run on the CPU
+    result = run_script(script, "--smoke", "--out", str(out), *device, tmp_path=tmp_path)
     assert result.returncode == 0, f"{script.name} --smoke failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr
     summaries = list(out.glob("*/*/*/summary.json"))

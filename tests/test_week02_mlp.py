@@ -169,7 +169,7 @@ def test_deep_sigmoid_net_gradient_vanishes_towards_the_input():
 # ----------------------------------------------------------------------------------------
 def test_part1_stops_with_a_message_when_the_loss_becomes_nan(tmp_path):
     """A step size that blows up the digits MLP must end the run, not finish it on NaN weights."""
-    cfg = parse_config(part1.Config, ["--smoke", "--lr", "5", "--out", str(tmp_path / "runs"), "--device", "cpu"])
+    cfg = parse_config(part1.Config, ["--smoke", "--lr", "5", "--out", str(tmp_path / "runs")])
     with pytest.raises(NonFiniteLoss, match="in epoch 1 with --lr 5: the step is too large"):
         part1.main(cfg)
 

@@ -42,6 +42,7 @@ class Config(BaseConfig):
     synthetic: bool = False  # use the synthetic twins of diabetes and breast_cancer instead of the real sets
 
     SMOKE: ClassVar[dict] = {"epochs": 8}
+    UNUSED: ClassVar[tuple] = ('data_dir',)  # bundled with scikit-learn: no --data-dir
 
 
 # ----------------------------------------------------------------------------------------

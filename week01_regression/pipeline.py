@@ -39,6 +39,7 @@ class Config(BaseConfig):
     detailed_steps: Annotated[int, Range(0)] = 2  # how many of the first steps are printed stage by stage
 
     SMOKE: ClassVar[dict] = {"steps": 20}
+    UNUSED: ClassVar[tuple] = ('data_dir',)  # bundled with scikit-learn: no --data-dir
 
 
 def describe(name: str, t: torch.Tensor) -> str:

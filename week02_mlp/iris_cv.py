@@ -38,6 +38,7 @@ class Config(BaseConfig):
     lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.03  # Adam peak learning rate (OneCycle; <= 1e6 like part2's)
 
     SMOKE: ClassVar[dict] = {"folds": 3, "splits": 2, "epochs": 10}
+    UNUSED: ClassVar[tuple] = ('data_dir',)  # bundled with scikit-learn: no --data-dir
 
 
 def stratified_folds(labels: torch.Tensor, k: int, seed: int = 0) -> list[torch.Tensor]:

@@ -43,6 +43,7 @@ class Config(BaseConfig):
     image_index: Annotated[int, Range(0)] = 0  # which test image the edge filters are applied to
     timing_batch: Annotated[int, Range(1, 256)] = 8  # images in the loops-vs-im2col timing (3x32x32, 16 filters)
     SMOKE: ClassVar[dict] = {"timing_batch": 2}
+    UNUSED: ClassVar[tuple] = ('device',)  # NumPy on the CPU: no --device
 
 
 # ----------------------------------------------------------------------------------------
