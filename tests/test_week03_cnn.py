@@ -49,10 +49,12 @@ def check_part2(summary: dict, rows: list[dict]) -> None:
 
 
 def check_bn_dropout(summary: dict, rows: list[dict]) -> None:
-    for key, variant in (("bn", "BN"), ("bn_dropout", "BN+Dropout")):
-        assert summary[f"test_acc_{key}"] > 0.2, summary  # chance is 0.1: BN learns the twin in 4 epochs
+    for key, variant in (("plain", "plain"), ("bn", "BN"), ("dropout", "Dropout"), ("bn_dropout", "BN+Dropout")):
+        assert summary[f"test_acc_{key}"] > 0.2, summary  # chance is 0.1: every variant learns the twin
         losses = train_losses(rows, variant=variant)
-        assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], (variant, losses)
+        assert len(losses) == 12 and losses[-1] < 0.9 * losses[0], (variant, losses)
+    bn, plain = train_losses(rows, variant="BN"), train_losses(rows, variant="plain")
+    assert bn[-1] < plain[-1], "BN trains faster (lower training loss after the same steps): the script's claim"
     assert summary["diverged"] == [] and summary["allowed_nan"] == []
 
 
@@ -370,7 +372,7 @@ def test_bn_dropout_variants_learn_and_log_every_epoch(tmp_path, offline):
 
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     check_bn_dropout(summary, rows)  # an optimizer at lr 0 (or BN missing) would leave these at chance
-    assert [r["variant"] for r in rows] == [v for v in ("plain", "BN", "Dropout", "BN+Dropout") for _ in range(4)]
+    assert [r["variant"] for r in rows] == [v for v in ("plain", "BN", "Dropout", "BN+Dropout") for _ in range(12)]
     assert "test_acc_plain_high_lr" not in summary and (run_dir / "bn_dropout.png").exists()
     assert summary["step_loss_jitter_bn"] > 0
 
