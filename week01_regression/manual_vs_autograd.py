@@ -40,7 +40,7 @@ class Config(BaseConfig):
     synthetic: bool = False  # use the synthetic twin of diabetes instead of the real set
 
     SMOKE: ClassVar[dict] = {"steps": 100}
-    UNUSED: ClassVar[tuple] = ('device', 'data_dir')  # runs on the CPU, on data bundled with scikit-learn: no such flags
+    UNUSED: ClassVar[tuple] = ('device', 'data_dir')  # CPU only, data bundled with scikit-learn
 
 
 @dataclass

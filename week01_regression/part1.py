@@ -50,7 +50,7 @@ class Config(BaseConfig):
     synthetic: bool = False  # use the synthetic twins of diabetes and breast_cancer instead of the real sets
 
     SMOKE: ClassVar[dict] = {"epochs": 6000, "logistic_epochs": 500, "study_epochs": 300, "max_degree": 12}
-    UNUSED: ClassVar[tuple] = ('device', 'data_dir')  # runs on the CPU, on data bundled with scikit-learn: no such flags
+    UNUSED: ClassVar[tuple] = ('device', 'data_dir')  # CPU only, data bundled with scikit-learn
 
     def check(self) -> None:
         if not self.study_lrs:

@@ -317,7 +317,7 @@ class Config(BaseConfig):
     study_epochs: Annotated[int, Range(1)] = 15  # epochs each deep net trains for in the study
 
     SMOKE: ClassVar[dict] = {"epochs": 4, "depth": 6, "width": 32, "study_epochs": 2}
-    UNUSED: ClassVar[tuple] = ('device', 'data_dir')  # runs on the CPU, on data bundled with scikit-learn: no such flags
+    UNUSED: ClassVar[tuple] = ('device', 'data_dir')  # CPU only, data bundled with scikit-learn
 
 
 def init_study(cfg: Config, digits: Digits, run_: Run) -> list[dict]:

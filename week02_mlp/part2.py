@@ -120,9 +120,7 @@ def make_schedule(name: str, optimizer: torch.optim.Optimizer, total_steps: int)
     return None
 
 
-# ----------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------
+# ---- The loop: the lesson of the week ----------------------------------------------------
 def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer: torch.optim.Optimizer, scheduler=None,
                     ) -> dict[str, float]:
     """One pass over the training batches; the mean loss and accuracy over the pass."""
@@ -211,9 +209,7 @@ def main(cfg: Config) -> dict:
                        threads=torch.get_num_threads(), chance=1 / len(sets.classes))
 
 
-# ----------------------------------------------------------------------------------------
-# Data: tensors in memory, normalized once; pictures of the results
-# ----------------------------------------------------------------------------------------
+# ---- Data: tensors in memory, normalized once; pictures of the results --------------------
 @dataclass
 class Splits:
     """Normalized float tensors for training, validation (may be empty) and test."""
