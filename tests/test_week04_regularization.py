@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import read_checkpoint, save_checkpoint
-from common.config import parse_config, run
+from common.config import Terminated, parse_config, run
 from common.data import load
 from common.errors import ConfigError
 from common.parity import assert_close
@@ -489,7 +489,7 @@ def test_part2_resumes_exactly_after_ctrl_c(schedule, lr, epochs, interrupt_in_e
     (checkpoint,) = (tmp_path / "cut").glob("week04/part2/*/*_checkpoint.pt")
     assert read_checkpoint(checkpoint)["epoch"] == interrupt_in_epoch - 1  # the last whole epoch
 
-    resumed = lab(part2, tmp_path / "elsewhere", "--resume", str(checkpoint))
+    resumed = lab(part2, tmp_path / "cut", "--resume", str(checkpoint))  # its own --out (a resume keeps it)
     for key in ("val_loss", "test_acc", "kept_epoch", "epochs_done", "stopped_early"):
         assert resumed[key] == whole[key], key
     pattern = "week04/part2/*/*_checkpoint.pt"
@@ -506,10 +506,38 @@ def test_part2_refuses_to_resume_a_schedule_all_comparison(tmp_path, capsys):
         part2.Config(schedule="all", resume="x.pt")
     # a checkpoint as a --schedule all run writes it (its settings say "all")
     checkpoint = save_checkpoint(tmp_path / "cosine_checkpoint.pt", part2.CNN(3, 10, (4, 8)), epoch=1,
-                                 config=part2.Config(smoke=True, schedule="all").to_dict(), script="week04/part2")
+                                 config=part2.Config(smoke=True, schedule="all", out=str(tmp_path)).to_dict(),
+                                 script="week04/part2")
     assert lab(part2, tmp_path, "--resume", str(checkpoint)) == {"exit": 2}
     err = capsys.readouterr().err
     assert "cannot be resumed" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("stop, exit_code", [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_ctrl_c_in_a_schedule_all_run_does_not_offer_a_resume_that_is_refused(stop, exit_code, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Ctrl-C / SIGTERM in the second schedule of a comparison: one line, saying it cannot be
+    resumed, not common.config.run's "--resume <some schedule>_checkpoint.pt" (which is refused)."""
+
+    class Stop(Callback):
+        def on_step_end(self, loop) -> None:
+            if loop.step == 3:
+                raise stop
+
+    fits = []
+    real_fit = part2.fit
+
+    def fit_stopped_in_the_second_schedule(*args, callbacks=(), **kwargs):
+        fits.append(1)
+        return real_fit(*args, callbacks=[*callbacks, *([Stop()] if len(fits) == 2 else [])], **kwargs)
+
+    monkeypatch.setattr(part2, "fit", fit_stopped_in_the_second_schedule)
+    assert lab(part2, tmp_path, *TINY, "--schedule", "all", "--epochs", "1") == {"exit": exit_code}
+    err = capsys.readouterr().err
+    (folder,) = (tmp_path / "week04" / "part2").iterdir()
+    assert (folder / f"{part2.SCHEDULES[0]}_checkpoint.pt").exists()  # the first schedule had finished
+    assert err.count("\n") == 1 and "cannot be resumed" in err and "--resume" not in err, err
+    assert str(folder) in err and part2.SCHEDULES[1] in err  # where its results are, and what it was doing
 
 
 def test_part2_checks_settings_before_creating_a_run_folder(tmp_path, capsys):
@@ -570,6 +598,29 @@ def test_whitening_filters_decorrelate_patches():
     flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
     second_moment = flat.T @ flat / len(flat)
     torch.testing.assert_close(second_moment, torch.eye(12, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_best_cnn_whitens_with_images_of_every_class_even_from_a_copy_stored_class_by_class(monkeypatch):
+    """CIFAR-10's JPEG copy is stored class by class: its first 1000 training images are all
+    airplanes. The whitening statistics must come from a random sample of the training set."""
+    data = load("cifar10", synthetic=True, n_synthetic=3000)
+    order = data.y_train.argsort(stable=True)
+    x = data.x_train[order].clone()
+    x[:, 0, 0, 0] = 20 * data.y_train[order].to(torch.uint8)  # each image carries its label in one pixel
+    monkeypatch.setattr(best_cnn, "load", lambda *a, **k: dataclasses.replace(data, x_train=x,
+                                                                                y_train=data.y_train[order]))
+    whitened = []
+
+    def capture(images, *args, **kwargs):
+        whitened.append(images)
+        raise _Captured
+
+    monkeypatch.setattr(best_cnn, "whitening_filters", capture)
+    with pytest.raises(_Captured):
+        best_cnn.main(best_cnn.Config(device="cpu"))
+    pixel = whitened[0][:, 0, 0, 0] * data.std[0] + data.mean[0]  # undo the normalization
+    labels = torch.round(pixel * 255 / 20).long()
+    assert len(whitened[0]) == 1000 and torch.bincount(labels, minlength=10).min() >= 50  # ~100 of each class
 
 
 def test_residual_branches_start_at_zero_and_other_gammas_are_frozen():

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from common.checkpoint import restore_scheduler
-from common.config import Range, ResumableConfig, run
+from common.config import Range, ResumableConfig, Terminated, run
 from common.data import ImageData, load
 from common.device import pick_device, prepare_model, seed_everything
-from common.errors import ConfigError
+from common.errors import ConfigError, Interrupted
 from common.loader import TensorLoader
 from common.plots import plot_curves, plot_history
 from common.runs import Run, compare_table
@@ -66,7 +66,7 @@ class Config(ResumableConfig):
     def check(self) -> None:
         if self.resume and self.schedule == "all":
             raise ConfigError("--resume continues the run of one schedule; a --schedule all comparison cannot be "
-                              "resumed (run the schedule you want alone, e.g. --schedule cosine)")
+                              "resumed: start it again, or start one schedule alone (e.g. --schedule cosine)")
         size = IMAGE_SIZE[self.dataset]
         if size >> self.blocks < 1:
             raise ConfigError(f"--blocks {self.blocks}: each block halves the {size}-pixel {self.dataset} images, "
@@ -198,6 +198,17 @@ def subset(data: ImageData, n: int, seed: int) -> ImageData:
     return dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
+def comparison_interrupted(e: KeyboardInterrupt, schedule: str, run_: Run) -> Interrupted:
+    """Ctrl-C / SIGTERM in a ``--schedule all`` run: --resume continues one schedule's run and refuses
+    a comparison's checkpoints, so common.config.run's "continue with --resume ..." would lead nowhere."""
+    what = "terminated" if isinstance(e, Terminated) else "interrupted"
+    stopped = Interrupted(f"{what} in the {schedule} schedule; a --schedule all comparison cannot be resumed "
+                          f"(what it finished is in {run_.dir}): start it again, or train one schedule alone "
+                          f"(--schedule {schedule}), which can be paused with Ctrl-C and resumed")
+    stopped.exit_code = 143 if isinstance(e, Terminated) else Interrupted.exit_code  # 128 + SIGTERM / SIGINT
+    return stopped
+
+
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -214,7 +225,12 @@ def main(cfg: Config) -> dict:
     summaries: dict[str, dict] = {}
     for schedule in schedules:
         log = run_.sub(schedule, schedule=schedule)  # files <schedule>_*, rows with a schedule column
-        rows, summaries[schedule] = train_schedule(schedule, make_model, train, val, test, cfg, device, log)
+        try:
+            rows, summaries[schedule] = train_schedule(schedule, make_model, train, val, test, cfg, device, log)
+        except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: a single schedule can be resumed, a comparison not
+            if len(schedules) > 1:
+                raise comparison_interrupted(e, schedule, run_) from None
+            raise
         plot_history(rows, log.path("curves.png"), title=f"CNN, {schedule} schedule")
     for key in ("val_loss", "val_acc", "lr"):  # every schedule on one figure per metric
         curves = {s: [(r["epoch"], r[key]) for r in run_.rows if r["schedule"] == s] for s in schedules}
