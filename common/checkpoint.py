@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import textwrap
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,10 @@ def read_checkpoint(path: str | Path) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); use another checkpoint or start without --resume")
     try:
+        with zipfile.ZipFile(path) as archive:  # torch.load does not check the CRCs: flipped bytes load silently
+            bad = archive.testzip()
+        if bad is not None:
+            raise ValueError(f"{bad} fails its checksum")
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, text, pickles with code: all are "not a checkpoint"
         raise CheckpointError(
@@ -178,6 +183,9 @@ def restore_scheduler(scheduler: Any, state: dict) -> None:
         scheduler.load_state_dict(state)
         return
     steps = int(state.get("last_epoch", 0))
+    for group in scheduler.optimizer.param_groups:  # replay from the plan's start, not from the saved
+        if "initial_lr" in group:                    # (already decayed) learning rate
+            group["lr"] = group["initial_lr"]
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore")
         for _ in range(steps):

@@ -253,7 +253,10 @@ def _cifar_damage(root: Path, train: bool) -> Damage | None:
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    sample = x[: 10_000].float() / 255
+    """Per-channel mean and std of 10,000 images drawn at random (a fixed draw): the first
+    10,000 of a set stored class by class (the CIFAR-10 JPEG copy) would be two classes only."""
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:10_000]
+    sample = x[pick].float() / 255
     return tuple(sample.mean(dim=(0, 2, 3)).tolist()), tuple(sample.std(dim=(0, 2, 3)).tolist())
 
 
@@ -332,7 +335,11 @@ def _cifar10_jpg(source: Path) -> ImageData:
     if blob is None:
         print(f"decoding {source} once into {cache} ...", flush=True)
         blob = _decode_cifar10_jpg(source)
-        atomic_write(cache, lambda tmp: torch.save(blob, tmp))
+        try:
+            atomic_write(cache, lambda tmp: torch.save(blob, tmp))
+        except OSError as e:  # a read-only or odd cache folder: carry on, decode again next time
+            print(f"warning: could not keep the decoded copy in {cache} ({e.strerror or e}); "
+                  "set DL_LABS_CACHE to a writable folder to skip decoding next time")
     mean, std = _channel_stats(blob["x_train"])
     return ImageData(blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"], CIFAR10_CLASSES,
                      mean, std, "cifar10", source=str(source))

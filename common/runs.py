@@ -128,7 +128,7 @@ class Run:
         """What Ctrl-C / SIGTERM prints: where the last checkpoint is and how to go on.
         ``resuming``: the checkpoint being resumed, still intact if we stopped before training."""
         run = Run.current
-        checkpoints = sorted(run.dir.glob("*checkpoint.pt")) if run is not None else []
+        checkpoints = sorted(run.dir.glob("*checkpoint.pt"), key=lambda p: p.stat().st_mtime) if run else []
         if not checkpoints and resuming:
             return f"stopped; {resuming} is unchanged (continue with --resume {resuming})"
         if not checkpoints:
@@ -216,7 +216,12 @@ def read_index(out: str | Path, script: str | None = None) -> list[dict]:
     index = Path(out) / "index.jsonl"
     if not index.exists():
         return []
-    entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(index.read_text().splitlines(), start=1):
+        try:
+            entries.append(json.loads(line)) if line.strip() else None
+        except json.JSONDecodeError:  # a line cut short by a killed process: skip it, say so
+            print(f"warning: {index} line {number} is damaged; skipped", file=sys.stderr)
     # A resumed run that finished again (e.g. trained on to more epochs) is one run: keep its last line.
     entries = list({str(Path(e["dir"]).resolve()): e for e in entries}.values())
     if script:
@@ -252,10 +257,14 @@ def compare_plot(entries: list[dict], metric: str, path: str | Path, x: str = "e
         csv_path = Path(e["dir"]) / "metrics.csv"
         if not csv_path.exists():
             continue
-        rows = list(csv.DictReader(csv_path.open()))
-        points = [(float(r[x]), float(r[metric])) for r in rows if r.get(metric) not in (None, "") and r.get(x)]
-        if points:
-            curves[Path(e["dir"]).name + " " + e["script"]] = points
+        for row in csv.DictReader(csv_path.open()):
+            if row.get(metric) in (None, "") or not row.get(x):
+                continue
+            # One line per model: a run that trained several (e.g. one per schedule) has a column
+            # naming it, and joining their rows would draw one zig-zag through all of them.
+            label = " ".join(filter(None, [Path(e["dir"]).name, e["script"], row.get("schedule") or row.get("variant")
+                                           or row.get("optimizer") or row.get("model")]))
+            curves.setdefault(label, []).append((float(row[x]), float(row[metric])))
     if not curves:
         return None
     return plot_curves(curves, path, xlabel=x, ylabel=metric, title=f"{metric} by run")

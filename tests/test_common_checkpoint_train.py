@@ -343,3 +343,33 @@ def test_ctrl_c_while_a_resume_starts_says_the_checkpoint_is_intact(tmp_path, ca
     assert lab(tmp_path, "--resume", str(checkpoint), "--epochs", "2") == {"exit": 130}
     err = capsys.readouterr().err
     assert f"{checkpoint} is unchanged" in err and "nothing to resume" not in err
+
+
+def test_a_longer_plan_replays_its_steps_from_the_start_not_from_the_decayed_rate():
+    """--resume --epochs 12 of a cosine run planned for 6: the rate must be where a 12-epoch
+    cosine has it after 6 epochs (half the peak), not replayed from the saved rate of ~0."""
+    from common.checkpoint import restore_scheduler
+
+    def cosine(t_max):
+        opt = torch.optim.SGD(Tiny().parameters(), lr=0.1)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
+
+    old_opt, old = cosine(6)
+    for _ in range(6):
+        old_opt.step()
+        old.step()
+    assert old_opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    new_opt, new = cosine(12)
+    new_opt.load_state_dict(old_opt.state_dict())  # what load_checkpoint does first
+    restore_scheduler(new, old.state_dict())
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(0.05, rel=1e-9)
+
+
+def test_flipped_bytes_inside_the_weights_are_caught_by_the_zip_checksums(tmp_path):
+    good = save_checkpoint(tmp_path / "good.pt", Tiny(hidden=256)).read_bytes()  # mostly weights
+    damaged = bytearray(good)
+    for i in range(len(good) // 2, len(good) // 2 + 16):  # the middle of the file: tensor data
+        damaged[i] ^= 0x55
+    (tmp_path / "bad.pt").write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match="checksum|corrupt"):
+        read_checkpoint(tmp_path / "bad.pt")

@@ -93,3 +93,28 @@ def test_compare_rejects_a_non_positive_last(capsys):
         with pytest.raises(SystemExit):
             compare_main(["--last", bad])
         assert "expected a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_damaged_index_line_is_skipped_with_a_warning(tmp_path, capsys):
+    run = start(tmp_path)
+    run.finish(acc=0.5)
+    with open(tmp_path / "index.jsonl", "a") as f:
+        f.write('{"week": "week07", "scr')  # a process killed mid-write
+    assert len(read_index(tmp_path)) == 1
+    assert "line 2 is damaged" in capsys.readouterr().err
+
+
+def test_compare_plot_draws_one_line_per_model_of_a_run(tmp_path, monkeypatch):
+    import common.plots
+
+    run = start(tmp_path)
+    for schedule in ("step", "cosine"):
+        view = run.sub(schedule, schedule=schedule)
+        for epoch in (1, 2):
+            view.log(epoch=epoch, val_acc=0.5 + 0.1 * epoch)
+    run.finish(acc=0.7)
+    drawn = {}
+    monkeypatch.setattr(common.plots, "plot_curves", lambda curves, path, **kw: drawn.update(curves) or path)
+    compare_plot(read_index(tmp_path), "val_acc", tmp_path / "p.png")
+    assert sorted(label.split()[-1] for label in drawn) == ["cosine", "step"]
+    assert all(len(points) == 2 for points in drawn.values())
