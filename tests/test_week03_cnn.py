@@ -378,7 +378,7 @@ def test_bn_dropout_variants_learn_and_log_every_epoch(tmp_path, offline):
 
 
 def test_a_diverged_variant_is_reported_and_its_nan_figures_declared(tmp_path, offline):
-    summary = lab(tmp_path, "--smoke", "--epochs", "1", "--lr", "0.5", "--high-lr-factor", "2000",
+    summary = lab(tmp_path, "--smoke", "--epochs", "1", "--batch-size", "32", "--lr", "0.5", "--high-lr-factor", "2000",
                   main=bn_dropout.main, cls=bn_dropout.Config)  # the plain network at lr 1000 blows up
     assert summary["diverged"] == ["plain, high lr"]
     assert math.isnan(summary["test_acc_plain_high_lr"]) and "test_acc_plain_high_lr" in summary["allowed_nan"]
