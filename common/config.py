@@ -274,7 +274,10 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is Literal:
-            kwargs["choices"] = list(typing.get_args(kind))
+            choices = list(typing.get_args(kind))
+            kwargs["choices"] = choices
+            if not all(isinstance(c, str) for c in choices):  # Literal[1, 2]: the text "2" means the number 2
+                kwargs["type"] = lambda text, choices=choices: next((c for c in choices if str(c) == text), text)
         elif item is not None:
             kwargs.update(nargs="*", type=_cli_type(item, bounds, f.name), metavar=item.__name__.upper())
         elif kind in (int, float):

@@ -263,3 +263,14 @@ def test_out_with_a_tilde_is_the_home_folder_and_an_unknown_user_is_one_line(tmp
     with pytest.raises(SystemExit):
         parse_config(Config, ["--out", "~nosuchuser_xyz/runs"])
     assert "no such user's home folder" in capsys.readouterr().err
+
+
+def test_literal_choices_that_are_numbers_work_from_the_command_line(capsys):
+    @dataclass
+    class Heads(BaseConfig):
+        heads: Literal[1, 2, 4] = 2  # attention heads
+
+    assert parse_config(Heads, ["--heads", "4"]).heads == 4
+    with pytest.raises(SystemExit):
+        parse_config(Heads, ["--heads", "3"])
+    assert "invalid choice: '3'" in capsys.readouterr().err
