@@ -393,7 +393,9 @@ def _resumed_settings(cls: type, said: dict, script: str) -> dict[str, Any]:
     may_change = getattr(cls, "RESUME_MAY_CHANGE", ())
     for name, value in said.items():
         if name in settings and name not in may_change and settings[name] != value:
-            raise ConfigError(f"{_flag(name)} {value} differs from the run being resumed ({name}={settings[name]}); "
+            said_it = (_flag(name) if value else "--no-" + name.replace("_", "-")) if isinstance(value, bool) \
+                else f"{_flag(name)} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+            raise ConfigError(f"{said_it} differs from the run being resumed ({name}={settings[name]}); "
                               f"a resumed run keeps its settings (only {', '.join(map(_flag, may_change))} may change)")
     return settings
 

@@ -373,3 +373,10 @@ def test_flipped_bytes_inside_the_weights_are_caught_by_the_zip_checksums(tmp_pa
     (tmp_path / "bad.pt").write_bytes(bytes(damaged))
     with pytest.raises(CheckpointError, match="checksum|corrupt"):
         read_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_changed_switch_on_resume_is_named_as_typed(tmp_path, capsys):
+    lab(tmp_path, "--epochs", "1", "--smoke")
+    capsys.readouterr()
+    assert lab(tmp_path, "--resume", str(checkpoint_of(tmp_path)), "--no-smoke") == {"exit": 2}
+    assert "--no-smoke differs from the run being resumed (smoke=True)" in capsys.readouterr().err
