@@ -21,6 +21,7 @@ slowest thread, and that thread is often descheduled.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -77,11 +78,7 @@ def fast_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def _timed(cmd: list[str], threads: int) -> tuple[dict, float]:
     """Run ``cmd`` as a fresh process; its last stdout line (JSON) and its whole wall time."""
-    env = None
-    if threads > 0:
-        import os
-
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads > 0 else None
     t0 = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t0

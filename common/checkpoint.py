@@ -11,7 +11,6 @@ the same for the order of the batches and their augmentation).
 
 from __future__ import annotations
 
-import textwrap
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, one_line
 from common.io import atomic_write
 
 FORMAT = "dl-labs-checkpoint/1"
@@ -81,7 +80,7 @@ def _plain(value: Any) -> Any:
 
 
 def _reason(e: BaseException) -> str:
-    """The first line of an exception, cut at a word boundary."""
+    """Why torch could not load a file, in words that fit a damaged checkpoint."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if text.startswith("Weights only load failed"):  # torch's long advice does not apply to damaged files
         text = "not a plain tensors-and-numbers PyTorch file"
@@ -89,7 +88,7 @@ def _reason(e: BaseException) -> str:
         text = f"cut short or damaged: {text}"
     elif isinstance(e, KeyError) or len(text) < 8:  # e.g. KeyError('101') for a text file: says nothing
         text = f"unreadable: {type(e).__name__} {text}"
-    return textwrap.shorten(text, width=140, placeholder=" ...")
+    return one_line(ValueError(text), width=140)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -152,7 +151,7 @@ def load_checkpoint(
         lines = str(e).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else _reason(e)
         raise CheckpointError(
-            f"{path} is a {expected} of another shape ({textwrap.shorten(detail, 150, placeholder=' ...')}); "
+            f"{path} is a {expected} of another shape ({one_line(ValueError(detail), 150)}); "
             "use the same model settings as the run that saved it"
         ) from None
     try:

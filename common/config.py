@@ -414,8 +414,7 @@ def check_out(out: str) -> None:
     try:  # a real attempt: os.access says yes to root everywhere, even in /proc
         if not existing.is_dir():
             raise OSError("not a folder")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot write in {existing} ({e.strerror or e}); "
                           "pass a writable folder") from None

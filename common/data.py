@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import DataError, DataUnavailable
+from common.errors import DataError, DataUnavailable, one_line
 from common.twins import synthetic_images, synthetic_tabular
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -113,12 +113,6 @@ def _damaged(name: str, what: str, where: Path | str, remedy: str = DAMAGED) -> 
     return DataError(f"{name}: {what} (in {where}); {remedy}")
 
 
-def _reason(e: BaseException) -> str:
-    """An exception as a short single line (torchvision's download errors span several)."""
-    text = " ".join(str(e).split())
-    return (text[:197] + "...") if len(text) > 200 else text or type(e).__name__
-
-
 def _checked_root(name: str, data_dir: str | Path | None) -> Path:
     """The data root; an explicit ``--data-dir`` must exist: a typo should not quietly start a
     download into a new folder (and it is never created)."""
@@ -178,7 +172,7 @@ def _torchvision(cls, name: str, root: Path, train: bool, find_damage: Callable[
             damage = find_damage(root, train)
             if damage:
                 raise _damaged(name, f"{damage[0].name} {damage[1]}", damage[0].parent) from None
-            raise _damaged(name, f"the {split} files could not be read ({_reason(e)})", folder) from None
+            raise _damaged(name, f"the {split} files could not be read ({one_line(e)})", folder) from None
     before = _new_folders(root)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
@@ -191,8 +185,8 @@ def _torchvision(cls, name: str, root: Path, train: bool, find_damage: Callable[
         damage = find_damage(root, train)  # e.g. a CIFAR batch file whose checksum is wrong
         if damage:
             raise _damaged(name, f"{damage[0].name} {damage[1]}, and no good copy could be downloaded "
-                                 f"({_reason(e)})", damage[0].parent) from None
-        raise _missing(name, root, _reason(e)) from None
+                                 f"({one_line(e)})", damage[0].parent) from None
+        raise _missing(name, root, one_line(e)) from None
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -313,7 +307,7 @@ def _decode_cifar10_jpg(source: Path) -> dict[str, torch.Tensor]:
             if len({im.shape for im in images[split]}) > 1:
                 raise ValueError(f"{split} images of different sizes")
     except (OSError, EOFError, ValueError, tarfile.TarError, zlib.error) as e:  # PIL's errors are OSErrors
-        raise _damaged("cifar10", f"could not decode {member} ({_reason(e)})", source, JPG_DAMAGED) from None
+        raise _damaged("cifar10", f"could not decode {member} ({one_line(e)})", source, JPG_DAMAGED) from None
     blob = {f"x_{s}": torch.from_numpy(np.stack(images[s])).permute(0, 3, 1, 2).contiguous() for s in images}
     blob.update({f"y_{s}": torch.tensor(labels[s], dtype=torch.long) for s in labels})
     return blob
@@ -331,7 +325,7 @@ def _cifar10_jpg(source: Path) -> ImageData:
         try:
             blob = torch.load(cache, weights_only=True)
         except Exception as e:  # our own cache: decode again rather than fail
-            print(f"the cache {cache} does not load ({_reason(e)}); decoding again", flush=True)
+            print(f"the cache {cache} does not load ({one_line(e)}); decoding again", flush=True)
     if blob is None:
         print(f"decoding {source} once into {cache} ...", flush=True)
         blob = _decode_cifar10_jpg(source)

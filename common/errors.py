@@ -5,6 +5,14 @@ message as one line and exits non-zero instead of showing a traceback.
 """
 
 
+import textwrap
+
+
+def one_line(e: BaseException, width: int = 200) -> str:
+    """An exception as one short line, cut at a word boundary (library errors span several)."""
+    return textwrap.shorten(" ".join(str(e).split()) or type(e).__name__, width=width, placeholder=" ...")
+
+
 class LabError(Exception):
     """An error with a message that says what went wrong and what to do next."""
 

@@ -45,6 +45,17 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def run_lab(main, config_cls, argv: list[str]) -> dict:
+    """A script's command line run in this process (``common.config.run``): its summary, or
+    ``{"exit": code}`` when it stopped with an error line or an interrupt."""
+    from common.config import run
+
+    try:
+        return run(main, config_cls, argv)
+    except SystemExit as e:
+        return {"exit": e.code}
+
+
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
     """The same offline environment for code run inside the test process."""

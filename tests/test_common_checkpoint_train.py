@@ -12,12 +12,11 @@ import torch
 from torch import nn
 
 from common.checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
-from common.config import run
 from common.errors import CheckpointError, NonFiniteLoss
 from common.loader import TensorLoader
 from common.train import Callback, evaluate, fit, predict
 from tests import tiny_lab
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_lab, run_script
 
 
 class Tiny(nn.Module):
@@ -43,10 +42,7 @@ def setup(seed=0):
 
 def lab(tmp_path, *argv: str) -> dict:
     """Run tests/tiny_lab.py in this process as its command line would; the summary or the exit code."""
-    try:
-        return run(tiny_lab.main, tiny_lab.Config, ["--out", str(tmp_path), *argv])
-    except SystemExit as e:
-        return {"exit": e.code}
+    return run_lab(tiny_lab.main, tiny_lab.Config, ["--out", str(tmp_path), *argv])
 
 
 def final_weights(summary: dict) -> dict:

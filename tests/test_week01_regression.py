@@ -345,17 +345,7 @@ def test_bce_with_logits_stays_exact_where_sigmoid_then_bce_saturates():
     assert result["bce_after_sigmoid_loss_z40"] == pytest.approx(100.0)  # log(0) clamped by BCELoss
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU some kernels
-    (binary_cross_entropy_with_logits) wait milliseconds per call for a second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_part2_main_learns_both_models_with_a_negative_x(tmp_path, one_thread):
+def test_part2_main_learns_both_models_with_a_negative_x(tmp_path):
     summary = part2.main(smoke_config(part2, tmp_path, "--x", "-1.5"))
     check_part2(summary, metrics_rows(summary))
     assert summary["poly_grad_manual"] == 9 * 2.25 + 6 + 1  # f'(x) = 9x^2 - 4x + 1 at x = -1.5

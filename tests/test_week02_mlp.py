@@ -12,22 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.config import parse_config, run
+from common.config import parse_config
 from common.errors import DataUnavailable, NonFiniteLoss
 from common.parity import assert_close, torch_reference
+from tests.conftest import run_lab
 from week02_mlp import iris_cv, optimizers, part1, part2, sweep
 
 RNG = np.random.default_rng(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a shared 2-core machine, a second thread per matmul costs more
-    than it saves (each step waits for the slower thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------
@@ -306,10 +297,7 @@ STEPS_PER_EPOCH = 15
 
 def lab(out, *argv: str) -> dict:
     """part2.py's command line, in this process; the summary, or {"exit": code}."""
-    try:
-        return run(part2.main, part2.Config, ["--out", str(out), *argv])
-    except SystemExit as e:
-        return {"exit": e.code}
+    return run_lab(part2.main, part2.Config, ["--out", str(out), *argv])
 
 
 def checkpoint_in(out):

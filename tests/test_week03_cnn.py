@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import read_checkpoint, save_checkpoint
-from common.config import parse_config, run
+from common.config import parse_config
 from common.loader import TensorLoader
 from common.parity import assert_close, max_relative_error, numerical_grad, torch_reference
 from common.plots import confusion_matrix
 from common.train import Callback, fit, predict
+from tests.conftest import run_lab
 from week03_cnn import bn_dropout, part1, part2
 from week03_cnn.part2 import CNN, per_class_accuracy, training_augment
 
@@ -255,21 +256,9 @@ def test_digits_are_shifted_but_never_mirrored_and_photos_are_flipped():
 # ------------------------------------------------------------------------------------------
 # The lab: learning, settings, resume
 # ------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The labs below train in this process: one thread is fastest on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lab(tmp_path: Path, *argv: str, main=part2.main, cls=part2.Config) -> dict:
     """A script run in this process as its command line would; its summary, or {"exit": code}."""
-    try:
-        return run(main, cls, ["--out", str(tmp_path / "runs"), "--device", "cpu", *argv])
-    except SystemExit as e:
-        return {"exit": e.code}
+    return run_lab(main, cls, ["--out", str(tmp_path / "runs"), "--device", "cpu", *argv])
 
 
 def test_cnn_learns_the_synthetic_cifar_twin(tmp_path, offline):

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import read_checkpoint, save_checkpoint
-from common.config import Terminated, parse_config, run
+from common.config import Terminated, parse_config
 from common.data import load
 from common.errors import ConfigError
 from common.parity import assert_close
 from common.train import Callback, fit
+from tests.conftest import run_lab
 from week04_regularization import best_cnn, part1, part2
 
 
@@ -278,10 +279,7 @@ def test_schedule_curves_share_one_length():
 # ---------------------------------------------------------------------------------------------
 def lab(module, out: Path, *argv: str) -> dict:
     """Run a Week 4 script in this process as its command line would; the summary, or the exit status."""
-    try:
-        return run(module.main, module.Config, ["--out", str(out), "--device", "cpu", *argv])
-    except SystemExit as e:
-        return {"exit": e.code}
+    return run_lab(module.main, module.Config, ["--out", str(out), "--device", "cpu", *argv])
 
 
 TINY = ("--smoke", "--width", "4", "--blocks", "2")  # part2 in about a second (461 training images, batch 32)
@@ -428,7 +426,7 @@ def test_train_subset_is_drawn_at_random_so_a_copy_sorted_by_class_keeps_every_c
 
 
 class _Captured(Exception):
-    pass
+    """Raised by a test's stand-in to stop a run at the point being inspected."""
 
 
 @pytest.mark.parametrize("dataset, mirrors", [("mnist", False), ("cifar10", True)])
