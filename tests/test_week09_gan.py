@@ -1,0 +1,438 @@
+"""Week 9: the GAN theory on a grid (D*, V(D*, G) = -log 4 + 2 JSD, gradients vs PyTorch), the
+Frechet distance on known Gaussians, the DCGAN's rules, its two alternating steps, exact resume
+after Ctrl-C, and the outcome of every script's smoke run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.checkpoint import read_checkpoint, save_checkpoint
+from common.parity import assert_close, torch_reference
+from tests.conftest import run_lab
+from week09_gan import part1, part2, quality
+
+
+# ------------------------------------------------------------------------------------------
+# What each script's --smoke run must show (tests/test_smoke.py runs them)
+# ------------------------------------------------------------------------------------------
+def check_part1(summary: dict, rows: list[dict]) -> None:
+    assert summary["identity_gap"] < 1e-12 and summary["perturbations_lower"], summary
+    assert summary["trained_d_max_gap"] < 1e-6, summary  # gradient ascent on V finds D*
+    assert abs(summary["jsd_far"] - math.log(2)) < 1e-6 and abs(summary["jsd_slope_far"]) < 1e-6
+    assert {r["variant"] for r in rows} == {"plain", "minibatch std"}
+    fixed = [r for r in rows if r["variant"] == "minibatch std"]
+    assert all(float(r["jsd"]) < float(r["jsd_start"]) for r in fixed), rows  # G moved towards the data
+    assert summary["modes_mbstd"] >= summary["modes_plain"] and summary["modes_mbstd"] >= 3, summary
+
+
+def check_part2(summary: dict, rows: list[dict]) -> None:
+    assert summary["steps"] == 4 * (427 // 32) and summary["epochs_done"] == 4
+    assert summary["fd"] < 0.5 * summary["fd_start"], summary  # training moved G towards the data
+    assert summary["fd_real"] < summary["fd"], summary  # ...but not all the way: the baseline is lower
+    assert abs(sum(summary["class_shares"]) - 1) < 1e-3 and len(summary["class_shares"]) == 10
+    d_real = [float(r["d_real"]) for r in rows]
+    assert all(0 < v < 1 for v in d_real) and summary["classifier_val_acc"] > 0.15  # chance is 0.1
+
+
+def check_sweep(summary: dict, rows: list[dict]) -> None:
+    assert summary["runs"] == 2 and summary["best"] in ("lr=0.002 beta1=0.5 smoothing=0", "lr=0.002 beta1=0.5 "
+                                                                                          "smoothing=0.1")
+    for key in ("fd_lr=0.002_beta1=0.5_smoothing=0", "fd_lr=0.002_beta1=0.5_smoothing=0.1"):
+        assert summary[key] < summary["fd_start"], summary  # each setting improved on the untrained G
+
+
+SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2, "sweep.py": check_sweep}
+
+
+# ------------------------------------------------------------------------------------------
+# Part 1: the optimal discriminator and the JS divergence, on a grid
+# ------------------------------------------------------------------------------------------
+def grid_densities(n: int = 2001):
+    x, dx = part1.make_grid(-10, 10, n)
+    p_data = part1.normalize(part1.mixture_pdf(x, (-2.0, 1.0, 3.0), 0.6), dx)
+    p_g = part1.normalize(part1.gaussian_pdf(x, -0.5, 1.8), dx)
+    p_data[:50] = 0.0  # exact zeros: points where p_data has no mass (D* = 0 there)
+    p_g[-50:] = 0.0  # and where p_g has none (D* = 1)
+    p_data[100:120] = 0.0
+    p_g[100:120] = 0.0  # and where neither has: D* is 1/2 by convention
+    return x, dx, part1.normalize(p_data, dx), part1.normalize(p_g, dx)
+
+
+def test_optimal_discriminator_formula_and_the_jsd_identity():
+    x, dx, p_data, p_g = grid_densities()
+    d_star = part1.optimal_discriminator(p_data, p_g)
+    assert np.all(d_star[:50] == 0) and np.all(d_star[-50:] == 1) and np.all(d_star[100:120] == 0.5)
+    v_star = part1.value_function(d_star, p_data, p_g, dx)
+    jsd = part1.js_divergence(p_data, p_g, dx)
+    assert 0 < jsd < math.log(2)
+    assert v_star == pytest.approx(-math.log(4) + 2 * jsd, abs=1e-12)
+    # identical densities: D* = 1/2 everywhere, JSD = 0, V = -log 4
+    assert part1.js_divergence(p_data, p_data, dx) == pytest.approx(0, abs=1e-15)
+    assert part1.value_function(part1.optimal_discriminator(p_data, p_data), p_data, p_data, dx) == \
+        pytest.approx(-math.log(4), abs=1e-12)
+
+
+def test_optimal_discriminator_maximizes_v_against_perturbations():
+    _, dx, p_data, p_g = grid_densities()
+    d_star = part1.optimal_discriminator(p_data, p_g)
+    v_star = part1.value_function(d_star, p_data, p_g, dx)
+    rng = np.random.default_rng(0)
+    inside = (d_star > 0) & (d_star < 1)
+    for scale in (1e-4, 1e-2, 0.2):
+        d = d_star.copy()
+        d[inside] = np.clip(d[inside] + rng.normal(0, scale, inside.sum()), 1e-12, 1 - 1e-12)
+        assert part1.value_function(d, p_data, p_g, dx) < v_star
+
+
+def test_gradient_ascent_on_v_converges_to_the_formula():
+    _, dx, p_data, p_g = grid_densities()
+    trained = part1.train_discriminator(p_data, p_g, dx, steps=3000)
+    d_star = part1.optimal_discriminator(p_data, p_g)
+    informative = (d_star > 1e-3) & (d_star < 1 - 1e-3)  # where the logit is finite and reachable
+    assert informative.sum() > 1000
+    np.testing.assert_allclose(trained[informative], d_star[informative], atol=1e-8)
+    # the gradient of V vanishes at D* (logit(D*)) where both densities have mass
+    logits = np.log(d_star[informative] / (1 - d_star[informative]))
+    grad = part1.value_gradient(logits, p_data[informative], p_g[informative], dx)
+    assert np.abs(grad).max() < 1e-15
+
+
+def test_value_function_and_its_gradient_match_torch():
+    _, dx, p_data, p_g = grid_densities(301)
+    logits = np.random.default_rng(1).normal(0, 3, p_data.shape)
+    logits[::7] = 0.0  # D = 1/2 exactly
+    pd, pg = torch.from_numpy(p_data), torch.from_numpy(p_g)
+
+    def value(a):  # log D = logsigmoid(a), log(1 - D) = logsigmoid(-a)
+        return (pd * F.logsigmoid(a) + pg * F.logsigmoid(-a)).sum() * dx
+
+    expected, (grad,) = torch_reference(value, logits)
+    assert_close(part1.value_function(part1.sigmoid(logits), p_data, p_g, dx), expected, "V(D, G)")
+    assert_close(part1.value_gradient(logits, p_data, p_g, dx), grad, "dV/dlogits")
+
+
+def test_kl_and_jsd_match_torch():
+    _, dx, p_data, p_g = grid_densities(501)
+    m = (p_data + p_g) / 2
+    pd, pg, pm = (torch.from_numpy(v) for v in (p_data, p_g, m))
+    # torch.special.xlogy(0, 0) = 0: a point without mass contributes nothing, as in part1.xlogy
+    kl = lambda p, q: ((torch.special.xlogy(p, p) - torch.special.xlogy(p, q)).sum() * dx).item()  # noqa: E731
+    kl_pm, kl_gm = kl(pd, pm), kl(pg, pm)
+    assert kl_pm == pytest.approx(F.kl_div(pm[pm > 0].log(), pd[pm > 0], reduction="sum").item() * dx, rel=1e-12)
+    assert_close(part1.kl_divergence(p_data, m, dx), kl_pm, "KL(p_data || m)")
+    assert_close(part1.js_divergence(p_data, p_g, dx), 0.5 * kl_pm + 0.5 * kl_gm, "JSD")
+
+
+def test_generator_loss_gradients_match_torch_and_the_minimax_one_saturates():
+    d_fake = np.array([0.5, 0.1, 1e-3, 1e-6])
+    logits = np.log(d_fake / (1 - d_fake))
+    _, (minimax,) = torch_reference(lambda a: torch.log1p(-torch.sigmoid(a)), logits)
+    _, (non_saturating,) = torch_reference(lambda a: -F.logsigmoid(a), logits)
+    mine_minimax, mine_ns = part1.generator_loss_gradients(d_fake)
+    # the logits went through log(d / (1 - d)) and back through sigmoid: rounding of ~1e-16 relative
+    assert_close(mine_minimax, minimax, "minimax gradient", rtol=1e-9)
+    assert_close(mine_ns, non_saturating, "non-saturating gradient", rtol=1e-9)
+    assert abs(mine_minimax[-1]) < 1e-5 and abs(mine_ns[-1]) > 0.99
+
+
+def test_sigmoid_is_stable_for_large_logits():
+    out = part1.sigmoid(np.array([-1000.0, -40.0, 0.0, 40.0, 1000.0]))
+    assert np.all(np.isfinite(out)) and out[0] == 0.0 and out[2] == 0.5 and out[-1] == 1.0
+    assert_close(out, torch.sigmoid(torch.tensor([-1000.0, -40.0, 0.0, 40.0, 1000.0], dtype=torch.float64)).numpy())
+
+
+def test_modes_covered_and_sample_density():
+    samples = np.concatenate([np.full(900, part1.MODES[0]), np.full(100, part1.MODES[2])])
+    n, shares = part1.modes_covered(samples)
+    assert n == 2 and shares.tolist() == [0.9, 0.0, 0.1, 0.0, 0.0]
+    x, dx = part1.make_grid(-10, 10, 201)
+    density = part1.sample_density(samples, x, dx)
+    assert density.sum() * dx == pytest.approx(1.0)
+    assert density[np.argmin(np.abs(x - part1.MODES[0]))] == pytest.approx(0.9 / dx)
+
+
+def test_minibatch_std_lets_d_see_the_spread_of_the_batch():
+    torch.manual_seed(0)
+    d = part1.TinyDiscriminator(minibatch_std=True)
+    x = torch.randn(8, 1)
+    alone = d(x[:1].repeat(8, 1))  # the same first sample in a batch of copies (std 0)
+    mixed = d(x)
+    assert not torch.allclose(alone[0], mixed[0]), "the same sample in another batch must be judged differently"
+    plain = part1.TinyDiscriminator(minibatch_std=False)
+    torch.testing.assert_close(plain(x)[:1], plain(x[:1]))
+
+
+# ------------------------------------------------------------------------------------------
+# The Frechet distance on known Gaussians
+# ------------------------------------------------------------------------------------------
+def test_frechet_distance_of_commuting_gaussians_has_a_closed_form():
+    """Covariances Q D1 Q^T and Q D2 Q^T commute: d^2 = |mu1 - mu2|^2 + sum_i (sqrt(d1_i) - sqrt(d2_i))^2."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    d1, d2 = rng.uniform(0.1, 4, 6), rng.uniform(0.1, 4, 6)
+    d1[0] = d2[0] = 0.0  # a direction with no spread in either: exact zeros on the diagonal
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2)
+    got = quality.gaussian_frechet_distance(mu1, q @ np.diag(d1) @ q.T, mu2, q @ np.diag(d2) @ q.T)
+    # sqrt of an eigenvalue that is 0 up to rounding (~1e-16) is ~1e-8: the zero direction costs that much
+    assert got == pytest.approx(expected, rel=1e-10, abs=1e-7)
+    assert quality.gaussian_frechet_distance([1.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(4 + 1)  # 1-D
+
+
+def test_frechet_distance_matches_a_direct_matrix_square_root():
+    from scipy.linalg import sqrtm
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
+    cov1, cov2 = a @ a.T, b @ b.T + 0.1 * np.eye(5)  # general covariances: S1 S2 is not symmetric
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    direct = np.sum((mu1 - mu2) ** 2) + np.trace(cov1 + cov2 - 2 * sqrtm(cov1 @ cov2).real)
+    assert quality.gaussian_frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(direct, rel=1e-8)
+    # symmetric in its two arguments
+    assert quality.gaussian_frechet_distance(mu2, cov2, mu1, cov1) == pytest.approx(direct, rel=1e-8)
+
+
+def test_frechet_distance_of_sample_sets():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(4000, 3))
+    assert quality.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert quality.frechet_distance(a, a[::-1]) == pytest.approx(0.0, abs=1e-9)  # order does not matter
+    shifted = a + np.array([2.0, 0.0, 0.0])
+    assert quality.frechet_distance(a, shifted) == pytest.approx(4.0, rel=1e-9)  # means 2 apart, same spread
+    scaled = 2 * rng.normal(size=(4000, 3))
+    assert quality.frechet_distance(a, scaled) == pytest.approx(3.0, rel=0.1)  # 3 * (2 - 1)^2, sampled
+    collapsed = np.repeat(a[:1], 4000, axis=0) + 1e-3 * rng.normal(size=(4000, 3))
+    assert quality.frechet_distance(a, collapsed) > 2.5  # one point: the spread term catches it
+
+
+# ------------------------------------------------------------------------------------------
+# The DCGAN
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+def test_dcgan_shapes_output_range_and_architecture_rules(channels, size):
+    torch.manual_seed(0)
+    gan = part2.DCGAN(16, channels, size, g_width=8, d_width=8)
+    images = gan.generator(torch.randn(5, 16))
+    assert images.shape == (5, channels, size, size) and images.abs().max() < 0.9  # N(0, 0.02): small at first
+    with torch.no_grad():
+        gan.generator.net[-2].weight.mul_(1000)  # huge pre-activations: tanh still keeps pixels in [-1, 1]
+    images = gan.generator(torch.randn(5, 16))
+    assert images.min() >= -1 and images.max() <= 1 and images.abs().max() > 0.99
+    assert gan.discriminator(images).shape == (5,)
+    g_layers, d_layers = list(gan.generator.net), list(gan.discriminator.net)
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.Linear)) for m in gan.modules())
+    assert isinstance(g_layers[-1], nn.Tanh) and isinstance(g_layers[-2], nn.ConvTranspose2d)  # no BN on G's output
+    assert isinstance(d_layers[1], nn.LeakyReLU) and d_layers[1].negative_slope == 0.2  # no BN on D's input layer
+    assert all(isinstance(m, nn.ReLU) for m in g_layers if isinstance(m, (nn.ReLU, nn.LeakyReLU)))
+    strided = [m for m in gan.discriminator.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == part2.upsamplings(size)
+
+
+def test_dcgan_initialization_is_normal_0_02():
+    torch.manual_seed(0)
+    gan = part2.DCGAN(64, 1, 28, g_width=32, d_width=32)
+    weights = torch.cat([m.weight.flatten() for m in gan.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
+    assert abs(weights.mean().item()) < 1e-3 and weights.std().item() == pytest.approx(0.02, rel=0.02)
+    gammas = torch.cat([m.weight for m in gan.modules() if isinstance(m, nn.BatchNorm2d)])
+    assert gammas.mean().item() == pytest.approx(1.0, abs=0.01) and gammas.std().item() == pytest.approx(0.02, rel=0.2)
+    biases = [m.bias for m in gan.modules() if getattr(m, "bias", None) is not None]
+    assert all(torch.all(b == 0) for b in biases)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def changed(module: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(v, before[k]) for k, v in module.named_parameters())
+
+
+def test_d_step_changes_only_d_and_g_step_changes_only_g():
+    torch.manual_seed(0)
+    gan = part2.DCGAN(8, 1, 28, g_width=4, d_width=4)
+    opt_g = torch.optim.Adam(gan.generator.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(gan.discriminator.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    real = torch.rand(6, 1, 28, 28) * 2 - 1
+    fake = gan.generator(torch.randn(6, 8))
+    g0, d0 = snapshot(gan.generator), snapshot(gan.discriminator)
+    stats = part2.discriminator_step(gan, opt_d, real, fake, label_smoothing=0.1)
+    assert changed(gan.discriminator, d0) and not changed(gan.generator, g0)
+    assert all(p.grad is None for p in gan.generator.parameters()), "the D step sent gradients into G"
+    assert 0 < stats["d_real"] < 1 and 0 < stats["d_fake"] < 1
+    d1 = snapshot(gan.discriminator)
+    part2.generator_step(gan, opt_g, fake)
+    assert changed(gan.generator, g0) and not changed(gan.discriminator, d1)
+    assert all(p.requires_grad for p in gan.discriminator.parameters()), "D must be trainable again after the G step"
+    d_grads = [p.grad for p in gan.discriminator.parameters()]
+    part2.generator_step(gan, opt_g, gan.generator(torch.randn(6, 8)))
+    assert all(a is b for a, b in zip(d_grads, (p.grad for p in gan.discriminator.parameters()))), \
+        "the G step must leave D's gradients alone"
+
+
+def test_one_sided_label_smoothing_targets_real_images_only():
+    class FixedD(nn.Module):
+        """Logits fixed per batch (real images are ones, fakes zeros) plus one trainable shift."""
+
+        def __init__(self):
+            super().__init__()
+            self.shift = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            logits = torch.tensor([2.0, -1.0]) if x.sum() > 0 else torch.tensor([0.5, -3.0])
+            return logits + self.shift
+
+    gan = part2.DCGAN(8, 1, 28, g_width=4, d_width=4)
+    gan.discriminator = FixedD()
+    optimizer = torch.optim.SGD(gan.discriminator.parameters(), lr=0.0)
+    stats = part2.discriminator_step(gan, optimizer, torch.ones(2, 1, 28, 28), torch.zeros(2, 1, 28, 28), 0.2)
+    expected = (F.binary_cross_entropy_with_logits(torch.tensor([2.0, -1.0]), torch.full((2,), 0.8))
+                + F.binary_cross_entropy_with_logits(torch.tensor([0.5, -3.0]), torch.zeros(2)))  # fakes stay at 0
+    assert stats["d_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # d/dshift: sum over reals of (sigmoid - 0.8) / 2 + sum over fakes of sigmoid / 2
+    grad = ((torch.sigmoid(torch.tensor([2.0, -1.0])) - 0.8).mean() + torch.sigmoid(torch.tensor([0.5, -3.0])).mean())
+    assert gan.discriminator.shift.grad.item() == pytest.approx(grad.item(), rel=1e-5)
+
+
+def test_generated_samples_in_eval_mode_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    g = part2.Generator(8, 1, 28, 4)
+    g.train()(torch.randn(16, 8))  # move the BN running statistics
+    z = torch.randn(6, 8)
+    together = part2.generate(g, z)
+    one_by_one = torch.cat([part2.generate(g, z[i:i + 1]) for i in range(6)])
+    torch.testing.assert_close(together, one_by_one)
+    assert g.training, "generate() puts the generator back in training mode"
+
+
+def test_optimizers_checkpoint_both_players(tmp_path):
+    torch.manual_seed(0)
+    gan = part2.DCGAN(8, 1, 28, g_width=4, d_width=4)
+    opts = part2.Optimizers(torch.optim.Adam(gan.generator.parameters(), lr=1e-3),
+                            torch.optim.Adam(gan.discriminator.parameters(), lr=2e-3))
+    fake = gan.generator(torch.randn(4, 8))
+    part2.discriminator_step(gan, opts.discriminator, torch.zeros(4, 1, 28, 28), fake)
+    part2.generator_step(gan, opts.generator, fake)
+    path = save_checkpoint(tmp_path / "c.pt", gan, opts, script="week09/part2")
+    payload = read_checkpoint(path)
+    fresh = part2.Optimizers(torch.optim.Adam(gan.generator.parameters(), lr=1e-3),
+                             torch.optim.Adam(gan.discriminator.parameters(), lr=2e-3))
+    fresh.load_state_dict(payload["optimizer"])
+    for mine, theirs in ((fresh.generator, opts.generator), (fresh.discriminator, opts.discriminator)):
+        for p in mine.param_groups[0]["params"]:
+            assert torch.equal(mine.state[p]["exp_avg"], theirs.state[p]["exp_avg"])
+    assert fresh.discriminator.param_groups[0]["lr"] == 2e-3
+
+
+# ------------------------------------------------------------------------------------------
+# The lab: settings, Ctrl-C and exact resume, foreign checkpoints
+# ------------------------------------------------------------------------------------------
+def lab(tmp_path: Path, *argv: str, main=part2.main, cls=part2.Config) -> dict:
+    return run_lab(main, cls, ["--out", str(tmp_path / "runs"), "--device", "cpu", *argv])
+
+
+TINY = ("--smoke", "--g-width", "4", "--d-width", "4", "--score-samples", "100", "--log-every", "5")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], "--lr: must be in (0, 1000000]"),
+    (["--beta1", "1"], "--beta1: must be in [0, 1)"),
+    (["--label-smoothing", "0.7"], "--label-smoothing: must be in [0, 0.5]"),
+    (["--batch-size", "1"], "--batch-size: must be >= 2"),
+    (["--dataset", "svhn"], "invalid choice"),
+])
+def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, argv, message, capsys):
+    assert lab(tmp_path, *argv) == {"exit": 2}
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_batch_larger_than_the_training_set_and_missing_data_stop_before_the_run_folder(tmp_path, offline, capsys):
+    assert lab(tmp_path, "--smoke", "--batch-size", "5000") == {"exit": 1}
+    assert "--batch-size 5000 is more than the 427 training images" in capsys.readouterr().err
+    assert lab(tmp_path, "--data-dir", str(tmp_path / "nowhere")) == {"exit": 1}
+    err = capsys.readouterr().err
+    assert "mnist" in err and "does not exist" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def interrupt_generator_step(monkeypatch, at_call: int) -> None:
+    calls = []
+    real_step = part2.generator_step
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(part2, "generator_step", step)
+
+
+def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(tmp_path, offline, monkeypatch, capsys):
+    args = [*TINY, "--epochs", "3"]  # 13 steps per epoch
+    straight = lab(tmp_path / "straight", *args)
+    interrupt_generator_step(monkeypatch, 20)  # in epoch 2
+    assert lab(tmp_path / "cut", *args) == {"exit": 130}
+    monkeypatch.undo()
+    (checkpoint,) = (tmp_path / "cut" / "runs").glob("week09/part2/*/checkpoint.pt")
+    assert "the checkpoint of epoch 1" in capsys.readouterr().err
+    resumed = lab(tmp_path / "cut", "--resume", str(checkpoint))
+    assert resumed["run_dir"] == str(checkpoint.parent) and resumed["steps"] == straight["steps"] == 39
+    a, b = read_checkpoint(Path(straight["run_dir"]) / "checkpoint.pt"), read_checkpoint(checkpoint)
+    for name, value in a["model"].items():  # both players, BatchNorm statistics included
+        assert torch.equal(value, b["model"][name]), name
+    for player in ("generator", "discriminator"):
+        for key, state in a["optimizer"][player]["state"].items():
+            assert torch.equal(state["exp_avg_sq"], b["optimizer"][player]["state"][key]["exp_avg_sq"])
+    assert resumed["fd"] == straight["fd"] and resumed["fd_start"] == straight["fd_start"]
+    rows = (checkpoint.parent / "metrics.csv").read_text().splitlines()
+    assert rows == (Path(straight["run_dir"]) / "metrics.csv").read_text().splitlines()
+    assert len(list(checkpoint.parent.glob("samples_epoch*.png"))) == 3
+    assert (checkpoint.parent / "progression.png").exists()
+    capsys.readouterr()
+    assert lab(tmp_path / "cut", "--resume", str(checkpoint))["fd"] == straight["fd"]
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_resume_refuses_another_scripts_or_another_models_checkpoint_and_damaged_files(tmp_path, offline, capsys):
+    foreign = save_checkpoint(tmp_path / "foreign" / "checkpoint.pt", nn.Linear(2, 2), script="week03/part2")
+    assert lab(tmp_path, "--smoke", "--resume", str(foreign)) == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "written by week03/part2, not week09/part2" in err and err.count("\n") == 1, err
+    other = save_checkpoint(tmp_path / "other" / "checkpoint.pt", nn.Linear(2, 2), script="week09/part2",
+                            config={"smoke": True}, progression=[], step=0, train_time_s=0.0, fd_start=1.0)
+    assert lab(tmp_path, "--resume", str(other)) == {"exit": 1}
+    err = capsys.readouterr().err
+    assert "holds a Linear, not a DCGAN" in err and err.count("\n") == 1, err
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"\x00" * 100)
+    assert lab(tmp_path, "--smoke", "--resume", str(damaged)) == {"exit": 2}
+    assert "corrupt or not a PyTorch file" in capsys.readouterr().err
+
+
+def test_the_scoring_classifier_is_cached_and_a_damaged_cache_is_retrained(tmp_path, monkeypatch):
+    from common.data import load
+    from common.device import pick_device
+
+    data = load("mnist", synthetic=True, n_synthetic=256)
+    monkeypatch.setattr(quality, "classifier_config", lambda dataset, smoke: quality.week3.Config(
+        dataset=dataset, epochs=1, batch_size=32, width=4, blocks=2, lr=5e-3, augment=False, val_fraction=0.0))
+    cache = tmp_path / "cache"
+    first = quality.get_scorer("mnist", data, smoke=False, device=pick_device("cpu"), cache=cache)
+    path = cache / "classifier_mnist.pt"
+    assert path.exists()
+    second = quality.get_scorer("mnist", data, smoke=False, device=pick_device("cpu"), cache=cache)
+    assert second.val_acc == first.val_acc
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[name])
+    path.write_bytes(b"garbage")
+    third = quality.get_scorer("mnist", data, smoke=False, device=pick_device("cpu"), cache=cache)
+    assert third.val_acc == first.val_acc and read_checkpoint(path)["extra"]["val_acc"] == first.val_acc
