@@ -58,8 +58,26 @@ def setup(device_name: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                **restart_store(rank, world))
     return DistInfo(rank, local_rank, world, device)
+
+
+def restart_store(rank: int, world: int) -> dict:
+    """After ``torchrun --max-restarts`` started the workers again: a store whose keys are
+    prefixed with the attempt number, for ``init_process_group(**restart_store(...))``.
+
+    torchrun's agent keeps one key-value store for the whole job. Each rank publishes its
+    address in it under the same key on every attempt, so on a restart a fast rank could read
+    the address a dead rank published last time and fail with "Connection refused" (seen with
+    gloo here). On a first attempt this returns {} and the default env:// rendezvous is used."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or "MASTER_ADDR" not in os.environ:
+        return {}
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts_it)
+    return {"store": dist.PrefixStore(f"attempt{attempt}", store), "rank": rank, "world_size": world}
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
