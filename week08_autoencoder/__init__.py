@@ -1,0 +1,1 @@
+"""Week 8: PCA, k-means and autoencoders."""
