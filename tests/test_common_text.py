@@ -1,0 +1,157 @@
+"""common.text: tokenizer, vocabulary, padding, the IMDB loader and the sentiment twin."""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.errors import CheckpointError, DataError, DataUnavailable
+from common.text import BAD, GOOD, PAD, UNK, Vocab, encode_texts, load_text, pad_batch, sentiment_twin, tokenize
+
+
+def test_tokenize_lowercases_splits_punctuation_and_keeps_negation():
+    assert tokenize("Great movie!<br /><br />I didn't LIKE the end, it's 10/10") == [
+        "great", "movie", "!", "i", "did", "n't", "like", "the", "end", ",", "it", "'s", "10", "/", "10"]
+    assert tokenize("not bad") == ["not", "bad"]
+    assert tokenize("Isn’t it") == ["is", "n't", "it"]  # the typographic apostrophe too
+    assert tokenize("café<br/>x") == ["café", "x"]
+    assert tokenize("") == []
+
+
+def test_vocab_orders_by_frequency_then_word_and_maps_unknown_to_unk():
+    texts = [["b", "a", "c", "a"], ["c", "d", "a"], ["e"]]  # a:3, c:2, b:1, d:1, e:1
+    vocab = Vocab.build(texts, max_size=5)
+    assert vocab.itos == ["<pad>", "<unk>", "a", "c", "b"]  # ties (b, d, e) broken alphabetically
+    assert len(vocab) == 5 and vocab.itos[PAD] == "<pad>" and vocab.itos[UNK] == "<unk>"
+    assert vocab.encode(["a", "d", "zzz", "b"]) == [2, UNK, UNK, 4]
+    assert Vocab.build(reversed(texts), max_size=5).itos == vocab.itos, "reading order must not matter"
+    assert Vocab.build(texts, max_size=100, min_freq=2).itos == ["<pad>", "<unk>", "a", "c"]
+    assert Vocab.build([["<unk>", "<pad>", "x"]], max_size=10).itos == ["<pad>", "<unk>", "x"]
+
+
+def test_vocab_state_dict_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    vocab = Vocab.build([tokenize("the film was n't good, the film was bad")], max_size=50)
+    torch.save({"vocab": vocab.state_dict()}, tmp_path / "v.pt")
+    again = Vocab.from_state_dict(torch.load(tmp_path / "v.pt", weights_only=True)["vocab"])
+    assert again.itos == vocab.itos and again.encode(["film", "nope"]) == vocab.encode(["film", "nope"])
+    for bad in ({"itos": ["a", "b"]}, {"itos": [1, 2]}, {}, {"itos": ["<pad>", "<unk>", "x", "x"]}):
+        with pytest.raises(CheckpointError):
+            Vocab.from_state_dict(bad)
+
+
+def test_pad_batch_right_pads_truncates_and_keeps_lengths_at_least_one():
+    x, lengths = pad_batch([[5, 6, 7], [8], []], max_len=10)
+    assert x.tolist() == [[5, 6, 7], [8, PAD, PAD], [PAD, PAD, PAD]] and x.dtype == torch.long
+    assert lengths.tolist() == [3, 1, 1]
+    x, lengths = pad_batch([[1, 2, 3, 4, 5], [9, 9]], max_len=3)
+    assert x.tolist() == [[1, 2, 3], [9, 9, PAD]] and lengths.tolist() == [3, 2]
+    vocab = Vocab.build([["good"]], max_size=10)
+    x, lengths = encode_texts(["Good good!", "bad"], vocab, 8)
+    assert x.tolist() == [[2, 2, UNK], [UNK, PAD, PAD]] and lengths.tolist() == [3, 1]
+
+
+def rule_label(text: str) -> int:
+    """The twin's generating rule, read back: the clause after "but" decides; "not", "n't" or
+    "never" flips the polarity of its adjective."""
+    clause = text.split(" but ")[-1]
+    words = re.sub(r"\s*\.\s*", " . ", clause).split(" . ")
+    clause = next(part for part in words if any(w in GOOD + BAD for w in part.split()))
+    positive = any(w in GOOD for w in clause.split())
+    negated = any(w in ("not", "n't", "never") for w in clause.split())
+    return int(positive != negated)
+
+
+def test_sentiment_twin_needs_negation_and_order_but_follows_its_rule():
+    texts, y = sentiment_twin(600, seed=3)
+    assert len(texts) == 600 and y.tolist().count(1) == 300
+    assert [rule_label(t) for t in texts] == y.tolist()
+    again, y2 = sentiment_twin(600, seed=3)
+    assert again == texts and torch.equal(y, y2)
+    assert sentiment_twin(600, seed=4)[0] != texts
+    # The same bag of sentiment words with both labels: a bag-of-words model cannot be perfect.
+    sentiment_words = set(GOOD + BAD + ["not", "n't", "never", "but"])
+    bags: dict[tuple, set] = {}
+    for text, label in zip(texts, y.tolist()):
+        bag = tuple(sorted(Counter(w for w in tokenize(text) if w in sentiment_words).items()))
+        bags.setdefault(bag, set()).add(label)
+    assert sum(len(labels) == 2 for labels in bags.values()) >= 5
+    lengths = [len(tokenize(t)) for t in texts]
+    assert min(lengths) <= 8 and max(lengths) >= 30, "lengths must vary (packing has something to do)"
+
+
+def test_smoke_and_synthetic_give_the_twin_without_looking_at_the_data_root(offline):
+    data = load_text("imdb", offline / "not-there", smoke=True, n_synthetic=64)
+    assert data.synthetic and len(data.train_texts) == 64 and data.classes == ["neg", "pos"]
+    assert len(data.test_texts) == len(data.y_test) >= 8
+    assert not (offline / "not-there").exists()
+
+
+def write_reviews(root: Path) -> dict[str, bytes]:
+    """A tiny aclImdb layout (3 reviews per class and split) as {member name: bytes}."""
+    files = {}
+    for split in ("train", "test"):
+        for label in ("neg", "pos"):
+            for i in (10, 2, 0):  # not in sorted order on purpose
+                files[f"aclImdb/{split}/{label}/{i}_{7 if label == 'pos' else 2}.txt"] = \
+                    f"{split} {label} review {i}<br />end".encode()
+    files["aclImdb/train/urls_pos.txt"] = b"http://example.com\n"
+    return files
+
+
+def write_tar(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def check_tiny_imdb(data):
+    assert data.classes == ["neg", "pos"] and not data.synthetic
+    assert data.y_train.tolist() == [0, 0, 0, 1, 1, 1] and data.y_test.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.train_texts[0] == "train neg review 0<br />end" and data.test_texts[-1] == "test pos review 10<br />end"
+
+
+def test_imdb_reads_an_aclimdb_folder_and_caches_the_decoded_texts(offline):
+    root = offline / "data"
+    for name, blob in write_reviews(root).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(blob)
+    check_tiny_imdb(load_text("imdb", root))
+    assert len(list((offline / "cache").glob("imdb-*.json"))) == 1
+    check_tiny_imdb(load_text("imdb", root))  # from the cache
+
+
+@pytest.mark.parametrize("name", ["imdb_aclImdb.tar.gz", "aclImdb_v1.tar.gz"])
+def test_imdb_reads_the_archive_and_rejects_a_damaged_one(offline, name):
+    root = offline / "data"
+    root.mkdir()
+    archive = write_tar(root / name, write_reviews(root))
+    if name == "imdb_aclImdb.tar.gz":  # a repacked copy: read as is
+        check_tiny_imdb(load_text("imdb", root))
+        archive.write_bytes(archive.read_bytes()[:200])  # truncated (a new size: the cache no longer matches)
+    with pytest.raises(DataError) as info:  # the original name: its sha256 must be Stanford's
+        load_text("imdb", root)
+    message = str(info.value)
+    assert message.startswith("imdb: ") and name in message and "\n" not in message and "--smoke" in message
+
+
+def test_missing_imdb_offline_is_one_clear_line_and_leaves_nothing_on_disk(offline):
+    root = offline / "empty-data-root"
+    with pytest.raises(DataUnavailable) as info:
+        load_text("imdb")
+    message = str(info.value)
+    assert message.startswith("imdb is not in") and str(root) in message and "--data-dir PATH" in message
+    assert "--smoke" in message and "\n" not in message
+    assert not root.exists()
+    with pytest.raises(DataUnavailable, match="does not exist"):
+        load_text("imdb", offline / "typo")
+    with pytest.raises(DataUnavailable, match="unknown text data set"):
+        load_text("nope")
