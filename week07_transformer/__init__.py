@@ -1,0 +1,1 @@
+"""Week 7: attention and Transformers."""
