@@ -69,6 +69,8 @@ class ImageData:
     name: str = ""
     synthetic: bool = False
     source: str = ""  # where it was read from (a folder or file), for messages
+    x_val: torch.Tensor | None = None  # a validation split of its own, where the set has one (flowers102)
+    y_val: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -421,6 +423,23 @@ def _mnist(root: Path) -> ImageData:
     return _mnist_like(MNIST, "mnist", MNIST_CLASSES)(root)
 
 
+def _image_folder_set(name: str):
+    """An image-folder set (common.imagefolder) at its default size, 224 x 224; labs that choose
+    the size call ``common.imagefolder.load_images`` instead."""
+
+    def load_real(root: Path) -> ImageData:
+        from common import imagefolder
+
+        return imagefolder.IMAGE_FOLDERS[name][0](root)
+
+    def make_twin(n_train: int, seed: int) -> ImageData:
+        from common import imagefolder
+
+        return imagefolder.twin(name, imagefolder.DEFAULT_SIZE, n_train, seed)
+
+    return Entry(load_real, make_twin)
+
+
 REGISTRY: dict[str, Entry] = {
     "mnist": Entry(_mnist, _image_twin("mnist", 1, 28, MNIST_CLASSES)),
     "fashion_mnist": Entry(_fashion, _image_twin("fashion_mnist", 1, 28, FASHION_CLASSES)),
@@ -430,6 +449,8 @@ REGISTRY: dict[str, Entry] = {
     "breast_cancer": Entry(_sklearn("load_breast_cancer"), _tabular_twin("breast_cancer", 30, 2), bundled=True),
     "diabetes": Entry(_sklearn("load_diabetes"), _tabular_twin("diabetes", 10, 0), bundled=True),
     "digits": Entry(_sklearn("load_digits"), _tabular_twin("digits", 64, 10), bundled=True),
+    "hymenoptera": _image_folder_set("hymenoptera"),  # ants vs bees (common.imagefolder)
+    "flowers102": _image_folder_set("flowers102"),
 }
 
 
