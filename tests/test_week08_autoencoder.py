@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 from sklearn.metrics import normalized_mutual_info_score
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from common.checkpoint import read_checkpoint, save_checkpoint
@@ -22,6 +23,15 @@ from common.parity import assert_close
 from common.train import Callback, fit
 from tests.conftest import run_lab
 from week08_autoencoder import bottleneck_sweep, latent_kmeans, part1, part2
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """One BLAS/OpenMP thread in this test process, as the smoke runs get from OMP_NUM_THREADS=1:
+    NumPy's OpenBLAS otherwise starts a thread per core, and with two pytest workers on 2 loaded
+    cores the 784 x 784 eigh of the PCA baseline spun for ~7 CPU-s instead of 0.1 (measured)."""
+    with threadpool_limits(1):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,8 +382,16 @@ def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(tmp_path, offlin
     (checkpoint,) = (tmp_path / "cut" / "runs").glob("week08/part2/*/checkpoint.pt")
     assert "the checkpoint of epoch 1" in capsys.readouterr().err
     monkeypatch.setattr(part2, "fit", fit_with(steps := CtrlC()))
+    seen, pca_at = [], part2.pca_at  # PCA must be fitted on the training split only, scored on the test images
+    monkeypatch.setattr(part2, "pca_at", lambda *args: seen.append(args) or pca_at(*args))
     resumed = lab(tmp_path / "cut", "--resume", str(checkpoint))
     assert steps.steps == list(range(15, 29)), "the resumed run trains epoch 2 only"
+    cfg = part2.Config(smoke=True)
+    data = part2.load_images(cfg)
+    train, val, _ = part2.make_loaders(cfg, data, torch.device("cpu"))
+    (x_train, x_test, k), = seen
+    assert torch.equal(x_train, train.x) and torch.equal(x_test, data.x_test) and k == 8
+    assert len(x_train) + len(val.x) == len(data.x_train)
     monkeypatch.undo()
     weights = read_checkpoint(checkpoint)["model"]
     for name, value in read_checkpoint(Path(straight["run_dir"]) / "checkpoint.pt")["model"].items():
@@ -393,3 +411,14 @@ def test_resume_refuses_a_foreign_or_damaged_checkpoint(tmp_path, offline, capsy
     assert lab(tmp_path, "--smoke", "--resume", str(damaged)) == {"exit": 2}
     err = capsys.readouterr().err
     assert "corrupt or not a PyTorch file" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_latent_maps_draw_any_code_size(tmp_path, dims):
+    """--bottleneck 1 once crashed in t-SNE's PCA start (it needs 2 directions)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 4
+    codes = labels[:, None] * 3.0 + rng.normal(size=(40, dims))
+    maps = part2.latent_maps(codes, labels, 0, tmp_path / "latent.png", "codes")
+    assert (tmp_path / "latent.png").exists()
+    assert all(points.shape == (40, 2) and np.all(np.isfinite(points)) for points in maps.values())

@@ -260,7 +260,9 @@ def latent_maps(codes: np.ndarray, labels: np.ndarray, seed: int, path, title: s
     # One OpenMP thread: torch and scikit-learn each bring their own OpenMP runtime, and with both
     # spinning on 2 cores this t-SNE took 60 s instead of 1.6 s (measured, 150 points).
     with threadpool_limits(limits=1, user_api="openmp"):
-        tsne = TSNE(2, perplexity=perplexity, init="pca", max_iter=500, random_state=seed)
+        # init="pca" needs 2 directions to start from: a 1-number code starts from random points
+        tsne = TSNE(2, perplexity=perplexity, init="pca" if codes.shape[1] > 1 else "random", max_iter=500,
+                    random_state=seed)
         maps["t-SNE of the codes"] = tsne.fit_transform(codes)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, (name, points) in zip(axes, maps.items()):
