@@ -196,6 +196,8 @@ def test_a_rank_killed_under_torchrun_restarts_from_the_checkpoint_and_ends_with
     for name, value in expected.items():
         assert torch.equal(weights[name], value), name
     assert summary["test_acc"] == reference["test_acc"] and summary["final_train_loss"] == reference["final_train_loss"]
+    # The crash came mid-epoch 1: its logged loss must still average both ranks' batches, not rank 0's twice.
+    assert summary["first_train_loss"] == reference["first_train_loss"], (summary, reference)
     assert not list(tmp.glob("crashed/runs/week11/part2/.torchrun-*")), "the restart pointer is removed at the end"
 
 

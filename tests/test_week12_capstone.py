@@ -276,6 +276,13 @@ def test_agree_on_validation_leaves_a_single_process_alone_and_averages_over_ran
     assert loop.row == {"val_loss": 0.625, "val_acc": 0.75, "train_loss": 1.0}  # and their means replace them
 
 
+def test_under_torchrun_only_rank_0_prints_the_epoch_rows(capsys):
+    for rank, shown in ((0, "row\n"), (1, "")):
+        with part2.rank_zero_prints(DistInfo(rank=rank, world_size=2)):
+            print("row")
+        assert capsys.readouterr().out == shown, rank
+
+
 def test_damaged_or_foreign_checkpoint_is_one_line(tmp_path, capsys):
     damaged = tmp_path / "checkpoint.pt"
     damaged.write_bytes(b"not a checkpoint")

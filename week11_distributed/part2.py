@@ -295,6 +295,11 @@ def train(cfg: Config, info: DistInfo, model: nn.Module, net: nn.Module, loader:
             timed += 1
             progress.step, progress.batches_done = progress.step + 1, progress.batches_done + 1
             if progress.step % cfg.checkpoint_every == 0 and progress.batches_done < steps_per_epoch:
+                # Each rank's losses are its own shard's; the checkpoint (rank 0's) keeps the mean over
+                # the ranks, or a resumed epoch's train_loss would count rank 0's batches N times.
+                # (After a resume the losses read from the checkpoint are floats, hence float().)
+                step_losses = torch.tensor([float(loss) for loss in progress.losses], device=info.device)
+                progress.losses = list(all_reduce_mean(step_losses, info).unbind())
                 save(run_, net, optimizer, scheduler, progress, epochs_done=epoch - 1)
             if cfg.crash_at_step == progress.step and info.rank == cfg.crash_rank and first_attempt:
                 crash(progress.step, info.rank)

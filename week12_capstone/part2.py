@@ -17,9 +17,12 @@ Run: python week12_capstone/part2.py [--smoke] [--help]
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
@@ -314,7 +317,10 @@ def export_and_serve(model: nn.Module, data: ImageData, run_: Run, cfg: Config, 
     ONNX graph against the eager model on test images, then start the Week 10 service in-process and
     compare its answer to a request with the eager model's."""
     import onnxruntime
-    from fastapi.testclient import TestClient
+
+    with warnings.catch_warnings():  # newer Starlette asks for httpx2 instead of the deploy extra's httpx: same client
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
+        from fastapi.testclient import TestClient
 
     from common.export import write_bundle
     from week10_deploy.service import create_app
@@ -410,6 +416,12 @@ def check_resume_matches_launch(resume: str, info: DistInfo) -> None:
                               f"week12_capstone/part2.py --resume {resume})")
 
 
+def rank_zero_prints(info: DistInfo) -> contextlib.AbstractContextManager:
+    """fit() prints every epoch's row; under torchrun only rank 0's should reach the terminal (the
+    other ranks' rows would interleave with it, each with its own shard's training loss)."""
+    return contextlib.nullcontext() if info.is_main else contextlib.redirect_stdout(io.StringIO())
+
+
 # =========================================================================================
 #                                        main
 # =========================================================================================
@@ -435,8 +447,9 @@ def main(cfg: Config) -> dict:
         print(f"{cfg.model}: {params:,} parameters; train {len(train.x)} x {info.world_size} process(es), "
               f"validation {len(val.x)}, test {len(test.x)} images ({data.name})")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    loop = fit(model, optimizer, train, val, cfg.epochs, loss_fn=loss_fn, scheduler=scheduler if per_batch else None,
-               callbacks=callbacks, run=run_, resume=cfg.resume)
+    with rank_zero_prints(info):
+        loop = fit(model, optimizer, train, val, cfg.epochs, loss_fn=loss_fn,
+                   scheduler=scheduler if per_batch else None, callbacks=callbacks, run=run_, resume=cfg.resume)
     if run_ is None:  # other ranks: done once training is
         del model
         teardown(info)
