@@ -23,6 +23,7 @@ import json
 import math
 import re
 import tarfile
+import unicodedata
 import urllib.request
 import zlib
 from collections import Counter
@@ -57,13 +58,21 @@ SPECIALS = ("<pad>", "<unk>")
 #   '[^\W_]+         other clitics: 's 're 've 'll 'd 'm
 #   [^\W_]+          words and numbers (any alphabet: "café" stays one word)
 #   [^\w\s]          every other non-space character is a token ("!", "?", ")" carry sentiment too)
-_TOKEN = re.compile(r"[^\W_]+(?=n't)|n't|'[^\W_]+|[^\W_]+|[^\w\s]")
+# A word letter may be followed by combining accents (U+0300-U+036F): after NFC most accents are
+# part of their letter already, but some have no precomposed form ("İ".lower() is "i" + U+0307).
+_W = r"[^\W_](?:[^\W_]|[\u0300-\u036f])*"
+_TOKEN = re.compile(rf"{_W}(?=n't)|n't|'{_W}|{_W}|[^\w\s]")
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)  # IMDB reviews contain HTML line breaks
+# Invisible characters are not tokens: a zero-width space separates words (it is how Thai
+# marks word breaks); joiners, the word joiner and a byte-order mark belong to no word at all.
+_INVISIBLE = str.maketrans({"\u200b": " ", "\u200c": "", "\u200d": "", "\u2060": "", "\ufeff": ""})
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercased words and punctuation marks; "<br />" removed; "don't" -> ["do", "n't"]."""
-    return _TOKEN.findall(_BREAK.sub(" ", text.lower().replace("’", "'")))
+    """Lowercased words and punctuation marks; "<br />" removed; "don't" -> ["do", "n't"].
+    Unicode is NFC-normalized first, so "café" typed with a combining accent is the same token."""
+    text = unicodedata.normalize("NFC", text.translate(_INVISIBLE).lower().replace("’", "'"))
+    return _TOKEN.findall(_BREAK.sub(" ", text))
 
 
 class Vocab:
@@ -357,6 +366,18 @@ def _cache_key(source: Path) -> str:
     return hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]
 
 
+def _check_imdb_blob(blob) -> None:
+    """ValueError unless ``blob`` has the shape ``_decode_imdb`` writes (a cache edited or
+    written by another version must be decoded again, not crash the lab)."""
+    if not isinstance(blob, dict):
+        raise ValueError("not a JSON object")
+    for split in ("train", "test"):
+        texts, labels = blob.get(f"{split}_texts"), blob.get(f"y_{split}")
+        if not (isinstance(texts, list) and isinstance(labels, list) and len(texts) == len(labels)
+                and all(isinstance(t, str) for t in texts) and all(y in (0, 1) for y in labels)):
+            raise ValueError(f"no {split} texts with as many 0/1 labels")
+
+
 def _imdb_from(source: Path) -> TextData:
     """Decode once (50,000 small files take a while), then read the JSON cache."""
     cache = cache_root() / f"imdb-{_cache_key(source)}.json"
@@ -364,8 +385,10 @@ def _imdb_from(source: Path) -> TextData:
     if cache.exists():
         try:
             blob = json.loads(cache.read_text(encoding="utf-8"))
+            _check_imdb_blob(blob)
         except (OSError, ValueError) as e:  # our own cache: decode again rather than fail
             print(f"the cache {cache} does not load ({one_line(e)}); decoding again", flush=True)
+            blob = None
     if blob is None:
         if source.name == IMDB_ARCHIVES[0] and source.is_file() and _sha256(source) != IMDB_SHA256:
             raise _damaged("imdb", f"{source.name} is damaged (its sha256 is not the original's)", source.parent)

@@ -285,7 +285,7 @@ class Interrupt(Callback):
             raise KeyboardInterrupt
 
 
-def test_part2_resumes_exactly_after_ctrl_c(tmp_path, monkeypatch):
+def test_part2_resumes_exactly_after_ctrl_c(tmp_path, monkeypatch, capsys):
     whole = lab(part2, tmp_path / "whole", *TINY)
     steps_per_epoch = math.ceil((1024 - round(0.1 * 1024)) / 32)
     real_fit = part2.fit
@@ -302,6 +302,13 @@ def test_part2_resumes_exactly_after_ctrl_c(tmp_path, monkeypatch):
         (a,), (b,) = ((tmp_path / d).glob(f"week06/part2/*/{name}") for d in ("whole", "cut"))
         expected, got = read_checkpoint(a)["model"], read_checkpoint(b)["model"]
         assert all(torch.equal(expected[k], got[k]) for k in expected), name  # bit for bit
+    # best_model.pt (weights only) is not a resume point: refused in one line, not restarted silently
+    (best,) = (tmp_path / "whole").glob("week06/part2/*/best_model.pt")
+    capsys.readouterr()
+    runs_before = sorted((tmp_path / "whole").glob("week06/part2/*"))
+    assert lab(part2, tmp_path / "whole", "--resume", str(best)) == {"exit": 2}
+    assert "holds the weights only" in capsys.readouterr().err
+    assert sorted((tmp_path / "whole").glob("week06/part2/*")) == runs_before
 
 
 def test_part2_bad_input_is_one_line(tmp_path, offline, capsys):
@@ -333,6 +340,10 @@ def test_glove_text_file_fills_known_rows_and_counts_coverage(tmp_path):
     path.write_text("good 0.5 1 -1\nbroken 1 2\n")
     with pytest.raises(DataError, match="line 2"):
         glove_vs_random.read_glove_txt(path, 3)
+    for line in ("bad 1 nan 0", "bad 1 inf 0", "bad 1 x 0"):  # never a silent nan embedding
+        path.write_text(f"good 0.5 1 -1\n{line}\n")
+        with pytest.raises(DataError, match="line 2"):
+            glove_vs_random.read_glove_txt(path, 3)
 
 
 def test_glove_missing_is_one_line_and_leaves_no_run(tmp_path, offline, capsys):

@@ -371,6 +371,24 @@ def test_damaged_ag_news_csv_is_one_line(tmp_path):
         load_text("ag_news", tmp_path)
 
 
+@pytest.mark.parametrize("test_csv, words", [
+    (b'"0","Label zero","x"\n', "line 1: expected label"),  # labels are 1..4 in the file
+    (b'"4","no description"\n', "line 1: expected label"),
+    (b'"2","t","d"\n"3","t","d","extra"\n', "line 2: expected label"),
+    (b"", "has no rows"),
+    (b'"1","caf\xe9","latin-1"\n', "utf-8"),
+    (b'"1","t","' + b"a" * 200_000 + b'"\n', "field larger"),
+])
+def test_bad_rows_in_ag_news_test_csv_are_one_line(tmp_path, test_csv, words):
+    folder = tmp_path / "ag_news_csv"
+    folder.mkdir()
+    (folder / "train.csv").write_text(CSV)
+    (folder / "test.csv").write_bytes(test_csv)
+    with pytest.raises(DataError, match="test.csv") as info:
+        load_text("ag_news", tmp_path)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
 def test_missing_ag_news_offline_names_the_set_and_leaves_nothing(tmp_path, offline):
     root = tmp_path / "empty-data-root"
     with pytest.raises(DataUnavailable, match="ag_news is not in") as info:

@@ -74,7 +74,13 @@ def read_glove_txt(path: str | Path, dim: int, words: set[str] | None = None) ->
                 if len(values) != dim:
                     raise DataError(f"glove: line {number} of {path} has {len(values)} numbers, expected {dim} "
                                     f"(is it a glove.6B.{dim}d.txt file?)")
-                vectors[word] = np.asarray(values, dtype=np.float32)
+                try:
+                    vector = np.asarray(values, dtype=np.float32)
+                except ValueError as e:
+                    raise DataError(f"glove: line {number} of {path}: {e}") from None
+                if not np.isfinite(vector).all():  # a nan/inf vector would make every loss nan
+                    raise DataError(f"glove: line {number} of {path} has a value that is not a finite number")
+                vectors[word] = vector
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"glove: cannot read {path} ({e}); pass --glove PATH to a glove.6B.{dim}d.txt file") from None
     return vectors

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from common.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from common.config import Range, ResumableConfig, run
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
@@ -70,6 +70,11 @@ class Config(ResumableConfig):
     def check(self) -> None:
         if self.model == "ngram_bag" and self.layers > 1:
             raise ConfigError("--layers is for the recurrent models; --model ngram_bag has no layers to stack")
+        if self.resume and read_checkpoint(self.resume).get("optimizer") is None:
+            # best_model.pt has the weights only: resuming from it would restart the optimizer,
+            # the one-cycle schedule and the best-so-far from scratch, silently.
+            raise ConfigError(f"--resume {self.resume} holds the weights only (a best_model.pt?); resume from the "
+                              "checkpoint.pt next to it")
 
 
 # ---- The models ----
