@@ -158,6 +158,15 @@ def test_modes_covered_and_sample_density():
     assert density[np.argmin(np.abs(x - part1.MODES[0]))] == pytest.approx(0.9 / dx)
 
 
+def test_a_diverging_tiny_gan_stops_with_an_error_not_nan_scores():
+    # Outside review: --lr 1e6 ended with "mean JSD nan", 0 modes and exit status 0.
+    from common.errors import NonFiniteLoss
+
+    cfg = part1.Config(lr=1e6, steps=30, batch_size=16)
+    with pytest.raises(NonFiniteLoss, match="smaller --lr"):
+        part1.train_tiny_gan(False, 0, cfg, [0, 30])
+
+
 def test_minibatch_std_lets_d_see_the_spread_of_the_batch():
     torch.manual_seed(0)
     d = part1.TinyDiscriminator(minibatch_std=True)

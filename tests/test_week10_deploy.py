@@ -313,6 +313,13 @@ BAD_REQUESTS = {  # name: (path, request keyword arguments, expected status, wor
     "batch of raw bytes": ("/predict/batch", {"content": b"x", "headers": {"content-type": "image/png"}}, 415,
                            "several"),
     "batch missing files": ("/predict/batch", {"files": {"file": ("a.png", b"x", "image/png")}}, 422, "'files'"),
+    # nested thousands deep: json.loads raises RecursionError, which was a 500 (outside review)
+    "json nested too deep": ("/predict", {"content": b'{"pixels": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                                          "headers": {"content-type": "application/json"}}, 400, "nested"),
+    "null pixels": ("/predict", {"json": {"pixels": None}}, 422, "not all numbers"),
+    # more multipart files than max_batch: Starlette's own 400 "Too many files", now the batch limit's 413
+    "too many files": ("/predict/batch", {"files": [("files", ("a.png", b"x", "image/png"))] * 9}, 413,
+                       "limit is 8"),
     "one bad image in a batch": ("/predict/batch", {"files": [("files", ("a.png", png(digit_image(1)), "image/png")),
                                                               ("files", ("b.png", b"junk", "image/png"))]}, 400,
                                  "image 1"),
@@ -378,6 +385,9 @@ def test_create_app_refuses_bad_settings(bundle, tmp_path):
         create_app(bundle, backend="tensorflow")
     with pytest.raises(LabError, match="does not exist"):
         create_app(tmp_path / "nothing")
+    for wait_ms in (-1.0, float("nan"), float("inf")):  # NaN/inf (outside review): every /predict hung forever
+        with pytest.raises(LabError, match="batch_wait_ms"):
+            create_app(bundle, batch_wait_ms=wait_ms)
 
 
 # ------------------------------------------------------------------------------------------
@@ -559,3 +569,21 @@ def test_load_test_only_targets_loopback(url, ok):
     else:
         with pytest.raises(ConfigError):
             check_loopback(url)
+
+
+def test_open_loop_starts_each_request_when_due_not_all_up_front(monkeypatch):
+    """Outside review: the open loop created every request's task at the start (--rate 10000
+    --duration 600 = 6 million tasks in memory). Only the requests in flight may be held."""
+    from week10_deploy import load_test
+
+    most = 0
+
+    async def instant_answer(client, path, body, headers, errors) -> bool:
+        nonlocal most
+        most = max(most, len(asyncio.all_tasks()))
+        return True
+
+    monkeypatch.setattr(load_test, "_send", instant_answer)
+    result = asyncio.run(load_test.open_loop("http://127.0.0.1:9", b"", {}, rate=2000, duration=0.25))
+    assert result["open_requests"] == result["open_ok"] == 500 and result["open_errors"] == 0, result
+    assert most < 50, most  # the old code held all 500 at once

@@ -53,6 +53,7 @@ from torch import nn
 
 from common.config import BaseConfig, Range, run
 from common.device import pick_device, seed_everything
+from common.errors import NonFiniteLoss
 from common.plots import plot_curves, save
 from common.runs import Run
 
@@ -313,6 +314,9 @@ def train_tiny_gan(minibatch_std: bool, seed: int, cfg: Config, snapshot_steps: 
         g_loss.backward()
         opt_g.step()
         d.requires_grad_(True)
+        if not (math.isfinite(d_loss.item()) and math.isfinite(g_loss.item())):  # e.g. --lr far too large
+            raise NonFiniteLoss(f"the tiny GAN's loss became non-finite at step {step + 1} (seed {seed}); "
+                                f"try a smaller --lr than {cfg.lr:g}")
     return snapshots
 
 
@@ -329,6 +333,9 @@ def mode_collapse(cfg: Config, run_: Run) -> dict:
         covered, jsds = [], []
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             snapshots = train_tiny_gan(flag, seed, cfg, snapshot_steps)
+            if not np.isfinite(snapshots[-1]).all():  # finite losses, but G's samples overflowed
+                raise NonFiniteLoss(f"the tiny GAN's samples became non-finite ({name}, seed {seed}); "
+                                    f"try a smaller --lr than {cfg.lr:g}")
             n_modes, shares = modes_covered(snapshots[-1])
             jsd = js_divergence(p_data, sample_density(snapshots[-1], x, dx), dx)
             jsd_start = js_divergence(p_data, sample_density(snapshots[0], x, dx), dx)

@@ -157,12 +157,20 @@ async def open_loop(url: str, body: bytes, headers: dict, rate: float, duration:
         await _send(client, path, body, headers, {})  # one connection open before the clock starts
 
         async def one_request(due: float) -> None:
-            await asyncio.sleep(max(due - time.perf_counter(), 0))
             if await _send(client, path, body, headers, errors):
                 latencies.append(time.perf_counter() - due)
 
+        # Each request is started when it is due, not all created up front: only the requests in
+        # flight are held in memory (--rate 10000 --duration 600 would otherwise be 6 million tasks).
         start = time.perf_counter() + 0.05
-        await asyncio.gather(*(one_request(start + i / rate) for i in range(max(n, 1))))
+        in_flight: set[asyncio.Task] = set()
+        for i in range(max(n, 1)):
+            due = start + i / rate
+            await asyncio.sleep(max(due - time.perf_counter(), 0))
+            task = asyncio.create_task(one_request(due))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        await asyncio.gather(*in_flight)
         # requests/s answered: below the offered rate when the server fell behind (the last answers late)
         return _stats("open", latencies, errors, time.perf_counter() - start)
 

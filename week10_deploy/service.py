@@ -5,7 +5,7 @@ Start it (one process, loopback only; the bundle is a folder written by week10_d
     DL_LABS_BUNDLE=runs/week10/part2/<time>/bundle uvicorn week10_deploy.service:app_from_env --factory
 
 Environment: DL_LABS_BUNDLE (required), DL_LABS_BACKEND (onnx | torch, default onnx),
-DL_LABS_BATCH_WAIT_MS (micro-batching window, default 0: off), DL_LABS_THREADS (threads per
+DL_LABS_BATCH_WAIT_MS (micro-batching window in ms, 0 to 1000, default 0: off), DL_LABS_THREADS (threads per
 inference call, default 1). uvicorn binds 127.0.0.1 unless you pass --host.
 
     GET  /health            {"status": "ok", ...} once the model is loaded
@@ -55,6 +55,7 @@ from week10_deploy.standalone.predict_onnx import (
 
 BACKENDS = ("onnx", "torch")
 MAX_BYTES = 5 * 2**20  # largest request body accepted (5 MiB)
+MAX_WAIT_MS = 1000  # longest micro-batching window accepted
 TOP_K = "how many classes to return, most probable first"
 ACCEPTED = "image/* (the file as the body), multipart/form-data (field 'file') or application/json ({'pixels': ...})"
 
@@ -165,6 +166,9 @@ def create_app(bundle: str | Path, backend: str = "onnx", max_batch: int = 64, *
         raise LabError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
     if max_batch < 1 or threads < 1 or max_bytes < 1 or max_pixels < 1 or batch_wait_ms < 0:
         raise LabError("max_batch, threads, max_bytes and max_pixels must be >= 1 and batch_wait_ms >= 0")
+    if not batch_wait_ms <= MAX_WAIT_MS:  # also NaN and inf: a window that never closes hangs every request
+        raise LabError(f"batch_wait_ms (DL_LABS_BATCH_WAIT_MS) must be a number in [0, {MAX_WAIT_MS}], "
+                       f"not {batch_wait_ms}")
     metadata = read_bundle(bundle)
     model = (TorchClassifier if backend == "torch" else OnnxClassifier)(bundle, metadata, threads=threads)
     # Pillow's own decompression-bomb guard: Image.open warns above MAX_IMAGE_PIXELS and refuses above
@@ -226,7 +230,14 @@ def create_app(bundle: str | Path, backend: str = "onnx", max_batch: int = 64, *
         async def replay():  # the body was already read (and counted): hand it to the form parser
             return {"type": "http.request", "body": body, "more_body": False}
 
-        form = await Request(request.scope, replay).form(max_files=max_batch, max_fields=16, max_part_size=max_bytes)
+        try:
+            form = await Request(request.scope, replay).form(max_files=max_batch, max_fields=16,
+                                                             max_part_size=max_bytes)
+        except StarletteHTTPException as e:  # Starlette's own 400s; too many files is a size limit: 413
+            too_many = "Too many files" in str(e.detail)
+            raise BadInput(413 if too_many else e.status_code,
+                           f"more than {max_batch} images in one request; the limit is {max_batch}" if too_many
+                           else str(e.detail)) from None
         field = "files" if batch else "file"
         uploads = [item for item in form.getlist(field) if hasattr(item, "read")]
         if not uploads:
@@ -282,6 +293,8 @@ def _pixels_from_body(body: bytes, shape: tuple[int, int, int], batch: bool) -> 
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise BadInput(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:  # e.g. [[[[...]]]] nested thousands deep: the parser's stack runs out
+        raise BadInput(400, "the JSON is nested too deeply (pixels nest 3 levels, 4 for a batch)") from None
     if not isinstance(payload, dict) or "pixels" not in payload:
         raise BadInput(422, "missing field 'pixels': send {\"pixels\": [[...], ...]} with values in [0, 1]")
     return pixels_from_json(payload["pixels"], shape, batch)

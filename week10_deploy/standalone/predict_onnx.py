@@ -99,7 +99,8 @@ def pixels_from_json(value, shape: tuple[int, int, int], batch: bool) -> np.ndar
     except (ValueError, TypeError):
         raise BadInput(422, "'pixels' is ragged or not a nested list of numbers (rows of equal length)") from None
     if array.dtype.kind not in "iuf":
-        what = "ragged (rows of unequal length)" if array.dtype.kind == "O" else f"not numbers ({array.dtype})"
+        ragged = "ragged (rows of unequal length) or not all numbers"
+        what = ragged if array.dtype.kind == "O" else f"not numbers ({array.dtype})"
         raise BadInput(422, f"'pixels' is {what}; send numbers in [0, 1]")
     one = (channels, height, width)
     expected = [one] + ([(height, width)] if channels == 1 else [])
