@@ -297,24 +297,34 @@ IMDB_CLASSES = ["neg", "pos"]
 _IMDB_MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(neg|pos)/(\d+)_(\d+)\.txt$")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file, read in 1 MiB blocks (the archives are tens of MB)."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _download(url: str, target: Path, sha256: str) -> None:
-    """Stream ``url`` to ``target`` with a timeout, keeping it only if its sha256 matches."""
+def _sha256(path: Path) -> str:
+    return _file_digest(path, "sha256")
+
+
+def _md5(path: Path) -> str:
+    return _file_digest(path, "md5")
+
+
+def _download(url: str, target: Path, checksum: str, algorithm: str = "sha256") -> None:
+    """Stream ``url`` to ``target`` with a timeout, keeping it only if its checksum (the
+    publisher's: sha256 for IMDB, md5 for the AG News archive) matches."""
     part = target.with_name(target.name + ".part")
     print(f"downloading {url} to {target} (once) ...", flush=True)
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as f:
             while block := response.read(1 << 20):
                 f.write(block)
-        if _sha256(part) != sha256:
-            raise OSError(f"the download's sha256 is not {sha256}")
+        if _file_digest(part, algorithm) != checksum:
+            raise OSError(f"the download's {algorithm} is not {checksum}")
         part.replace(target)
     finally:
         part.unlink(missing_ok=True)
@@ -428,29 +438,6 @@ AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]  # labels 1..4 in 
 _ENTITY = re.compile(r"&?#(\d{2,4});")  # the CSVs spell "$" as "#36;" and "'" as "#39;"
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _download_md5(url: str, target: Path, md5: str) -> None:
-    """Like ``_download``, for a file whose published checksum is an md5."""
-    part = target.with_name(target.name + ".part")
-    print(f"downloading {url} to {target} (once) ...", flush=True)
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as f:
-            while block := response.read(1 << 20):
-                f.write(block)
-        if _md5(part) != md5:
-            raise OSError(f"the download's md5 is not {md5}")
-        part.replace(target)
-    finally:
-        part.unlink(missing_ok=True)
-
-
 def _ag_news_rows(text: str, where: str) -> tuple[list[str], list[int]]:
     """``"label","title","description"`` rows (label 1..4) -> texts "title. description" and
     labels 0..3. A header row (as in copies saved with pandas) is skipped; the backslashes
@@ -509,7 +496,7 @@ def _ag_news(root: Path) -> TextData:
     before = _new_folders(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _download_md5(AG_NEWS_URL, archive, AG_NEWS_MD5)
+        _download(AG_NEWS_URL, archive, AG_NEWS_MD5, "md5")
     except Exception as e:  # URLError, timeouts, HTTP errors, checksum mismatch, read-only folder
         _remove_empty_new_folders(root, before)
         raise _missing("ag_news", root, one_line(e)) from None
