@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from common.train import Callback, fit
+
 ROOT = Path(__file__).resolve().parents[1]
 CLOSED_PORT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections fail at once
 
@@ -54,6 +56,25 @@ def run_lab(main, config_cls, argv: list[str]) -> dict:
         return run(main, config_cls, argv)
     except SystemExit as e:
         return {"exit": e.code}
+
+
+class CtrlC(Callback):
+    """Ctrl-C (KeyboardInterrupt) right after optimizer step ``at_step`` (0: never); records the
+    steps it saw. The resume tests interrupt a lab with it, then check ``--resume``."""
+
+    def __init__(self, at_step: int = 0):
+        self.at_step, self.steps = at_step, []
+
+    def on_step_end(self, loop) -> None:
+        self.steps.append(loop.step)
+        if loop.step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def fit_with(callback: Callback):
+    """``common.train.fit`` with one more callback after the lab's own, to monkeypatch into a lab
+    as its ``fit``."""
+    return lambda *args, callbacks=(), **kwargs: fit(*args, callbacks=[*callbacks, callback], **kwargs)
 
 
 @pytest.fixture

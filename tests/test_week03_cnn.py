@@ -22,8 +22,8 @@ from common.config import parse_config
 from common.loader import TensorLoader
 from common.parity import assert_close, max_relative_error, numerical_grad, torch_reference
 from common.plots import confusion_matrix
-from common.train import Callback, fit, predict
-from tests.conftest import run_lab
+from common.train import predict
+from tests.conftest import CtrlC, fit_with, run_lab
 from week03_cnn import bn_dropout, part1, part2
 from week03_cnn.part2 import CNN, per_class_accuracy, training_augment
 
@@ -294,23 +294,6 @@ def test_a_batch_larger_than_the_training_set_stops_before_the_run_folder(tmp_pa
     assert lab(tmp_path, "--smoke", "--batch-size", "5000") == {"exit": 1}
     assert "--batch-size 5000 is more than the 461 training images" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
-
-
-class CtrlC(Callback):
-    """Ctrl-C after optimizer step ``at_step`` (0: never); records the steps it saw."""
-
-    def __init__(self, at_step: int = 0):
-        self.at_step, self.steps = at_step, []
-
-    def on_step_end(self, loop) -> None:
-        self.steps.append(loop.step)
-        if loop.step == self.at_step:
-            raise KeyboardInterrupt
-
-
-def fit_with(callback: Callback):
-    """part2's fit, with one more callback."""
-    return lambda *args, **kwargs: fit(*args, **kwargs, callbacks=[callback])
 
 
 def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(tmp_path, offline, monkeypatch, capsys):

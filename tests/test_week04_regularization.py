@@ -21,7 +21,7 @@ from common.data import load
 from common.errors import ConfigError
 from common.parity import assert_close
 from common.train import Callback, fit
-from tests.conftest import run_lab
+from tests.conftest import CtrlC, run_lab
 from week04_regularization import best_cnn, part1, part2
 
 
@@ -453,17 +453,6 @@ def test_part2_never_mirrors_digits_but_does_mirror_photos(dataset, mirrors, tmp
     assert (mirrored > 0) == mirrors, f"{mirrored} of 640 {dataset} images were mirrored"
 
 
-class Interrupt(Callback):
-    """Ctrl-C (KeyboardInterrupt) after a given optimizer step."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_step_end(self, loop) -> None:
-        if loop.step == self.at_step:
-            raise KeyboardInterrupt
-
-
 def model_weights(folder: Path, pattern: str) -> dict:
     (path,) = folder.glob(pattern)
     return read_checkpoint(path)["model"]
@@ -481,7 +470,7 @@ def test_part2_resumes_exactly_after_ctrl_c(schedule, lr, epochs, interrupt_in_e
     at_step = (interrupt_in_epoch - 1) * STEPS_PER_EPOCH + 3
     real_fit = part2.fit
     monkeypatch.setattr(part2, "fit", lambda *a, callbacks=(), **k: real_fit(*a, callbacks=[*callbacks,
-                                                                                          Interrupt(at_step)], **k))
+                                                                                          CtrlC(at_step)], **k))
     assert lab(part2, tmp_path / "cut", *argv) == {"exit": 130}
     monkeypatch.setattr(part2, "fit", real_fit)
     (checkpoint,) = (tmp_path / "cut").glob("week04/part2/*/*_checkpoint.pt")

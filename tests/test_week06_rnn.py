@@ -23,8 +23,8 @@ from common.checkpoint import read_checkpoint
 from common.errors import ConfigError, DataError
 from common.parity import assert_close
 from common.text import PAD, Vocab
-from common.train import Callback, Loop
-from tests.conftest import run_lab
+from common.train import Loop
+from tests.conftest import CtrlC, run_lab
 from tests.test_common_text import write_reviews
 from week06_rnn import glove_vs_random, max_length, part1, part2
 
@@ -276,21 +276,12 @@ def test_best_checkpoint_holds_the_validation_best_and_its_vocabulary(tmp_path):
     assert (run_dir / "confusion.png").is_file() and (run_dir / "curves.png").is_file()
 
 
-class Interrupt(Callback):
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_step_end(self, loop) -> None:
-        if loop.step == self.at_step:
-            raise KeyboardInterrupt
-
-
 def test_part2_resumes_exactly_after_ctrl_c(tmp_path, monkeypatch, capsys):
     whole = lab(part2, tmp_path / "whole", *TINY)
     steps_per_epoch = math.ceil((1024 - round(0.1 * 1024)) / 32)
     real_fit = part2.fit
     monkeypatch.setattr(part2, "fit", lambda *a, callbacks=(), **k: real_fit(
-        *a, callbacks=[*callbacks, Interrupt(steps_per_epoch + 5)], **k))
+        *a, callbacks=[*callbacks, CtrlC(steps_per_epoch + 5)], **k))
     assert lab(part2, tmp_path / "cut", *TINY) == {"exit": 130}
     monkeypatch.setattr(part2, "fit", real_fit)
     (checkpoint,) = (tmp_path / "cut").glob("week06/part2/*/checkpoint.pt")

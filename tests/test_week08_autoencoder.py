@@ -20,8 +20,7 @@ from torch import nn
 
 from common.checkpoint import read_checkpoint, save_checkpoint
 from common.parity import assert_close
-from common.train import Callback, fit
-from tests.conftest import run_lab
+from tests.conftest import CtrlC, fit_with, run_lab
 from week08_autoencoder import bottleneck_sweep, latent_kmeans, part1, part2
 
 
@@ -358,20 +357,6 @@ def test_missing_mnist_offline_is_one_line_and_leaves_nothing(tmp_path, offline,
     cfg = ["--out", str(tmp_path / "runs"), "--samples", "5", "--clusters", "10", "--dataset", "digits"]
     assert run_lab(part1.main, part1.Config, cfg) == {"exit": 2}
     assert "--clusters 10 is more than the 5 training images" in capsys.readouterr().err
-
-
-class CtrlC(Callback):
-    def __init__(self, at_step: int = 0):
-        self.at_step, self.steps = at_step, []
-
-    def on_step_end(self, loop) -> None:
-        self.steps.append(loop.step)
-        if loop.step == self.at_step:
-            raise KeyboardInterrupt
-
-
-def fit_with(callback: Callback):
-    return lambda *args, **kwargs: fit(*args, **{**kwargs, "callbacks": [callback]})
 
 
 def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(tmp_path, offline, monkeypatch, capsys):

