@@ -20,11 +20,11 @@ whose Config subclasses ``ResumableConfig``) starts from the settings saved in t
 a resumed run keeps them, except the few that may change (``RESUME_MAY_CHANGE``).
 
 Bad values stop in parsing with one line and exit status 2 (argparse's convention), before any
-work starts. ``run(main, Config)`` is what every script's ``if __name__ == "__main__":`` calls.
+work starts. Running the script (signals, exit codes) is ``common.runner``'s concern.
 
 Why not ``tyro``, which turns dataclasses into CLIs too? It prints multi-line error panels (we
-promise one line and exit 2), has no notion of ranges or of our preset precedence, and this
-module is short enough for a learner to read.
+promise one line and exit 2) and has no notion of ranges or of our preset precedence; this
+module is the plumbing, and a learner never needs to read it to use a flag.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ import inspect
 import io
 import math
 import re
-import signal
-import sys
 import tempfile
 import tokenize
 import typing
@@ -47,7 +45,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
-from common.errors import ConfigError, Interrupted, LabError
+from common.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,82 +423,4 @@ def parse_config(cls: type, argv: list[str] | None = None, description: str | No
     return resolve(cls, argv, description).config
 
 
-# ----------------------------------------------------------------------------------------
-# Running a script
-# ----------------------------------------------------------------------------------------
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (sent by ``kill``, ``timeout``, job schedulers): handled like Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
-def run(main, cls: type, argv: list[str] | None = None) -> dict:
-    """Parse the command line into ``cls``, call ``main(cfg)``, and turn a LabError or Ctrl-C /
-    SIGTERM into one line on stderr and a non-zero exit instead of a traceback."""
-    from common.runs import Run, week_and_script
-
-    module = sys.modules[main.__module__]
-    module_doc = (module.__doc__ or "").strip() or None
-    script = "/".join(week_and_script(module.__file__)) if getattr(module, "__file__", None) else ""
-    Run.current = None
-    if threading_main():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    resuming = ""
-    try:
-        resolved = resolve(cls, argv, description=module_doc, script=script)
-        resuming = getattr(resolved.config, "resume", "")
-        for note in resolved.preset_notes:
-            print(note)
-        finished = finished_run(resolved.config)
-        return finished if finished is not None else main(resolved.config)
-    except LabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt as e:
-        what = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"{what}: {Run.interrupted_message(resuming)}", file=sys.stderr)
-        raise SystemExit(143 if isinstance(e, Terminated) else Interrupted.exit_code) from None
-
-
-def finished_run(cfg) -> dict | None:
-    """``--resume`` of a run that already finished, with no more epochs asked for: say so and
-    return its summary, instead of training zero epochs (or tripping over a finished schedule).
-    Finished means: the checkpoint has all its epochs (or was stopped early) and its run wrote
-    a summary after that checkpoint; otherwise the script runs on and finishes the run."""
-    resume = getattr(cfg, "resume", "")
-    if not resume:
-        return None
-    import json
-
-    from common.checkpoint import read_checkpoint
-
-    payload = read_checkpoint(resume)
-    done, stopped = payload["epoch"], bool(payload["extra"].get("stopped"))
-    if not stopped and getattr(cfg, "epochs", done) > done:
-        return None  # train on to the new total
-    summary_path = Path(resume).parent / "summary.json"
-    try:
-        if summary_path.stat().st_mtime < Path(resume).stat().st_mtime:
-            return None  # the checkpoint is newer than the summary: that run never finished
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError):
-        return None  # no summary (e.g. stopped during the final evaluation): finish the run
-    why = "stopped early" if stopped else "finished its epochs"
-    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
-                     if not isinstance(v, (dict, list)) and k != "run_dir")
-    print(f"nothing to do: the run in {summary_path.parent} {why} at epoch {done}. Its summary: {shown}")
-    if not stopped:
-        print(f"(to train on, pass --epochs with more than {done})")
-    return summary
-
-
-def threading_main() -> bool:
-    """Signal handlers can only be installed from the main thread."""
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-__all__ = ["BaseConfig", "ResumableConfig", "Range", "parse_config", "resolve", "run", "build_parser"]
+__all__ = ["BaseConfig", "ResumableConfig", "Range", "parse_config", "resolve", "build_parser", "check_out"]

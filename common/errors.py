@@ -1,6 +1,6 @@
 """Errors a learner can act on.
 
-Every error raised on purpose by the labs is a ``LabError``; ``common.config.run`` prints its
+Every error raised on purpose by the labs is a ``LabError``; ``common.runner.launch`` prints its
 message as one line and exits non-zero instead of showing a traceback.
 """
 

@@ -143,6 +143,19 @@ class Run:
         return (f"stopped; the checkpoint of epoch {epoch} is {checkpoints[-1]} "
                 f"(continue with --resume {checkpoints[-1]}; the unfinished epoch is redone)")
 
+    def restore(self, model, optimizer=None, scheduler=None) -> dict[str, Any]:
+        """The loop's starting point: ``{"epoch": 0}`` for a new run; for ``--resume`` the model,
+        optimizer, scheduler and random-number state are loaded from the checkpoint and the
+        dict holds its epoch and whatever the loop saved with it (early stopping's best, ...)."""
+        resume = self.config.get("resume", "")
+        if not resume:
+            return {"epoch": 0}
+        from common.checkpoint import load_checkpoint
+
+        payload = load_checkpoint(resume, model, optimizer, scheduler, script=self.name)
+        print(f"resumed from {resume} after epoch {payload['epoch']}")
+        return {**payload["extra"], "epoch": payload["epoch"]}
+
     def save_checkpoint(self, model, optimizer=None, scheduler=None, epoch: int = 0, **extra: Any) -> Path:
         """``checkpoint.pt`` in this run's folder, with the config, the script's name and the
         metrics rows so far (a resumed run rewrites metrics.csv from them)."""
@@ -157,14 +170,17 @@ class Run:
     def path(self, name: str) -> Path:
         return self.dir / (self.prefix + name)
 
-    def log(self, **metrics: Any) -> None:
-        """Append one row (e.g. epoch=3, train_loss=..., val_acc=...) to metrics.csv.
+    def log(self, show: bool = False, **metrics: Any) -> None:
+        """Append one row (e.g. epoch=3, train_loss=..., val_acc=...) to metrics.csv, and print it
+        as one line when ``show``.
 
         Rows are appended; only when a row brings a new column is the file rewritten (with the
         new header), so logging every step stays cheap.
         """
         row = {**self.extra_columns, **{k: _scalar(v) for k, v in metrics.items()}}
         self.rows.append(row)
+        if show:
+            print(format_row(row))
         path = self.dir / "metrics.csv"
         if self.columns and set(row) <= set(self.columns):
             with open(path, "a", newline="") as f:
@@ -206,6 +222,11 @@ def _scalar(value: Any) -> Any:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """A metrics row as one line: ``epoch=3  train_loss=0.4121  val_acc=0.8533``."""
+    return "  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, (dict, list)))
 
 
 # ----------------------------------------------------------------------------------------

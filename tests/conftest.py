@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from common.train import Callback, fit
-
 ROOT = Path(__file__).resolve().parents[1]
 CLOSED_PORT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections fail at once
 
@@ -48,33 +46,50 @@ def pytest_configure(config):
 
 
 def run_lab(main, config_cls, argv: list[str]) -> dict:
-    """A script's command line run in this process (``common.config.run``): its summary, or
+    """A script's command line run in this process (``common.runner.launch``): its summary, or
     ``{"exit": code}`` when it stopped with an error line or an interrupt."""
-    from common.config import run
+    from common.runner import launch
 
     try:
-        return run(main, config_cls, argv)
+        return launch(main, config_cls, argv)
     except SystemExit as e:
         return {"exit": e.code}
 
 
-class CtrlC(Callback):
-    """Ctrl-C (KeyboardInterrupt) right after optimizer step ``at_step`` (0: never); records the
-    steps it saw. The resume tests interrupt a lab with it, then check ``--resume``."""
+class CtrlC:
+    """Ctrl-C (KeyboardInterrupt) right after optimizer step ``at_step`` of this process (every
+    optimizer's steps counted, 0: never), before the loop's ``scheduler.step()``; ``steps``
+    counts the steps it saw. The resume tests interrupt a lab with it, then check ``--resume``."""
 
     def __init__(self, at_step: int = 0):
-        self.at_step, self.steps = at_step, []
+        self.at_step, self.steps = at_step, 0
 
-    def on_step_end(self, loop) -> None:
-        self.steps.append(loop.step)
-        if loop.step == self.at_step:
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        if self.steps == self.at_step:
             raise KeyboardInterrupt
 
 
-def fit_with(callback: Callback):
-    """``common.train.fit`` with one more callback after the lab's own, to monkeypatch into a lab
-    as its ``fit``."""
-    return lambda *args, callbacks=(), **kwargs: fit(*args, callbacks=[*callbacks, callback], **kwargs)
+@pytest.fixture
+def ctrl_c():
+    """``ctrl_c(at_step)`` hooks a CtrlC into every optimizer's ``step()`` (torch's global
+    step hook), so a lab's own written-out loop is interrupted without changing its code.
+    The hooks are removed when the test ends."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handles = []
+
+    def install(at_step: int = 0) -> CtrlC:
+        for handle in handles:  # one at a time: a new one replaces the last
+            handle.remove()
+        handles.clear()
+        hook = CtrlC(at_step)
+        handles.append(register_optimizer_step_post_hook(hook))
+        return hook
+
+    yield install
+    for handle in handles:
+        handle.remove()
 
 
 @pytest.fixture

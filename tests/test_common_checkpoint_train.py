@@ -14,7 +14,7 @@ from torch import nn
 from common.checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from common.errors import CheckpointError, NonFiniteLoss
 from common.loader import TensorLoader
-from common.train import Callback, evaluate, fit, predict
+from common.train import check_finite, evaluate, fit, predict, train_epoch
 from tests import tiny_lab
 from tests.conftest import ROOT, run_lab, run_script
 
@@ -62,7 +62,9 @@ def checkpoint_of(tmp_path):
 def test_round_trip_restores_model_optimizer_scheduler_epoch_config_and_rng(tmp_path):
     model, opt, train, val = setup()
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    fit(model, opt, train, val, epochs=2, callbacks=[tiny_lab.EpochStep(sched)])
+    for _ in range(2):
+        train_epoch(model, train, opt)
+        sched.step()
     rng = torch.get_rng_state()
     path = save_checkpoint(tmp_path / "c.pt", model, opt, sched, epoch=2, config={"lr": 0.1, "p": tmp_path})
     expected_draw = torch.rand(3)
@@ -162,9 +164,10 @@ def test_pickled_code_is_not_executed_on_load(tmp_path):
 # ------------------------------------------------------------------------------------------
 def test_loss_falls_and_accuracy_beats_chance():
     model, opt, train, val = setup()
-    loop = fit(model, opt, train, val, epochs=5)
-    assert loop.rows[-1]["train_loss"] < loop.rows[0]["train_loss"] / 2
-    assert loop.rows[-1]["val_acc"] > 0.8
+    rows = fit(model, opt, train, val, epochs=5)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] / 2
+    assert rows[-1]["val_acc"] > 0.8
     metrics = evaluate(model, val)
     outputs, targets = predict(model, val)
     assert outputs.shape == (96, 3) and (outputs.argmax(1) == targets).sum().item() / 96 == metrics["acc"]
@@ -183,47 +186,39 @@ def test_evaluate_and_predict_switch_to_eval_mode():
     assert evaluate(model, batches)["loss"] == pytest.approx(nn.functional.cross_entropy(model.eval()(x), y).item())
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
-    from common.config import BaseConfig
-    from common.runs import Run
+def test_check_finite_passes_numbers_and_stops_nan_and_inf():
+    check_finite(torch.tensor(3.0), 1)
+    check_finite(0.0, 1)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(NonFiniteLoss, match=r"loss became .* in epoch 4; stopped, keeping the last checkpoint"):
+            check_finite(torch.tensor(bad), 4)
 
-    run_ = Run.start(BaseConfig(out=str(tmp_path)), "/x/week01_regression/demo.py", torch.device("cpu"), quiet=True)
-    model, opt, train, val = setup()
 
-    def poisoned(output, target):  # 6 training batches per epoch: poison the 2nd epoch's 3rd
-        loss = nn.functional.cross_entropy(output, target)
-        return loss * float("nan") if torch.is_grad_enabled() and loop_steps() >= 8 else loss
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    """Weights poisoned with NaN after step 8 (in epoch 2 of 6 steps each): the run stops with
+    one line and exit 1, and the checkpoint on disk is epoch 1's, all finite."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     steps = []
-    loop_steps = lambda: len(steps)  # noqa: E731
 
-    class Count(Callback):
-        def on_step_end(self, loop):
-            steps.append(loop.step)
+    def poison(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 8:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("nan"))
 
-    with pytest.raises(NonFiniteLoss, match=r"loss became nan in epoch 2 .*keeping the last checkpoint"):
-        fit(model, opt, train, val, epochs=3, loss_fn=poisoned, run=run_, callbacks=[Count()])
-    payload = read_checkpoint(run_.path("checkpoint.pt"))
+    handle = register_optimizer_step_post_hook(poison)
+    try:
+        assert lab(tmp_path, "--epochs", "3", "--schedule", "none") == {"exit": 1}
+    finally:
+        handle.remove()
+    assert "loss became nan in epoch 2; stopped, keeping the last checkpoint" in capsys.readouterr().err
+    payload = read_checkpoint(checkpoint_of(tmp_path))
     assert payload["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in payload["model"].values())
 
 
-def test_gradient_clipping_callback_bounds_the_update():
-    model, _, _, _ = setup()
-    before = [p.clone() for p in model.parameters()]
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    x, y = tiny_lab.blobs(16)
-
-    class Clip(Callback):
-        def on_after_backward(self, loop):
-            nn.utils.clip_grad_norm_(loop.model.parameters(), 0.01)
-
-    fit(model, opt, [(x * 1000, y)], None, epochs=1, callbacks=[Clip()])
-    step = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(before, model.parameters())))
-    assert step.item() == pytest.approx(0.01, rel=1e-3)
-
-
-def test_fit_with_a_real_run_writes_metrics_and_checkpoint(tmp_path):
+def test_a_run_writes_metrics_and_checkpoint(tmp_path):
     summary = lab(tmp_path, "--epochs", "2")
     run_dir = checkpoint_of(tmp_path).parent
     assert (run_dir / "metrics.csv").read_text().startswith("epoch,train_loss,train_acc,val_loss,val_acc,lr")
@@ -242,10 +237,12 @@ def test_fit_with_a_real_run_writes_metrics_and_checkpoint(tmp_path):
     ("step", 0, 14),        # per-epoch schedule (a callback)
     ("none", 1, 8),         # early stopping (a callback with state)
 ])
-def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, schedule, patience, stop_at, capsys):
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, schedule, patience, stop_at, capsys,
+                                                                   ctrl_c):
     args = ["--schedule", schedule, "--patience", str(patience), "--epochs", "4"]
     straight = lab(tmp_path / "straight", *args)
-    assert lab(tmp_path / "cut", *args, "--interrupt-at", str(stop_at)) == {"exit": 130}
+    ctrl_c(stop_at)
+    assert lab(tmp_path / "cut", *args) == {"exit": 130}
     err = capsys.readouterr().err
     assert err.startswith("interrupted: stopped") and err.count("\n") == 1
     if stop_at <= 6:  # 6 steps per epoch: stopped before the first checkpoint
@@ -253,7 +250,10 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, sched
         return
     checkpoint = checkpoint_of(tmp_path / "cut")
     assert f"--resume {checkpoint}" in err
-    resumed = lab(tmp_path / "cut", "--resume", str(checkpoint), "--interrupt-at", "0")
+    steps = ctrl_c(0)
+    resumed = lab(tmp_path / "cut", "--resume", str(checkpoint))
+    done = (stop_at - 1) // 6 * 6  # the steps of the epochs in the checkpoint
+    assert steps.steps == straight["epochs_done"] * 6 - done, "the resumed run trains only what was left"
     assert resumed["run_dir"] == str(checkpoint.parent), "a resumed run continues its own folder"
     for name, value in final_weights(straight).items():
         assert torch.equal(value, final_weights(resumed)[name]), name

@@ -8,8 +8,9 @@ from typing import Annotated, ClassVar, Literal
 
 import pytest
 
-from common.config import BaseConfig, Range, parse_config, resolve, run
+from common.config import BaseConfig, Range, parse_config, resolve
 from common.errors import ConfigError, LabError
+from common.runner import launch
 from tests.conftest import run_script
 
 
@@ -203,7 +204,7 @@ def test_run_turns_lab_errors_into_one_line_and_exit_1(capsys):
         raise LabError("the thing failed; do this instead")
 
     with pytest.raises(SystemExit) as exit_info:
-        run(main, Config, [])
+        launch(main, Config, [])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == "error: the thing failed; do this instead\n"
 
@@ -216,7 +217,8 @@ def test_script_cli_errors_have_no_traceback(tmp_path):
 
         from typing import Annotated
 
-        from common.config import BaseConfig, Range, run
+        from common.config import BaseConfig, Range
+from common.runner import launch
 
         @dataclass
         class Config(BaseConfig):
@@ -226,7 +228,7 @@ def test_script_cli_errors_have_no_traceback(tmp_path):
             return {}
 
         if __name__ == "__main__":
-            run(main, Config)
+            launch(main, Config)
     '''))
     result = run_script(script, "--epochs", "-1", tmp_path=tmp_path)
     assert result.returncode == 2
@@ -257,9 +259,9 @@ def test_out_with_a_tilde_is_the_home_folder_and_an_unknown_user_is_one_line(tmp
     from common.runs import Run
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    run_ = Run.start(parse_config(Config, ["--out", "~/runs"]), "/x/week01_regression/demo.py", torch.device("cpu"),
+    run = Run.start(parse_config(Config, ["--out", "~/runs"]), "/x/week01_regression/demo.py", torch.device("cpu"),
                      quiet=True)
-    assert run_.dir.is_relative_to(tmp_path / "runs"), "a quoted ~ must not create a folder named '~'"
+    assert run.dir.is_relative_to(tmp_path / "runs"), "a quoted ~ must not create a folder named '~'"
     with pytest.raises(SystemExit):
         parse_config(Config, ["--out", "~nosuchuser_xyz/runs"])
     assert "no such user's home folder" in capsys.readouterr().err

@@ -116,7 +116,8 @@ def test_missing_data_in_a_script_is_one_line_exit_1_no_traceback(tmp_path):
         """Needs MNIST."""
         from dataclasses import dataclass
 
-        from common.config import BaseConfig, run
+        from common.config import BaseConfig
+from common.runner import launch
         from common.data import load
 
         @dataclass
@@ -128,7 +129,7 @@ def test_missing_data_in_a_script_is_one_line_exit_1_no_traceback(tmp_path):
             return {}
 
         if __name__ == "__main__":
-            run(main, Config)
+            launch(main, Config)
     '''))
     result = run_script(script, tmp_path=tmp_path)
     assert result.returncode == 1

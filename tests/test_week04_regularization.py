@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import read_checkpoint, save_checkpoint
-from common.config import Terminated, parse_config
+from common.config import parse_config
 from common.data import load
 from common.errors import ConfigError
 from common.parity import assert_close
+from common.runner import Terminated
 from common.train import Callback, fit
 from tests.conftest import CtrlC, run_lab
 from week04_regularization import best_cnn, part1, part2
@@ -504,7 +505,7 @@ def test_part2_refuses_to_resume_a_schedule_all_comparison(tmp_path, capsys):
 def test_ctrl_c_in_a_schedule_all_run_does_not_offer_a_resume_that_is_refused(stop, exit_code, tmp_path, monkeypatch,
                                                                               capsys):
     """Ctrl-C / SIGTERM in the second schedule of a comparison: one line, saying it cannot be
-    resumed, not common.config.run's "--resume <some schedule>_checkpoint.pt" (which is refused)."""
+    resumed, not common.runner.launch's "--resume <some schedule>_checkpoint.pt" (which is refused)."""
 
     class Stop(Callback):
         def on_step_end(self, loop) -> None:

@@ -5,6 +5,7 @@ Run: python tests/tiny_lab.py [--smoke] [--interrupt-at STEP] [--resume CHECKPOI
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -13,10 +14,11 @@ from typing import Annotated, ClassVar, Literal
 import torch
 from torch import nn
 
-from common.config import Range, ResumableConfig, run
+from common.config import Range, ResumableConfig
 from common.loader import TensorLoader
+from common.runner import launch
 from common.runs import Run
-from common.train import Callback, Loop, fit
+from common.train import check_finite, evaluate
 
 
 @dataclass
@@ -25,13 +27,12 @@ class Config(ResumableConfig):
 
     epochs: Annotated[int, Range(1)] = 4  # passes over the data
     lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # peak learning rate
-    schedule: Literal["onecycle", "step", "none"] = "onecycle"  # onecycle: per batch; step: per epoch (callback)
+    schedule: Literal["onecycle", "step", "none"] = "onecycle"  # onecycle: per batch; step: per epoch
     dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.3  # dropout probability (draws random numbers)
     patience: Annotated[int, Range(0)] = 0  # stop after this many epochs without a lower val loss (0: off)
-    interrupt_at: Annotated[int, Range(0)] = 0  # simulate Ctrl-C after this optimizer step (0: never)
     signal_at: Annotated[int, Range(0)] = 0  # send this process SIGTERM after this optimizer step (0: never)
     SMOKE: ClassVar[dict] = {"epochs": 2}
-    RESUME_MAY_CHANGE: ClassVar[tuple] = (*ResumableConfig.RESUME_MAY_CHANGE, "interrupt_at", "signal_at")
+    RESUME_MAY_CHANGE: ClassVar[tuple] = (*ResumableConfig.RESUME_MAY_CHANGE, "signal_at")
 
 
 class Net(nn.Module):
@@ -43,58 +44,30 @@ class Net(nn.Module):
         return self.layers(x)
 
 
-class EpochStep(Callback):
-    """A per-epoch scheduler, stepped after validation."""
-
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
-
-    def on_epoch_end(self, loop: Loop) -> None:
-        self.scheduler.step()
-
-    def state_dict(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-class Patience(Callback):
-    """Stop when the validation loss has not improved for ``patience`` epochs."""
-
-    def __init__(self, patience: int):
-        self.patience, self.best, self.best_epoch = patience, float("inf"), 0
-
-    def on_epoch_end(self, loop: Loop) -> None:
-        if loop.row["val_loss"] < self.best:
-            self.best, self.best_epoch = loop.row["val_loss"], loop.epoch
-        loop.stop = loop.epoch - self.best_epoch >= self.patience
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_epoch = state["best"], state["best_epoch"]
-
-
-class Fault(Callback):
-    """Ctrl-C (KeyboardInterrupt) or a real SIGTERM after a given optimizer step."""
-
-    def __init__(self, interrupt_at: int, signal_at: int):
-        self.interrupt_at, self.signal_at = interrupt_at, signal_at
-
-    def on_step_end(self, loop: Loop) -> None:
-        if loop.step == self.interrupt_at:
-            raise KeyboardInterrupt
-        if loop.step == self.signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def blobs(n: int = 120, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 3
     x = torch.randn(n, 4, generator=g) + 2.5 * nn.functional.one_hot(y, 4).float()
     return x, y
+
+
+def train_one_epoch(model, train, optimizer, scheduler, cfg: Config, step: int) -> tuple[dict, int]:
+    model.train()
+    total, correct, seen = torch.zeros(()), 0, 0
+    for x, y in train:
+        output = model(x)
+        loss = nn.functional.cross_entropy(output, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step == cfg.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real SIGTERM, as `kill` would send
+        if cfg.schedule == "onecycle":
+            scheduler.step()  # per batch
+        total, seen = total + loss.detach() * len(x), seen + len(x)
+        correct += (output.argmax(1) == y).sum().item()
+    return {"train_loss": (total / seen).item(), "train_acc": correct / seen}, step
 
 
 def main(cfg: Config) -> dict:
@@ -105,20 +78,34 @@ def main(cfg: Config) -> dict:
     val = TensorLoader(x[96:], y[96:], 24)
     model = Net(cfg.dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler, callbacks = None, []
+    scheduler = None
     if cfg.schedule == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * len(train))
     elif cfg.schedule == "step":
-        callbacks.append(EpochStep(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)))
-    if cfg.patience:
-        callbacks.append(Patience(cfg.patience))
-    callbacks.append(Fault(cfg.interrupt_at, cfg.signal_at))
-    run_ = Run.start(cfg, __file__, torch.device("cpu"), quiet=True)
-    loop = fit(model, optimizer, train, val, cfg.epochs, scheduler=scheduler, callbacks=callbacks, run=run_,
-               resume=cfg.resume)
-    torch.save(model.state_dict(), run_.path("final_weights.pt"))
-    return run_.finish(val_acc=loop.last["val_acc"], epochs_done=loop.epoch)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    run = Run.start(cfg, __file__, torch.device("cpu"), quiet=True)
+    state = run.restore(model, optimizer, scheduler)
+    step, best, best_epoch = state.get("step", 0), state.get("best", math.inf), state.get("best_epoch", 0)
+    stopped = state.get("stopped", False)
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if stopped:
+            break
+        train.set_epoch(epoch)  # the batches an uninterrupted run would see in this epoch
+        row, step = train_one_epoch(model, train, optimizer, scheduler, cfg, step)
+        check_finite(row["train_loss"], epoch)
+        row.update({f"val_{k}": v for k, v in evaluate(model, val).items()}, lr=optimizer.param_groups[0]["lr"])
+        if cfg.schedule == "step":
+            scheduler.step()  # per epoch
+        if row["val_loss"] < best:
+            best, best_epoch = row["val_loss"], epoch
+        stopped = bool(cfg.patience) and epoch - best_epoch >= cfg.patience
+        run.log(epoch=epoch, **row)
+        run.save_checkpoint(model, optimizer, scheduler, epoch=epoch, step=step, best=best,
+                            best_epoch=best_epoch, stopped=stopped)
+    torch.save(model.state_dict(), run.path("final_weights.pt"))
+    last = run.rows[-1] if run.rows else {}
+    return run.finish(val_acc=last.get("val_acc"), epochs_done=last.get("epoch", 0))
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -21,10 +21,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import seed_everything
 from common.errors import LabError
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 from week01_regression.part1 import load_arrays, max_stable_lr, mse_loss_and_grad
 from week01_regression.part2 import manual_mse_grads
@@ -121,7 +122,7 @@ def main(cfg: Config) -> dict:
     if cfg.lr >= bound:
         raise LabError(f"--lr {cfg.lr:g} would diverge: gradient descent on {data.name} is stable only for lr < "
                        f"2/lambda_max = {bound:.4g}; use a smaller --lr")
-    run_ = Run.start(cfg, __file__, torch.device("cpu"))  # small and step by step: the CPU is the fair place
+    run = Run.start(cfg, __file__, torch.device("cpu"))  # small and step by step: the CPU is the fair place
 
     runs = compare(X, y, cfg.lr, cfg.steps)
     reference = runs["numpy, by hand"]
@@ -134,7 +135,7 @@ def main(cfg: Config) -> dict:
 
     every = max(1, cfg.steps // 100)
     for step in range(0, cfg.steps + 1, every):
-        run_.log(step=step, loss=reference.losses[step],
+        run.log(step=step, loss=reference.losses[step],
                  **{f"max_diff_{key}": d[step] for key, d in zip(("torch_by_hand", "autograd"), diffs.values())})
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -149,10 +150,10 @@ def main(cfg: Config) -> dict:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    save(fig, run_.path("manual_vs_autograd.png"))
+    save(fig, run.path("manual_vs_autograd.png"))
 
     names = ("numpy_by_hand", "torch_by_hand", "autograd")
-    return run_.finish(
+    return run.finish(
         dtype=cfg.dtype,
         steps=cfg.steps,
         max_abs_diff_torch_by_hand=float(diffs["torch, by hand"].max()),
@@ -163,4 +164,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -18,12 +18,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import seed_everything
 from common.errors import ConfigError, LabError
 from common.parity import max_relative_error, numerical_grad
 from common.plots import plot_curves, save
+from common.runner import launch
 from common.runs import Run
 
 # A loss function for gradient descent: (w, b) -> (loss, dL/dw, dL/db).
@@ -400,7 +401,7 @@ def main(cfg: Config) -> dict:
                    f"< 1" if cfg.logistic_lr * cfg.logistic_l2 >= 1 else "")
         raise LabError(f"logistic regression diverged at step {logistic.steps} with --logistic-lr "
                        f"{cfg.logistic_lr:g}{penalty}; use a smaller --logistic-lr")
-    run_ = Run.start(cfg, __file__, torch.device("cpu"))  # NumPy runs on the CPU whatever --device says
+    run = Run.start(cfg, __file__, torch.device("cpu"))  # NumPy runs on the CPU whatever --device says
 
     # 1. Gradient check: hand-derived gradients against finite differences, at a random point.
     rng = np.random.default_rng(cfg.seed)
@@ -426,14 +427,14 @@ def main(cfg: Config) -> dict:
           f"{np.mean((reg.y_test - reg.y_train.mean()) ** 2):.1f})")
     best_train = mse_loss_and_grad(reg.x_train, reg.y_train, w_exact, b_exact, cfg.l2)[0]
     excess = np.maximum(np.array(gd.losses) - best_train, 1e-12 * best_train)
-    plot_curves({"GD loss - minimum loss": list(enumerate(excess))}, run_.path("gd_convergence.png"), xlabel="step",
+    plot_curves({"GD loss - minimum loss": list(enumerate(excess))}, run.path("gd_convergence.png"), xlabel="step",
                 ylabel="train MSE above the exact minimum", title="linear regression: GD converges linearly",
                 logy=True)
 
     # 3. L2 regularization: the closed form over a range of penalties, and GD with one of them.
     l2s = np.geomspace(1e-4, 1e2, 25)
     ridge = [closed_form(reg.x_train, reg.y_train, l2) for l2 in l2s]
-    plot_ridge_path(run_.path("ridge_path.png"), l2s, np.array([w for w, _ in ridge]),
+    plot_ridge_path(run.path("ridge_path.png"), l2s, np.array([w for w, _ in ridge]),
                     [mse_loss_and_grad(reg.x_train, reg.y_train, w, b)[0] for w, b in ridge],
                     [mse_loss_and_grad(reg.x_test, reg.y_test, w, b)[0] for w, b in ridge], reg.feature_names)
     ridge_l2 = 0.1
@@ -456,7 +457,7 @@ def main(cfg: Config) -> dict:
     # metrics.csv: the loss of both descents, sampled (100 rows or so).
     every = max(1, max(gd.steps, logistic.steps) // 100)
     for step in range(0, max(gd.steps, logistic.steps) + 1, every):
-        run_.log(step=step, linear_train_mse=gd.losses[step] if step <= gd.steps else None,
+        run.log(step=step, linear_train_mse=gd.losses[step] if step <= gd.steps else None,
                  logistic_train_bce=logistic.losses[step] if step <= logistic.steps else None)
 
     # 5. The learning-rate study.
@@ -469,11 +470,11 @@ def main(cfg: Config) -> dict:
         where = f" at step {result['steps']}" if result["status"] == "diverged" else ""
         print(f"  lr={result['lr']:<8g} {result['status']}{where}: final loss {result['final_loss']:.4g}")
         curves[f"lr={result['lr']:g} ({result['status']}{where})"] = result["losses"]
-    plot_curves(curves, run_.path("lr_study.png"), xlabel="step", ylabel="train MSE", logy=True,
+    plot_curves(curves, run.path("lr_study.png"), xlabel="step", ylabel="train MSE", logy=True,
                 title=f"learning rates on {reg.name} (stable below {bound:.3g})")
 
     # 6. The loss landscape with the descent path.
-    plot_landscape(run_.path("loss_landscape.png"), cfg.landscape_steps, cfg.seed)
+    plot_landscape(run.path("loss_landscape.png"), cfg.landscape_steps, cfg.seed)
 
     # 7. Overfitting: polynomial degree vs train and validation error.
     x_train, y_train = curve_data(cfg.poly_train, seed=cfg.seed)
@@ -483,12 +484,12 @@ def main(cfg: Config) -> dict:
     best_degree = degrees[int(np.argmin(val_mse))]
     shown = sorted({1, best_degree, cfg.max_degree})
     fits = {d: closed_form(polynomial_features(x_train, d), y_train) for d in shown}
-    plot_degree_study(run_.path("overfitting.png"), degrees, train_mse, val_mse, x_train, y_train, fits)
+    plot_degree_study(run.path("overfitting.png"), degrees, train_mse, val_mse, x_train, y_train, fits)
     print("polynomial degree:  " + " ".join(f"{d:>6d}" for d in degrees))
     print("  train MSE:        " + " ".join(f"{v:6.3f}" for v in train_mse))
     print("  validation MSE:   " + " ".join(f"{v:6.3f}" for v in val_mse))
 
-    return run_.finish(
+    return run.finish(
         grad_check_mse_rel_error=check_mse,
         grad_check_bce_rel_error=check_bce,
         gd_steps=gd.steps,
@@ -512,4 +513,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

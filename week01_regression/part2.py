@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
 from common.errors import NonFiniteLoss
 from common.loader import TensorLoader
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run
 from week01_regression.part1 import closed_form, load_arrays
 
@@ -199,7 +200,7 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     reg = load_arrays("diabetes", cfg.data_dir, cfg.synthetic, cfg.seed)
     clf = load_arrays("breast_cancer", cfg.data_dir, cfg.synthetic, cfg.seed)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
 
     print("\n== 1. environment")
     env = environment(device)
@@ -263,17 +264,17 @@ def main(cfg: Config) -> dict:
           f"{logistic_history[-1]['test_acc']:.3f} (majority class: {majority:.3f})")
 
     for lin, log in zip(linear_history, logistic_history):
-        run_.log(epoch=lin["epoch"], linear_train_mse=lin["train_loss"], linear_test_mse=lin["test_mse"],
+        run.log(epoch=lin["epoch"], linear_train_mse=lin["train_loss"], linear_test_mse=lin["test_mse"],
                  logistic_train_bce=log["train_loss"], logistic_test_bce=log["test_loss"],
                  logistic_test_acc=log["test_acc"])
     plot_curves({"train": [h["train_loss"] for h in linear_history], "test": [h["test_mse"] for h in linear_history]},
-                run_.path("linear_curves.png"), ylabel="MSE", title=f"linear regression on {reg.name}", logy=True)
+                run.path("linear_curves.png"), ylabel="MSE", title=f"linear regression on {reg.name}", logy=True)
     plot_curves({"train BCE": [h["train_loss"] for h in logistic_history],
                  "test BCE": [h["test_loss"] for h in logistic_history],
                  "test accuracy": [h["test_acc"] for h in logistic_history]},
-                run_.path("logistic_curves.png"), title=f"logistic regression on {clf.name}")
+                run.path("logistic_curves.png"), title=f"logistic regression on {clf.name}")
 
-    return run_.finish(
+    return run.finish(
         **{f"env_{k}": v for k, v in env.items()},
         **poly,
         linear_grad_max_abs_diff=grad_diff,
@@ -287,4 +288,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
 from common.errors import NonFiniteLoss
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 
 
@@ -109,7 +110,7 @@ def plot_pipeline(path, x: torch.Tensor, y: torch.Tensor, lines: list[tuple[int,
 def main(cfg: Config) -> dict:
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
 
     print("\n1. data")
     x, y = (t.to(device) for t in make_data(cfg.n_points, cfg.noise, generator))
@@ -134,13 +135,13 @@ def main(cfg: Config) -> dict:
         if not math.isfinite(row["loss"]):  # each step overshoots more than the last: divergence
             raise NonFiniteLoss(f"the loss became {row['loss']} at step {step}: --lr {cfg.lr:g} is too large")
         rows.append(row)
-        run_.log(**row)
+        run.log(**row)
         if step in shown:
             lines.append((step, row["w"], row["b"]))
         if not verbose and (step == cfg.detailed_steps + 1 or step % 10 == 0 or step == cfg.steps):
             print(f" step {step:3d}: loss {row['loss']:.4f}  |grad| {row['grad_norm']:.4f}  "
                   f"|update| {row['update_norm']:.5f}  W {row['w']:+.4f}  b {row['b']:+.4f}")
-    plot_pipeline(run_.path("pipeline.png"), x, y, lines, rows)
+    plot_pipeline(run.path("pipeline.png"), x, y, lines, rows)
 
     # The least-squares line for the same points: where gradient descent is heading.
     A, target = torch.cat([x, torch.ones_like(x)], dim=1).double().cpu(), y.double().cpu()
@@ -149,10 +150,10 @@ def main(cfg: Config) -> dict:
     best_loss = torch.mean((A @ solution - target) ** 2).item()
     print(f"\nafter {cfg.steps} steps: W {rows[-1]['w']:+.4f}, b {rows[-1]['b']:+.4f}, loss {rows[-1]['loss']:.4f} "
           f"(least squares: W {w_best:+.4f}, b {b_best:+.4f}, loss {best_loss:.4f}; the data came from W=2, b=1)")
-    return run_.finish(first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"], final_w=rows[-1]["w"],
+    return run.finish(first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"], final_w=rows[-1]["w"],
                        final_b=rows[-1]["b"], least_squares_w=w_best, least_squares_b=b_best,
                        least_squares_loss=best_loss)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -17,11 +17,12 @@ from typing import Annotated, ClassVar
 import numpy as np
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, seed_everything
 from common.loader import TensorLoader, split
 from common.plots import plt, save
+from common.runner import launch
 from common.runs import Run
 from week02_mlp import part2
 
@@ -91,7 +92,7 @@ def cross_validate(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     data = load("iris", cfg.data_dir)  # bundled with scikit-learn: real data even with --smoke
     x, y = torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test])
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
 
     models = {f"MLP ({' '.join(map(str, cfg.hidden))})": cfg.hidden, "softmax regression": ()}
     results: dict[str, dict[str, list[float]]] = {}
@@ -103,13 +104,13 @@ def cross_validate(cfg: Config) -> dict:
         for i, (train_rows, test_rows) in enumerate(fold_splits(y, cfg.folds, cfg.seed)):
             cv.append(held_out_accuracy(model_cfg, x[train_rows], y[train_rows], x[test_rows], y[test_rows],
                                         data.classes, device))
-            run_.log(model=name, evaluation=f"{cfg.folds}-fold CV", fold=i + 1, test_size=len(test_rows),
+            run.log(model=name, evaluation=f"{cfg.folds}-fold CV", fold=i + 1, test_size=len(test_rows),
                      test_acc=cv[-1])
         single = []
         for s in range(cfg.splits):  # the same model, judged on different random 30-flower test sets
             x_tr, y_tr, x_te, y_te = split(x, y, 0.2, seed=1000 + s)
             single.append(held_out_accuracy(model_cfg, x_tr, y_tr, x_te, y_te, data.classes, device))
-            run_.log(model=name, evaluation="single 80/20 split", fold=s + 1, test_size=len(y_te),
+            run.log(model=name, evaluation="single 80/20 split", fold=s + 1, test_size=len(y_te),
                      test_acc=single[-1])
         results[name] = {"cv": cv, "single": single}
 
@@ -122,14 +123,14 @@ def cross_validate(cfg: Config) -> dict:
               f"{single[0]:.3f}, {single.min():.3f}..{single.max():.3f}")
     print("A single split's number swings by several 3.3-point steps with the choice of the 30 test flowers;\n"
           "differences between models smaller than that swing (and than the CV std) are not evidence.")
-    plot_accuracies(results, cfg, run_.path("cv_vs_single_split.png"))
+    plot_accuracies(results, cfg, run.path("cv_vs_single_split.png"))
 
     summary = {}
     for key, name in zip(("mlp", "softmax"), results):
         cv, single = np.array(results[name]["cv"]), np.array(results[name]["single"])
         summary.update({f"{key}_cv_mean": cv.mean(), f"{key}_cv_std": cv.std(ddof=1),
                         f"{key}_single_min": single.min(), f"{key}_single_max": single.max()})
-    return run_.finish(**summary)
+    return run.finish(**summary)
 
 
 def plot_accuracies(results: dict, cfg: Config, path) -> None:
@@ -152,4 +153,4 @@ def plot_accuracies(results: dict, cfg: Config, path) -> None:
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

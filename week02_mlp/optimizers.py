@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run
 from week02_mlp import part2
 
@@ -52,7 +53,7 @@ def main(cfg: Config) -> dict:
     if len(sets.x_val) < 10:  # the curves compare validation accuracy
         raise ConfigError(f"--val-fraction {cfg.val_fraction} holds out {len(sets.x_val)} of {data.name}'s "
                           f"{len(data.x_train)} training examples; hold out at least 10")
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
 
     lrs = {"sgd": cfg.sgd_lr, "momentum": cfg.momentum_lr, "adam": cfg.adam_lr}
     curves_acc, curves_loss, summary, table = {}, {}, {}, []
@@ -66,7 +67,7 @@ def main(cfg: Config) -> dict:
         _, rows = part2.train_quietly(part2_cfg, sets, device)
         seconds = time.perf_counter() - t0
         for row in rows:  # one spreadsheet: metrics.csv with an optimizer column
-            run_.log(optimizer=name, **row)
+            run.log(optimizer=name, **row)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         label = f"{name} (lr {lr:g})"
         curves_acc[label] = [row["val_acc"] for row in rows]
@@ -76,16 +77,16 @@ def main(cfg: Config) -> dict:
         table.append((label, curves_acc[label][0], curves_acc[label][-1], max(curves_acc[label]),
                       rows[-1]["train_loss"], seconds))
 
-    plot_curves(curves_acc, run_.path("val_acc.png"), ylabel="validation accuracy",
+    plot_curves(curves_acc, run.path("val_acc.png"), ylabel="validation accuracy",
                 title=f"optimizers on {data.name}: same model, data, seed")
-    plot_curves(curves_loss, run_.path("train_loss.png"), ylabel="training loss (log)", logy=True,
+    plot_curves(curves_loss, run.path("train_loss.png"), ylabel="training loss (log)", logy=True,
                 title=f"optimizers on {data.name}: training loss")
     print(f"\n{'optimizer':22s} {'val acc ep1':>11s} {'val acc last':>12s} {'best':>6s} {'train loss':>10s} "
           f"{'time s':>7s}")
     for label, first, last, best, loss, seconds in table:
         print(f"{label:22s} {first:11.4f} {last:12.4f} {best:6.4f} {loss:10.4f} {seconds:7.1f}")
-    return run_.finish(**summary, epochs=cfg.epochs, chance=1 / len(sets.classes))
+    return run.finish(**summary, epochs=cfg.epochs, chance=1 / len(sets.classes))
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -25,13 +25,14 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import seed_everything
 from common.errors import NonFiniteLoss
 from common.loader import split
 from common.parity import max_relative_error, numerical_grad
 from common.plots import plot_history, plt, save
+from common.runner import launch
 from common.runs import Run
 
 Init = Literal["zeros", "small", "xavier", "he"]
@@ -320,7 +321,7 @@ class Config(BaseConfig):
     UNUSED: ClassVar[tuple] = ('device', 'data_dir')  # CPU only, data bundled with scikit-learn
 
 
-def init_study(cfg: Config, digits: Digits, run_: Run) -> list[dict]:
+def init_study(cfg: Config, digits: Digits, run: Run) -> list[dict]:
     """Each scheme's per-layer statistics at initialization, then whether that deep net trains."""
     sizes = [digits.x_train.shape[1], *[cfg.width] * cfg.depth, 10]
     batch = slice(0, 512)
@@ -335,13 +336,13 @@ def init_study(cfg: Config, digits: Digits, run_: Run) -> list[dict]:
                      "val_acc": accuracy(net, digits.x_val, digits.y_val),
                      "distinct_units": distinct_units(net.linears[1].W)})
         curves[label] = losses
-    with open(run_.path("init_study.csv"), "w", newline="") as f:  # per-layer numbers for a spreadsheet
+    with open(run.path("init_study.csv"), "w", newline="") as f:  # per-layer numbers for a spreadsheet
         writer = csv.writer(f)
         writer.writerow(["scheme", "statistic", *[f"layer{i}" for i in range(1, cfg.depth + 2)]])
         for row in rows:
             writer.writerow([row["scheme"], "activation_std", *row["act_std"]])
             writer.writerow([row["scheme"], "weight_grad_std", *row["grad_std"]])
-    plot_init_study(rows, cfg, run_.path("init_study.png"))
+    plot_init_study(rows, cfg, run.path("init_study.png"))
     return rows
 
 
@@ -384,14 +385,14 @@ def plot_init_study(rows: list[dict], cfg: Config, path) -> None:
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     digits = load_digits(cfg.data_dir, cfg.seed)  # load BEFORE Run.start
-    run_ = Run.start(cfg, __file__, torch.device("cpu"))
+    run = Run.start(cfg, __file__, torch.device("cpu"))
 
     # 1. Gradient check
     check = gradient_check(cfg.seed)
     print(f"gradient check: backprop vs finite differences, max relative error {check:.1e} (float64; < 1e-6 is right)")
 
     # 2. Initialization study
-    rows = init_study(cfg, digits, run_)
+    rows = init_study(cfg, digits, run)
     print_init_table(rows, cfg)
     sigmoid = next(r for r in rows if r["scheme"].startswith("sigmoid"))
     vanishing = sigmoid["grad_std"][0] / sigmoid["grad_std"][-1]
@@ -411,16 +412,16 @@ def main(cfg: Config) -> dict:
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": accuracy(net, digits.x_train, digits.y_train),
                "val_loss": net.loss(digits.x_val, digits.y_val), "val_acc": accuracy(net, digits.x_val, digits.y_val)}
         history.append(row)
-        run_.log(**row)
+        run.log(**row)
         if epoch == 1 or epoch % 10 == 0 or epoch == cfg.epochs:
             print("  ".join(f"{k}={v:.4g}" for k, v in row.items()))
-    plot_history(history, run_.path("curves.png"), title="NumPy MLP on 8x8 digits")
+    plot_history(history, run.path("curves.png"), title="NumPy MLP on 8x8 digits")
     test_acc = accuracy(net, digits.x_test, digits.y_test)
     print(f"test accuracy {test_acc:.4f} on {len(digits.x_test)} held-out digits")
-    return run_.finish(test_acc=test_acc, train_loss=history[-1]["train_loss"], val_acc=history[-1]["val_acc"],
+    return run.finish(test_acc=test_acc, train_loss=history[-1]["train_loss"], val_acc=history[-1]["val_acc"],
                        gradient_check_error=check, sigmoid_first_over_last_grad=vanishing,
                        he_act_std_last=next(r for r in rows if r["scheme"] == "relu, He")["act_std"][-1])
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

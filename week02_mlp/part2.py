@@ -26,12 +26,13 @@ from torch import nn
 
 from common.augment import translate
 from common.checkpoint import load_checkpoint
-from common.config import Range, ResumableConfig, run
+from common.config import Range, ResumableConfig
 from common.data import ImageData, TabularData, load
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError, NonFiniteLoss
 from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
+from common.runner import launch
 from common.runs import Run, week_and_script
 
 
@@ -178,7 +179,7 @@ def main(cfg: Config) -> dict:
     if cfg.resume:  # weights, optimizer, schedule and random state as they were after that epoch
         script = "/".join(week_and_script(__file__))  # checked BEFORE Run.start touches the run's folder
         done = load_checkpoint(cfg.resume, model, optimizer, scheduler, script=script)["epoch"]
-    run_ = Run.start(cfg, __file__, device)  # resumed: the same folder, metrics.csv rows up to `done`
+    run = Run.start(cfg, __file__, device)  # resumed: the same folder, metrics.csv rows up to `done`
     print(f"data: {data.name}: {len(sets.x_train)} train, {len(sets.x_val)} validation, {len(sets.x_test)} test")
 
     for epoch in range(done + 1, cfg.epochs + 1):
@@ -190,22 +191,22 @@ def main(cfg: Config) -> dict:
         val = evaluate(model, val_batches) if val_batches else {}
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
                "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.perf_counter() - start, 3)}
-        run_.log(**row)
+        run.log(**row)
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        run_.save_checkpoint(model, optimizer, scheduler, epoch=epoch)  # Ctrl-C now loses this epoch at most
-    train_time = sum(r["epoch_time_s"] for r in run_.rows)  # every epoch, those before a --resume too
+        run.save_checkpoint(model, optimizer, scheduler, epoch=epoch)  # Ctrl-C now loses this epoch at most
+    train_time = sum(r["epoch_time_s"] for r in run.rows)  # every epoch, those before a --resume too
 
-    plot_history(run_.rows, run_.path("curves.png"), title=f"MLP on {data.name}")
+    plot_history(run.rows, run.path("curves.png"), title=f"MLP on {data.name}")
     test_batches = TensorLoader(sets.x_test, sets.y_test, 2048, device=device)
     test = evaluate(model, test_batches)  # the test set, once, at the end
-    report_mistakes(model, test_batches, data, sets.classes, run_, test["acc"])
-    last = run_.rows[-1]
+    report_mistakes(model, test_batches, data, sets.classes, run, test["acc"])
+    last = run.rows[-1]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"test accuracy {test['acc']:.4f}; {n_params:,} parameters; trained in {train_time:.1f}s")
-    return run_.finish(test_acc=test["acc"], test_loss=test["loss"], val_acc=last.get("val_acc"),
-                       train_acc=last["train_acc"], first_train_loss=run_.rows[0]["train_loss"],
-                       last_train_loss=last["train_loss"], epochs=len(run_.rows), train_time_s=round(train_time, 2),
-                       fastest_epoch_s=min(r["epoch_time_s"] for r in run_.rows), params=n_params,
+    return run.finish(test_acc=test["acc"], test_loss=test["loss"], val_acc=last.get("val_acc"),
+                       train_acc=last["train_acc"], first_train_loss=run.rows[0]["train_loss"],
+                       last_train_loss=last["train_loss"], epochs=len(run.rows), train_time_s=round(train_time, 2),
+                       fastest_epoch_s=min(r["epoch_time_s"] for r in run.rows), params=n_params,
                        threads=torch.get_num_threads(), chance=1 / len(sets.classes))
 
 
@@ -249,16 +250,16 @@ def worst_mistakes(probs: torch.Tensor, targets: torch.Tensor, k: int) -> torch.
     return wrong[confidence[wrong].argsort(descending=True)[:k]]
 
 
-def report_mistakes(model: nn.Module, batches, data, classes: list[str], run_: Run, acc: float) -> None:
+def report_mistakes(model: nn.Module, batches, data, classes: list[str], run: Run, acc: float) -> None:
     """confusion.png, and for images worst_mistakes.png: the most confident wrong answers."""
     logits, targets = (t.cpu() for t in predict(model, batches))
     predicted, probs = logits.argmax(dim=1), logits.softmax(dim=1)
     matrix = confusion_matrix(targets.numpy(), predicted.numpy(), len(classes))
-    plot_confusion(matrix, classes, run_.path("confusion.png"), title=f"test accuracy {acc:.2%} ({len(targets)})")
+    plot_confusion(matrix, classes, run.path("confusion.png"), title=f"test accuracy {acc:.2%} ({len(targets)})")
     worst = worst_mistakes(probs, targets, k=24)
     if isinstance(data, ImageData) and len(worst):
         titles = [f"{classes[targets[i]]}->{classes[predicted[i]]} {probs[i].max():.2f}" for i in worst]
-        plot_images(data.x_test[worst].numpy(), run_.path("worst_mistakes.png"), titles=titles, ncols=8,
+        plot_images(data.x_test[worst].numpy(), run.path("worst_mistakes.png"), titles=titles, ncols=8,
                     title="most confident mistakes (true->predicted, confidence)")
 
 
@@ -279,4 +280,4 @@ def train_quietly(cfg: Config, sets: Splits, device: torch.device) -> tuple[MLP,
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -21,12 +21,13 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.loader import TensorLoader
 from common.plots import plt, save
+from common.runner import launch
 from common.runs import Run
 from week02_mlp import part2
 
@@ -127,7 +128,7 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     sets = load_subset(cfg)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     print(f"{len(lrs)} x {len(batch_sizes)} runs of {cfg.epochs} epochs on {len(sets.x_train)} images "
           f"({cfg.optimizer}, hidden {' '.join(map(str, cfg.hidden))}); chance is 0.10")
 
@@ -142,7 +143,7 @@ def main(cfg: Config) -> dict:
             c = sweep_cell(cell_cfg, sets, device)
             cells[-1].append(c)
             steps = cfg.epochs * math.ceil(len(sets.x_train) / batch_size)
-            run_.log(batch_size=batch_size, lr=lr, steps=steps, val_acc=c.val_acc, val_loss=c.val_loss,
+            run.log(batch_size=batch_size, lr=lr, steps=steps, val_acc=c.val_acc, val_loss=c.val_loss,
                      initial_val_loss=c.initial_val_loss, top_class_share=c.top_class_share, verdict=c.verdict,
                      seconds=round(time.perf_counter() - t0, 2))
             shown = "the loss became inf/NaN" if c.verdict == "nan" else (
@@ -150,7 +151,7 @@ def main(cfg: Config) -> dict:
                 f"top class {c.top_class_share:4.0%}")
             print(f"batch {batch_size:5d}  lr {lr:<8g} {steps:6d} steps  {c.verdict:9s}  {shown}")
 
-    plot_heatmap(cells, lrs, batch_sizes, run_.path("sweep_heatmap.png"),
+    plot_heatmap(cells, lrs, batch_sizes, run.path("sweep_heatmap.png"),
                  title=f"final validation accuracy ({cfg.optimizer}, {cfg.epochs} epochs)")
     verdicts = [c.verdict for row in cells for c in row]
     summary = {verdict: verdicts.count(verdict) for verdict in ("stable", "collapsed", "diverged", "nan")}
@@ -160,8 +161,8 @@ def main(cfg: Config) -> dict:
         acc, bs, lr = max(learned)
         summary.update(best_val_acc=acc, best_lr=lr, best_batch_size=bs)
         print(f"best: batch {bs}, lr {lr:g}: val_acc {acc:.4f}")
-    return run_.finish(**summary, chance=1 / len(sets.classes))
+    return run.finish(**summary, chance=1 / len(sets.classes))
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -23,12 +23,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, prepare_model, seed_everything
 from common.errors import LabError, NonFiniteLoss
 from common.loader import TensorLoader, normalizer, split
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 from common.train import Callback, Loop, evaluate, fit
 from week03_cnn.part2 import CNN, training_augment
@@ -88,12 +89,12 @@ def variants(cfg: Config) -> list[dict]:
     return specs
 
 
-def train_variant(spec: dict, cfg: Config, data, train: TensorLoader, val: TensorLoader, run_: Run) -> dict:
+def train_variant(spec: dict, cfg: Config, data, train: TensorLoader, val: TensorLoader, run: Run) -> dict:
     """Train one variant from the same seed; a run whose loss becomes NaN is reported as diverged."""
     seed_everything(cfg.seed)  # the same initial weights for the shared layers, the same dropout stream
     widths = (cfg.width, 2 * cfg.width, 4 * cfg.width)
     model = prepare_model(CNN(data.x_train.shape[1], data.num_classes, widths, spec["batch_norm"], spec["dropout"]),
-                          run_.device)
+                          run.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9, weight_decay=5e-4)
     history = History()
     print(f"\n--- {spec['variant']} ---")
@@ -104,7 +105,7 @@ def train_variant(spec: dict, cfg: Config, data, train: TensorLoader, val: Tenso
         print(f"{spec['variant']}: diverged ({str(e).split(';')[0]})")
         diverged = True
     for row in history.rows:
-        run_.sub(spec["key"], variant=spec["variant"]).log(**row)  # metrics.csv: one row per variant and epoch
+        run.sub(spec["key"], variant=spec["variant"]).log(**row)  # metrics.csv: one row per variant and epoch
     rows = history.rows
     return {
         **spec,
@@ -183,10 +184,10 @@ def main(cfg: Config) -> dict:
                          device=device, augment=training_augment(cfg.dataset) if cfg.augment else None,
                          transform=normalize, seed=cfg.seed)
     val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=device)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     print(f"{len(x_train)} training and {len(x_val)} validation images of {data.name}")
 
-    results = [train_variant(spec, cfg, data, train, val, run_) for spec in variants(cfg)]
+    results = [train_variant(spec, cfg, data, train, val, run) for spec in variants(cfg)]
     test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
     for r in results:
         r["test_acc"] = math.nan if r["diverged"] else evaluate(r["_model"], test)["acc"]
@@ -199,12 +200,12 @@ def main(cfg: Config) -> dict:
     print("\n" + "  ".join(f"{c:>18s}" for c in columns))
     for r in results:
         print("  ".join(f"{r[c]:>18.4g}" if isinstance(r[c], float) else f"{r[c]!s:>18s}" for c in columns))
-    plot_comparison(results, len(train), run_.path("bn_dropout.png"))
+    plot_comparison(results, len(train), run.path("bn_dropout.png"))
     summary = {f"{name}_{r['key']}": r[name] for r in results for name in FIGURES}
     # A diverged variant's figures are NaN (it has no final loss or test accuracy): declared, not hidden.
     allowed_nan = [f"{name}_{r['key']}" for r in results if r["diverged"] for name in FIGURES]
-    return run_.finish(**summary, diverged=[r["variant"] for r in results if r["diverged"]], allowed_nan=allowed_nan)
+    return run.finish(**summary, diverged=[r["variant"] for r in results if r["diverged"]], allowed_nan=allowed_nan)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -28,11 +28,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, seed_everything
 from common.errors import DataUnavailable
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 
 
@@ -320,12 +321,12 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device("cpu")  # NumPy only
     image, source = sample_image(cfg)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
 
     worked_example()
 
     print(f"\n=== Edge filters on {source} ===")
-    maps = plot_edge_filters(image, source, run_.path("edge_filters.png"))
+    maps = plot_edge_filters(image, source, run.path("edge_filters.png"))
     for name, response in maps.items():
         print(f"{name:40s} min {response.min():7.3f}  max {response.max():7.3f}")
 
@@ -350,7 +351,7 @@ def main(cfg: Config) -> dict:
         max_diff = max(float(np.abs(a - b).max()) for a, b in zip(slow, fast))
         print(f"{what:8s}  loops {t_loops * 1e3:8.1f} ms  vectorized {t_vec * 1e3:7.2f} ms  "
               f"speed-up {t_loops / t_vec:6.0f}x  max |difference| {max_diff:.1e}")
-        run_.log(step=what, loops_ms=t_loops * 1e3, vectorized_ms=t_vec * 1e3, speedup=t_loops / t_vec,
+        run.log(step=what, loops_ms=t_loops * 1e3, vectorized_ms=t_vec * 1e3, speedup=t_loops / t_vec,
                  max_abs_diff=max_diff)
         summary[f"{what}_speedup"] = round(t_loops / t_vec, 1)
         summary[f"{what}_max_abs_diff"] = max_diff
@@ -360,8 +361,8 @@ def main(cfg: Config) -> dict:
     dx_pool = maxpool2d_backward(np.ones_like(pooled), argmax, x.shape, kernel=2)
     print(f"\nmax-pool 2x2: {x.shape} -> {pooled.shape}; gradient reaches {int((dx_pool != 0).sum())} of "
           f"{x.size} inputs (one per window: {pooled.size})")
-    return run_.finish(**summary, pool_grad_nonzero=int((dx_pool != 0).sum()), pool_windows=int(pooled.size))
+    return run.finish(**summary, pool_grad_nonzero=int((dx_pool != 0).sum()), pool_windows=int(pooled.size))
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -7,22 +7,26 @@ Run: python week03_cnn/part2.py [--smoke] [--help]
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from common.augment import Augment, crop_flip, translate
-from common.config import Range, ResumableConfig, run
+from common.config import Range, ResumableConfig
 from common.data import ImageData, load
-from common.device import pick_device, prepare_model, seed_everything
+from common.device import autocast, pick_device, prepare_model, seed_everything
 from common.errors import ConfigError, LabError
 from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
+from common.runner import launch
 from common.runs import Run
-from common.train import fit, predict
+from common.train import check_finite, evaluate, predict
 
 IMAGE_SIZE = {"cifar10": 32, "mnist": 28}  # pixels per side; every conv block halves it
 
@@ -141,44 +145,75 @@ def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
     return matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
 
 
+def train_one_epoch(model: nn.Module, train: TensorLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> dict:
+    """One pass over the training batches; the mean loss and accuracy over it."""
+    model.train()  # dropout on, BatchNorm normalizes with this batch's statistics
+    total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for x, y in tqdm(train, leave=False, disable=None):  # x: (B, C, H, W) normalized, y: (B,)
+        with autocast(device):  # bf16 on CUDA; a no-op on the CPU
+            logits = model(x)  # (B, classes)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()  # one-cycle is planned in batches: step it after every batch
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    seen = len(train) * train.batch_size  # drop_last: every batch is full
+    return {"train_loss": (total_loss / seen).item(), "train_acc": (correct / seen).item()}
+
+
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     train, val, test = make_loaders(cfg, data, device)
-    model = prepare_model(make_model(cfg, data), device)  # on CUDA also channels_last, which tensor cores prefer
+    model = prepare_model(make_model(cfg, data), device)  # on CUDA also channels_last (tensor cores)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # One-cycle learning rate, stepped by fit after every batch: warm up from lr/25 to lr over the first
-    # quarter, then anneal to ~0. Big steps explore early; small ones at the end settle into a minimum.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, epochs=cfg.epochs, steps_per_epoch=len(train),
-                                                    pct_start=0.25)
-    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder behind
+    # One-cycle learning rate: warm up from lr/25 to lr over the first quarter, then anneal to ~0.
+    # Big steps explore early; small ones at the end settle into a minimum.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, epochs=cfg.epochs,
+                                                    steps_per_epoch=len(train), pct_start=0.25)
+    run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters\n{model}")
-    loop = fit(model, optimizer, train, val, cfg.epochs, scheduler=scheduler, run=run_, resume=cfg.resume)
-    plot_history(loop.rows, run_.path("curves.png"), title=f"CNN on {data.name}")
+
+    start = run.restore(model, optimizer, scheduler)["epoch"]  # 0, or the checkpoint's epoch
+    for epoch in range(start + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        train.set_epoch(epoch)  # this epoch's shuffle and crops, the same after a resume
+        row = train_one_epoch(model, train, optimizer, scheduler, device)
+        check_finite(row["train_loss"], epoch)  # NaN/inf: stop, keeping the last checkpoint
+        if val is not None:
+            row.update({f"val_{k}": v for k, v in evaluate(model, val).items()})
+        run.log(show=True, epoch=epoch, **row, lr=scheduler.get_last_lr()[0],
+                epoch_time_s=round(time.perf_counter() - t0, 3))
+        run.save_checkpoint(model, optimizer, scheduler, epoch=epoch)  # Ctrl-C resumes from here
+    plot_history(run.rows, run.path("curves.png"), title=f"CNN on {data.name}")
 
     logits, targets = predict(model, test)
     predicted = logits.argmax(1)
     test_acc = (predicted == targets).float().mean().item()
     matrix = confusion_matrix(targets.numpy(), predicted.numpy(), data.num_classes)
-    plot_confusion(matrix, data.classes, run_.path("confusion.png"), title=f"test accuracy {test_acc:.2%}")
+    plot_confusion(matrix, data.classes, run.path("confusion.png"), title=f"test accuracy {test_acc:.2%}")
     class_acc = per_class_accuracy(matrix)
     print(f"{'class':>12s}  accuracy")
     for name, acc in zip(data.classes, class_acc):
         print(f"{name:>12s}  {acc:7.2%}")
 
     image = normalizer(data.mean, data.std)(data.x_test[:1].to(device))
-    plot_images(data.x_test[:1].numpy(), run_.path("test_image.png"), titles=[data.classes[int(data.y_test[0])]])
+    plot_images(data.x_test[:1].numpy(), run.path("test_image.png"), titles=[data.classes[int(data.y_test[0])]])
     for k, (name, maps) in enumerate(feature_maps(model, image), start=1):
-        plot_images(maps.numpy(), run_.path(f"feature_maps_block{k}.png"), title=f"feature maps, {name}",
+        plot_images(maps.numpy(), run.path(f"feature_maps_block{k}.png"), title=f"feature maps, {name}",
                     cmap="viridis")
 
-    return run_.finish(test_acc=test_acc, epochs_done=loop.epoch, params=n_params,
-                       train_time_s=round(sum(r["epoch_time_s"] for r in loop.rows), 2),
-                       final_train_loss=loop.last.get("train_loss"), final_val_acc=loop.last.get("val_acc"),
-                       per_class_acc={c: round(float(a), 4) for c, a in zip(data.classes, class_acc)})
+    last = run.rows[-1]
+    return run.finish(test_acc=test_acc, epochs_done=last["epoch"], params=n_params,
+                      train_time_s=round(sum(r["epoch_time_s"] for r in run.rows), 2),
+                      final_train_loss=last["train_loss"], final_val_acc=last.get("val_acc"),
+                      per_class_acc={c: round(float(a), 4) for c, a in zip(data.classes, class_acc)})
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

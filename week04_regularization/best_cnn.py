@@ -44,12 +44,13 @@ from tqdm.auto import tqdm
 
 from common.augment import random_crop, random_flip
 from common.checkpoint import load_checkpoint
-from common.config import Range, ResumableConfig, run
+from common.config import Range, ResumableConfig
 from common.data import ImageData, load
 from common.device import autocast, cpu_has_native_bf16, pick_device, prepare_model, seed_everything
 from common.errors import ConfigError, NonFiniteLoss
 from common.loader import TensorLoader, normalizer
 from common.plots import plot_history
+from common.runner import launch
 from common.runs import Run, week_and_script
 from week04_regularization.part2 import make_optimizer
 
@@ -382,7 +383,7 @@ def main(cfg: Config) -> dict:
         payload = load_checkpoint(cfg.resume, net, optimizer, script="/".join(week_and_script(__file__)))
         state = TrainState(payload["epoch"], payload["extra"]["step"], payload["extra"]["train_time_s"])
         print(f"resumed from {cfg.resume} after epoch {state.epoch} (step {state.step})")
-    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
+    run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
 
     def accuracy(tta: bool) -> float:
         return test_accuracy(model, data, normalize, device, tta, cfg.channels_last, cfg.bf16)
@@ -395,21 +396,21 @@ def main(cfg: Config) -> dict:
         row = train_epoch(model, optimizer, train, peak_lrs, cfg, state, total_steps, device)
         if cfg.eval_each_epoch:  # to watch progress only: no choice is made on the test set
             row["test_acc"] = accuracy(tta=False)
-        run_.log(**row)
+        run.log(**row)
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        # Between epochs, outside the timed part. Ctrl-C (common.config.run) names this file;
+        # Between epochs, outside the timed part. Ctrl-C (common.runner.launch) names this file;
         # a resume redoes the unfinished epoch. "stopped": a time budget ran out (nothing to resume).
-        run_.save_checkpoint(net, optimizer, epoch=state.epoch, step=state.step, train_time_s=state.train_time,
+        run.save_checkpoint(net, optimizer, epoch=state.epoch, step=state.step, train_time_s=state.train_time,
                              stopped=bool(cfg.budget_s) and state.finished(total_steps, cfg.budget_s))
 
     test_acc_plain = accuracy(tta=False)
     test_acc = accuracy(tta=True) if cfg.tta else test_acc_plain
     print(f"test accuracy {test_acc_plain:.4f}" + (f", with flip TTA {test_acc:.4f}" if cfg.tta else ""))
-    plot_history(run_.rows, run_.path("curves.png"), title=f"best CNN on {data.name}")
-    return run_.finish(test_acc=test_acc, test_acc_no_tta=test_acc_plain, train_time_s=round(state.train_time, 2),
+    plot_history(run.rows, run.path("curves.png"), title=f"best CNN on {data.name}")
+    return run.finish(test_acc=test_acc, test_acc_no_tta=test_acc_plain, train_time_s=round(state.train_time, 2),
                        epochs_done=round(state.step / steps_per_epoch, 2), steps=state.step, params=n_params,
                        data=data.name)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

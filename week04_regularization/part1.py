@@ -17,10 +17,11 @@ from typing import Annotated, ClassVar
 import numpy as np
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import seed_everything
 from common.parity import max_relative_error, numerical_grad
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run
 
 # =========================================================================================
@@ -347,7 +348,7 @@ class Config(BaseConfig):
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    run_ = Run.start(cfg, __file__, device=torch.device("cpu"))  # NumPy only: runs on the CPU
+    run = Run.start(cfg, __file__, device=torch.device("cpu"))  # NumPy only: runs on the CPU
 
     # BatchNorm: inputs far from mean 0 / std 1 come out normalized; running stats converge.
     true_mean, true_std = rng.normal(5, 2, cfg.features), rng.uniform(0.5, 3, cfg.features)
@@ -355,7 +356,7 @@ def main(cfg: Config) -> dict:
     for step in range(1, cfg.bn_steps + 1):
         x = true_mean + true_std * rng.standard_normal((cfg.batch_size, cfg.features))
         y = bn.forward(x)
-        run_.log(demo="batchnorm", step=step, out_mean=float(np.abs(y.mean(0)).max()),
+        run.log(demo="batchnorm", step=step, out_mean=float(np.abs(y.mean(0)).max()),
                  out_std=float(y.std(0).mean()),
                  running_mean_error=float(np.abs(bn.running_mean - true_mean).max()))
     print(f"BatchNorm: train-mode output mean {np.abs(y.mean(0)).max():.2e}, std {y.std(0).mean():.3f}; "
@@ -392,14 +393,14 @@ def main(cfg: Config) -> dict:
     print(f"weight decay: |SGD+L2 - SGD decoupled| = {sgd_gap:.1e}; |Adam+L2 - AdamW| = {adam_gap:.3f}")
 
     curves = schedule_curves(cfg.schedule_steps)
-    plot = plot_curves(curves, run_.path("schedules.png"), xlabel="step", ylabel="learning rate",
+    plot = plot_curves(curves, run.path("schedules.png"), xlabel="step", ylabel="learning rate",
                        title="learning-rate schedules (base lr 0.1)")
     print(f"schedules plotted to {plot}")
-    return run_.finish(bn_out_std=float(y.std(0).mean()), bn_eval_out=float(y_eval.mean()),
+    return run.finish(bn_out_std=float(y.std(0).mean()), bn_eval_out=float(y_eval.mean()),
                        bn_grad_rel_error=grad_error, dropout_zero_fraction=zero_fraction,
                        dropout_mean=float(dropped.mean()), sgd_l2_vs_decoupled=sgd_gap,
                        adam_l2_vs_adamw=adam_gap)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from common.checkpoint import restore_scheduler
-from common.config import Range, ResumableConfig, Terminated, run
+from common.config import Range, ResumableConfig
 from common.data import ImageData, load
 from common.device import pick_device, prepare_model, seed_everything
 from common.errors import ConfigError, Interrupted
 from common.loader import TensorLoader
 from common.plots import plot_curves, plot_history
+from common.runner import Terminated, launch
 from common.runs import Run, compare_table
 from common.train import Callback, Loop, evaluate, fit
 from week03_cnn.part2 import CNN, IMAGE_SIZE, make_loaders
@@ -198,12 +199,12 @@ def subset(data: ImageData, n: int, seed: int) -> ImageData:
     return dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
-def comparison_interrupted(e: KeyboardInterrupt, schedule: str, run_: Run) -> Interrupted:
+def comparison_interrupted(e: KeyboardInterrupt, schedule: str, run: Run) -> Interrupted:
     """Ctrl-C / SIGTERM in a ``--schedule all`` run: --resume continues one schedule's run and refuses
-    a comparison's checkpoints, so common.config.run's "continue with --resume ..." would lead nowhere."""
+    a comparison's checkpoints, so common.runner.launch's "continue with --resume ..." would lead nowhere."""
     what = "terminated" if isinstance(e, Terminated) else "interrupted"
     stopped = Interrupted(f"{what} in the {schedule} schedule; a --schedule all comparison cannot be resumed "
-                          f"(what it finished is in {run_.dir}): start it again, or train one schedule alone "
+                          f"(what it finished is in {run.dir}): start it again, or train one schedule alone "
                           f"(--schedule {schedule}), which can be paused with Ctrl-C and resumed")
     stopped.exit_code = 143 if isinstance(e, Terminated) else Interrupted.exit_code  # 128 + SIGTERM / SIGINT
     return stopped
@@ -220,31 +221,31 @@ def main(cfg: Config) -> dict:
     print(f"train {len(train.x)}, validation {len(val.x)}, test {len(test.x)} images ({data.name})")
     widths = tuple(cfg.width * 2**i for i in range(cfg.blocks))  # channels double as the maps halve
     make_model = partial(CNN, data.x_train.shape[1], data.num_classes, widths, cfg.batch_norm, cfg.dropout)
-    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
+    run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
     schedules = SCHEDULES if cfg.schedule == "all" else (cfg.schedule,)
     summaries: dict[str, dict] = {}
     for schedule in schedules:
-        log = run_.sub(schedule, schedule=schedule)  # files <schedule>_*, rows with a schedule column
+        log = run.sub(schedule, schedule=schedule)  # files <schedule>_*, rows with a schedule column
         try:
             rows, summaries[schedule] = train_schedule(schedule, make_model, train, val, test, cfg, device, log)
         except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: a single schedule can be resumed, a comparison not
             if len(schedules) > 1:
-                raise comparison_interrupted(e, schedule, run_) from None
+                raise comparison_interrupted(e, schedule, run) from None
             raise
         plot_history(rows, log.path("curves.png"), title=f"CNN, {schedule} schedule")
     for key in ("val_loss", "val_acc", "lr"):  # every schedule on one figure per metric
-        curves = {s: [(r["epoch"], r[key]) for r in run_.rows if r["schedule"] == s] for s in schedules}
-        plot_curves(curves, run_.path(f"schedules_{key}.png"), ylabel=key, logy=key == "lr", title=data.name)
-    entries = [{"week": run_.week, "script": run_.script, "dir": schedule, "summary": summary,
-                "config": {**run_.config, "schedule": schedule}} for schedule, summary in summaries.items()]
+        curves = {s: [(r["epoch"], r[key]) for r in run.rows if r["schedule"] == s] for s in schedules}
+        plot_curves(curves, run.path(f"schedules_{key}.png"), ylabel=key, logy=key == "lr", title=data.name)
+    entries = [{"week": run.week, "script": run.script, "dir": schedule, "summary": summary,
+                "config": {**run.config, "schedule": schedule}} for schedule, summary in summaries.items()]
     table = compare_table(entries, metrics=list(summaries[schedules[0]]))  # common.runs: the experiment log
-    run_.path("comparison.txt").write_text(table + "\n")
+    run.path("comparison.txt").write_text(table + "\n")
     print(table)
 
     best = min(summaries, key=lambda s: summaries[s]["val_loss"])  # chosen on validation, never on test
     per_schedule = {f"{key}_{s}": value for s, summary in summaries.items() for key, value in summary.items()}
-    return run_.finish(**(per_schedule if len(schedules) > 1 else {}), **summaries[best], best_schedule=best)
+    return run.finish(**(per_schedule if len(schedules) > 1 else {}), **summaries[best], best_schedule=best)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

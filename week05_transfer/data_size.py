@@ -23,10 +23,11 @@ from typing import Annotated, ClassVar, Literal
 
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run
 from week05_transfer.backbones import BACKBONES, build_backbone
 from week05_transfer.part2 import MODES, Splits, load_splits, train_mode
@@ -83,7 +84,7 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     data = load_splits(cfg, n_synthetic=320)  # validation is held out here, before any subset
     pretrained = build_backbone(cfg.backbone, cfg.weights) if set(cfg.modes) != {"scratch"} else None
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     points: dict[str, list[tuple[int, float]]] = {m: [] for m in cfg.modes}
     results = {}
     for n in cfg.per_class:
@@ -92,18 +93,18 @@ def main(cfg: Config) -> dict:
         images = int(counts.min())  # per class, as used (a class may have fewer than asked)
         for mode in cfg.modes:
             print(f"=== {len(subset.y_train)} training images ({counts.tolist()} per class), {mode} ===")
-            result = train_mode(mode, cfg, subset, pretrained, device, run_.sub(f"{mode}_n{n}", mode=mode, n=n))
+            result = train_mode(mode, cfg, subset, pretrained, device, run.sub(f"{mode}_n{n}", mode=mode, n=n))
             points[mode].append((images, result.summary["test_acc"]))
             results[f"test_acc_{mode}_n{n}"] = result.summary["test_acc"]
             results[f"val_acc_{mode}_n{n}"] = result.summary["val_acc"]
             results[f"train_images_{mode}_n{n}"] = len(subset.y_train)
     plot_curves({f"{m} ({'pretrained' if m != 'scratch' else 'random init'})": p for m, p in points.items()},
-                run_.path("data_size.png"), xlabel="training images per class", ylabel="test accuracy",
+                run.path("data_size.png"), xlabel="training images per class", ylabel="test accuracy",
                 title=f"{cfg.backbone} on {data.name}")
     for mode, pts in points.items():
         print(f"{mode:>8}: " + ", ".join(f"{n} per class -> {acc:.3f}" for n, acc in pts))
-    return run_.finish(**results)
+    return run.finish(**results)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -29,10 +29,11 @@ from typing import Annotated, ClassVar, Literal
 import torch
 from torch import nn
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, prepare_model, seed_everything
 from common.errors import ConfigError
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run, compare_table
 from common.train import Callback, Loop, evaluate, fit
 from week04_regularization.part2 import EarlyStopping, EpochScheduler
@@ -146,22 +147,22 @@ def main(cfg: Config) -> dict:
     data = load_splits(cfg, n_synthetic=320)
     pretrained = build_backbone(cfg.backbone, cfg.weights)  # checked before the run folder exists
     print(f"backbone {cfg.backbone}: weights from {pretrained.source}; {len(pretrained.stages)} blocks")
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     summaries, curves = {}, {}
     for schedule in cfg.schedules:
         rows, summaries[schedule] = train_schedule(schedule, cfg, data, pretrained, device,
-                                                   run_.sub(schedule, schedule=schedule))
+                                                   run.sub(schedule, schedule=schedule))
         curves[schedule] = [(r["epoch"], r["val_acc"]) for r in rows]
-    plot_curves(curves, run_.path("val_acc.png"), ylabel="validation accuracy", title="freeze schedules")
-    entries = [{"week": run_.week, "script": run_.script, "dir": s, "summary": summary,
-                "config": {**run_.config, "schedules": s}} for s, summary in summaries.items()]
+    plot_curves(curves, run.path("val_acc.png"), ylabel="validation accuracy", title="freeze schedules")
+    entries = [{"week": run.week, "script": run.script, "dir": s, "summary": summary,
+                "config": {**run.config, "schedules": s}} for s, summary in summaries.items()]
     table = compare_table(entries, metrics=["kept_epoch", "val_acc", "test_acc", "train_time_s"])
-    run_.path("comparison.txt").write_text(table + "\n")
+    run.path("comparison.txt").write_text(table + "\n")
     print(table)
     best = max(summaries, key=lambda s: (summaries[s]["val_acc"], -summaries[s]["val_loss"]))  # on validation
     per_schedule = {f"{k}_{s}": v for s, summary in summaries.items() for k, v in summary.items()}
-    return run_.finish(**per_schedule, **summaries[best], best_schedule=best)
+    return run.finish(**per_schedule, **summaries[best], best_schedule=best)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

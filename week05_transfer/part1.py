@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, seed_everything
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run
 from common.twins import synthetic_images
 
@@ -275,14 +276,14 @@ def domain_shift(cfg: Config, data: tuple) -> dict[str, float]:
 
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
-    run_ = Run.start(cfg, __file__, pick_device("cpu"))
+    run = Run.start(cfg, __file__, pick_device("cpu"))
 
     # 1. Pretrain on solid shapes; probe striped shapes with few labels.
     x, y = shapes(2 * cfg.source_images, cfg.image_size, cfg.seed)
     source = y < 5
     extractor, losses = pretrain(cfg, x[source], y[source])
     for epoch, loss in enumerate(losses, start=1):
-        run_.log(epoch=epoch, source_loss=loss)
+        run.log(epoch=epoch, source_loss=loss)
     x_new, y_new = shapes(2 * cfg.source_images + 10 * cfg.target_test, cfg.image_size, cfg.seed + 1)
     x_check, y_check = x_new[y_new < 5][:cfg.target_test], y_new[y_new < 5][:cfg.target_test]
     source_acc = float((extractor(torch.from_numpy(x_check).float()).argmax(1).numpy() == y_check).mean())
@@ -302,7 +303,7 @@ def main(cfg: Config) -> dict:
     print("  k" + " " * 21 + "  ".join(f"{k:>5}" for k in cfg.shots))
     for name, accs in curves.items():
         print(f"  {name:<22}" + "  ".join(f"{a:5.3f}" for a in accs))
-    plot_curves({name: list(zip(cfg.shots, accs)) for name, accs in curves.items()}, run_.path("few_shot.png"),
+    plot_curves({name: list(zip(cfg.shots, accs)) for name, accs in curves.items()}, run.path("few_shot.png"),
                 xlabel="labelled images per class (striped shapes)", ylabel="test accuracy",
                 title="a linear classifier on what, with little data?")
 
@@ -320,10 +321,10 @@ def main(cfg: Config) -> dict:
           f"with re-estimated input statistics {shift['acc_shifted_adapted']:.3f}")
 
     few_shot = {f"{name.split()[0]}_acc_k{k}": a for name, accs in curves.items() for k, a in zip(cfg.shots, accs)}
-    return run_.finish(source_loss_first=losses[0], source_loss_last=losses[-1], source_acc=source_acc,
+    return run.finish(source_loss_first=losses[0], source_loss_last=losses[-1], source_acc=source_acc,
                        **few_shot, resnet18_params=sum(parts.values()),
                        **{f"{m}_trainable": t for m, (t, _) in counts.items()}, **shift)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

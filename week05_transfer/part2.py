@@ -41,12 +41,13 @@ import torch
 from torch import nn
 
 from common.augment import random_resized_crop
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, prepare_model, seed_everything
 from common.errors import ConfigError
 from common.imagefolder import load_images
 from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_curves, plot_images
+from common.runner import launch
 from common.runs import Run, compare_table
 from common.train import evaluate, fit, predict
 from week04_regularization.part2 import EarlyStopping, EpochScheduler
@@ -288,34 +289,34 @@ def main(cfg: Config) -> dict:
         print(f"backbone {cfg.backbone}: weights from {pretrained.source}; {pretrained.feature_dim} features")
         if cfg.weights == "none":
             print("note: --weights none: every mode starts from random weights, so nothing is transferred")
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     if cfg.augment:  # what the training images look like after random resized crops and flips
         sample = data.x_train[:16]
         plot_images(random_resized_crop(scale=(cfg.crop_scale, 1.0))(sample, torch.Generator().manual_seed(0)),
-                    run_.path("augmented.png"), title="training images after augmentation")
+                    run.path("augmented.png"), title="training images after augmentation")
 
     results: dict[str, Result] = {}
     for mode in modes:
-        results[mode] = train_mode(mode, cfg, data, pretrained, device, run_.sub(mode, mode=mode))
+        results[mode] = train_mode(mode, cfg, data, pretrained, device, run.sub(mode, mode=mode))
     summaries = {mode: r.summary for mode, r in results.items()}
     curves = {m: [(r["epoch"], r["val_acc"]) for r in res.rows] for m, res in results.items()}
-    plot_curves(curves, run_.path("val_acc.png"), ylabel="validation accuracy", title=f"{cfg.backbone} on {data.name}")
-    entries = [{"week": run_.week, "script": run_.script, "dir": mode, "summary": s,
-                "config": {**run_.config, "mode": mode}} for mode, s in summaries.items()]
+    plot_curves(curves, run.path("val_acc.png"), ylabel="validation accuracy", title=f"{cfg.backbone} on {data.name}")
+    entries = [{"week": run.week, "script": run.script, "dir": mode, "summary": s,
+                "config": {**run.config, "mode": mode}} for mode, s in summaries.items()]
     table = compare_table(entries, metrics=["trainable_params", "frozen_params", "epochs_done", "val_acc", "test_acc",
                                             "feature_time_s", "train_time_s"])
-    run_.path("comparison.txt").write_text(table + "\n")
+    run.path("comparison.txt").write_text(table + "\n")
     print(table)
 
     # The mode to keep is chosen on validation (accuracy, then loss), never on the test set.
     best = max(summaries, key=lambda m: (summaries[m]["val_acc"], -summaries[m]["val_loss"]))
     matrix = confusion_matrix(data.y_test.numpy(), results[best].test_pred.numpy(), len(data.classes))
-    plot_confusion(matrix, data.classes, run_.path("confusion.png"), title=f"{best}: test set")
+    plot_confusion(matrix, data.classes, run.path("confusion.png"), title=f"{best}: test set")
     per_mode = {f"{key}_{m}": value for m, s in summaries.items() for key, value in s.items()}
-    return run_.finish(**(per_mode if len(modes) > 1 else {}), **summaries[best], best_mode=best,
+    return run.finish(**(per_mode if len(modes) > 1 else {}), **summaries[best], best_mode=best,
                        backbone=cfg.backbone, weights_source=pretrained.source if pretrained else "random init",
                        data=data.name)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -29,11 +29,12 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import data_root
 from common.device import pick_device, seed_everything
 from common.errors import DataError, DataUnavailable
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run
 from common.text import BAD, GOOD, PAD, Vocab, load_text
 from week06_rnn import part2
@@ -160,7 +161,7 @@ def main(cfg: Config) -> dict:
     coverage = found / (len(b.vocab) - 2)
     print(f"{source}: vectors for {found} of {len(b.vocab) - 2} vocabulary words ({coverage:.0%}); "
           f"train {len(b.train.x)}, validation {len(b.val.x)} reviews")
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     summary, curves = {}, {}
     for init in ("random", "glove"):
         seed_everything(cfg.seed)  # the same LSTM and head weights; only the embedding differs
@@ -169,16 +170,16 @@ def main(cfg: Config) -> dict:
             model.embed.weight.data.copy_(matrix)
             model.embed.weight.requires_grad_(not cfg.freeze)
         print(f"--- {init} embedding{' (frozen)' if init == 'glove' and cfg.freeze else ''} ---")
-        loop, result = part2.train_and_test(lab, b, model.to(device), run_.sub(init, init=init))
+        loop, result = part2.train_and_test(lab, b, model.to(device), run.sub(init, init=init))
         curves[init] = [(r["epoch"], r["val_acc"]) for r in loop.rows]
         summary.update({f"{key}_{init}": result[key] for key in ("test_acc", "val_acc", "best_epoch", "train_time_s")})
         summary[f"first_val_acc_{init}"] = loop.rows[0]["val_acc"]
-    plot_curves(curves, run_.path("val_acc.png"), ylabel="validation accuracy",
+    plot_curves(curves, run.path("val_acc.png"), ylabel="validation accuracy",
                 title=f"GloVe {cfg.dim}d vs random init ({data.name})")
-    return run_.finish(**summary, coverage=coverage, vectors=source, glove_gain=summary["test_acc_glove"] -
+    return run.finish(**summary, coverage=coverage, vectors=source, glove_gain=summary["test_acc_glove"] -
                        summary["test_acc_random"], majority_baseline=result["majority_baseline"],
                        train_reviews=len(b.train.x))
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -19,10 +19,11 @@ from typing import Annotated, ClassVar, Literal
 import matplotlib.pyplot as plt
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 from common.text import load_text, tokenize
 from week06_rnn import part2
@@ -74,7 +75,7 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     data = load_text("imdb", cfg.data_dir, smoke=cfg.smoke, n_synthetic=1024, seed=cfg.seed)
     lengths = sorted(cfg.lengths)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     rows = []
     # Reviews longer than max_len lose words. (Not the padded lengths >= max_len: those are cut
     # at max_len, so a review of exactly max_len tokens, which lost nothing, would count too.)
@@ -88,19 +89,19 @@ def main(cfg: Config) -> dict:
         print(f"--- max_len {max_len}: {cut:.0%} of training reviews cut ---")
         seed_everything(cfg.seed)
         model = part2.make_model(lab, len(b.vocab), data.num_classes).to(device)
-        _, result = part2.train_and_test(lab, b, model, run_.sub(f"len{max_len}", max_len=max_len))
+        _, result = part2.train_and_test(lab, b, model, run.sub(f"len{max_len}", max_len=max_len))
         rows.append({"max_len": max_len, "cut_share": cut, "epochs": cfg.epochs,
                      **{k: result[k] for k in ("test_acc", "val_acc", "best_epoch", "train_time_s")}})
     for row in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    plot_study(rows, run_.path("max_length.png"), f"{cfg.model} on {data.name}")
-    run_.path("study.csv").write_text("\n".join([",".join(rows[0])] + [",".join(str(v) for v in r.values())
+    plot_study(rows, run.path("max_length.png"), f"{cfg.model} on {data.name}")
+    run.path("study.csv").write_text("\n".join([",".join(rows[0])] + [",".join(str(v) for v in r.values())
                                                                         for r in rows]) + "\n")
-    return run_.finish(lengths=lengths, test_acc=[r["test_acc"] for r in rows],
+    return run.finish(lengths=lengths, test_acc=[r["test_acc"] for r in rows],
                        train_time_s=[r["train_time_s"] for r in rows], test_acc_shortest=rows[0]["test_acc"],
                        test_acc_longest=rows[-1]["test_acc"], best_length_on_validation=max(
                            rows, key=lambda r: r["val_acc"])["max_len"])
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

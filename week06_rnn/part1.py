@@ -25,9 +25,10 @@ from typing import Annotated, ClassVar
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 from common.text import PAD, Vocab, tokenize
 
@@ -233,7 +234,7 @@ def vanishing_gradient(steps: int, hidden: int, forget_bias: float, seed: int, p
 
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
-    run_ = Run.start(cfg, __file__, pick_device("cpu"))
+    run = Run.start(cfg, __file__, pick_device("cpu"))
 
     print("=== Tokens and a vocabulary (common/text.py) ===")
     corpus = ["The film wasn't good.", "A good, good film!", "Not a bad film<br />at all."]
@@ -254,7 +255,7 @@ def main(cfg: Config) -> dict:
     print(f"{tokens[1]}: with dL/dx = 1 everywhere, each row of dE counts the word's uses: {counts}")
 
     print("\n=== Vanishing (and exploding) gradients through time ===")
-    curves = vanishing_gradient(cfg.steps, cfg.hidden, cfg.forget_bias, cfg.seed, run_.path("vanishing_gradient.png"))
+    curves = vanishing_gradient(cfg.steps, cfg.hidden, cfg.forget_bias, cfg.seed, run.path("vanishing_gradient.png"))
     summary = {}
     for name, norms in curves.items():
         ratio = norms[0] / norms[-1]  # input 1 vs the last input
@@ -262,12 +263,12 @@ def main(cfg: Config) -> dict:
         print(f"{name:28s} ||dL/dx_1|| / ||dL/dx_T|| = {ratio:.2e}")
         summary[f"{key}_first_over_last"] = float(ratio)
         for t in range(cfg.steps):
-            run_.log(curve=name, steps_back=cfg.steps - 1 - t, grad_norm=float(norms[t]))
+            run.log(curve=name, steps_back=cfg.steps - 1 - t, grad_norm=float(norms[t]))
     print("An RNN at its default init forgets: after ~20 steps input t barely moves h_T (vanishing).\n"
           "Larger recurrent weights make the product of Jacobians grow instead (exploding: clip it,\n"
           "part2.py). The LSTM's cell path, c_{t-1} = f * c_t, keeps the gradient alive far longer.")
-    return run_.finish(**summary, vocab_size=len(vocab), steps=cfg.steps)
+    return run.finish(**summary, vocab_size=len(vocab), steps=cfg.steps)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

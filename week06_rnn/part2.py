@@ -32,10 +32,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from common.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from common.config import Range, ResumableConfig, run
+from common.config import Range, ResumableConfig
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import confusion_matrix, plot_confusion, plot_history
+from common.runner import launch
 from common.runs import Run
 from common.text import PAD, LengthBatches, TextData, Vocab, load_text, pad_batch, tokenize
 from common.train import Callback, Loop, evaluate, fit, predict
@@ -281,7 +282,7 @@ def make_batches(cfg: Config, data: TextData, device: torch.device) -> Batches:
                    batches(data.test_texts, data.y_test, False), vocab)
 
 
-def train_and_test(cfg: Config, b: Batches, model: nn.Module, run_: Run, resume: str = "") -> tuple[Loop, dict]:
+def train_and_test(cfg: Config, b: Batches, model: nn.Module, run: Run, resume: str = "") -> tuple[Loop, dict]:
     """Train ``model`` with AdamW and a one-cycle schedule, clipping gradients and keeping the
     best epoch on validation; then that model meets the test set, once."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -289,8 +290,8 @@ def train_and_test(cfg: Config, b: Batches, model: nn.Module, run_: Run, resume:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * len(b.train),
                                                     pct_start=0.2)
     clip = ClipGradients(model, cfg.clip)  # on_after_backward: between loss.backward() and optimizer.step()
-    best = BestCheckpoint(run_.path("best_model.pt"), model, b.vocab, run_.config, run_.name)
-    loop = fit(model, optimizer, b.train, b.val, cfg.epochs, scheduler=scheduler, callbacks=[clip, best], run=run_,
+    best = BestCheckpoint(run.path("best_model.pt"), model, b.vocab, run.config, run.name)
+    loop = fit(model, optimizer, b.train, b.val, cfg.epochs, scheduler=scheduler, callbacks=[clip, best], run=run,
                resume=resume)
     load_checkpoint(best.path, model, restore_rng=False)
     val = evaluate(model, b.val)
@@ -319,12 +320,12 @@ def main(cfg: Config) -> dict:
     print(f"train {len(b.train.x)}, validation {len(b.val.x)}, test {len(b.test.x)} reviews ({data.name}); "
           f"vocabulary {len(b.vocab)}; mean length {b.train.lengths.float().mean():.0f} tokens (cut at {cfg.max_len})")
     model = make_model(cfg, len(b.vocab), data.num_classes).to(device)
-    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
-    loop, summary = train_and_test(cfg, b, model, run_, cfg.resume)
-    plot_history(loop.rows, run_.path("curves.png"), title=f"{cfg.model} on {data.name}")
-    plot_confusion(summary["confusion"], data.classes, run_.path("confusion.png"), title=f"test set ({data.name})")
-    return run_.finish(**summary)
+    run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
+    loop, summary = train_and_test(cfg, b, model, run, cfg.resume)
+    plot_history(loop.rows, run.path("curves.png"), title=f"{cfg.model} on {data.name}")
+    plot_confusion(summary["confusion"], data.classes, run.path("confusion.png"), title=f"test set ({data.name})")
+    return run.finish(**summary)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -35,11 +35,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.parity import max_relative_error, numerical_grad
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 
 
@@ -363,7 +364,7 @@ def log_slope(xs: list[float], ys: list[float]) -> float:
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    run_ = Run.start(cfg, __file__, pick_device("cpu"))
+    run = Run.start(cfg, __file__, pick_device("cpu"))
     summary: dict = {}
 
     print("\n=== Why 1/sqrt(d_k): q, k with N(0, 1) entries, 16 keys ===")
@@ -373,7 +374,7 @@ def main(cfg: Config) -> dict:
         print(f"{row['d_k']:6d} {row['score_std_unscaled']:9.2f} {row['score_std_scaled']:16.3f} "
               f"{row['max_weight_unscaled']:11.3f} {row['max_weight_scaled']:9.3f} "
               f"{row['softmax_grad_unscaled']:15.4f} {row['softmax_grad_scaled']:9.4f}")
-        run_.log(step="scaling", **row)
+        run.log(step="scaling", **row)
         summary.update({f"{k}_d{row['d_k']}": v for k, v in row.items() if k != "d_k"})
 
     print("\n=== Backward by hand vs central differences (2 heads, padding + causal masks) ===")
@@ -394,7 +395,7 @@ def main(cfg: Config) -> dict:
 
     print("\n=== Attention weights of a short sentence ===")
     views = sentence_attention(rng)
-    plot_heat_maps(views, run_.path("attention_heat_maps.png"))
+    plot_heat_maps(views, run.path("attention_heat_maps.png"))
     causal = views["causal mask"][1]
     padded_tokens, padded = views["padding mask"]
     summary["causal_weight_above_diagonal"] = float(np.triu(causal, 1).sum())
@@ -410,15 +411,15 @@ def main(cfg: Config) -> dict:
     for length in sorted(cfg.lengths):
         costs.append(attention_cost(length, cfg.head_dim, rng))
         print(f"L = {length:5d}: {costs[-1]['time_ms']:9.2f} ms  peak {costs[-1]['peak_mib']:8.2f} MiB")
-        run_.log(step="cost", **costs[-1])
-    plot_cost(costs, cfg.head_dim, run_.path("attention_cost.png"))
+        run.log(step="cost", **costs[-1])
+    plot_cost(costs, cfg.head_dim, run.path("attention_cost.png"))
     lengths = [c["length"] for c in costs]
     summary["memory_exponent"] = log_slope(lengths, [c["peak_mib"] for c in costs])
     summary["time_exponent"] = log_slope(lengths, [c["time_ms"] for c in costs])
     print(f"doubling L multiplies memory by 2^{summary['memory_exponent']:.2f} and time by "
           f"2^{summary['time_exponent']:.2f} (between the two longest)")
-    return run_.finish(**summary)
+    return run.finish(**summary)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, prepare_model, seed_everything
 from common.errors import ConfigError
 from common.loader import TensorLoader
 from common.plots import confusion_matrix, plot_confusion, plot_history
+from common.runner import launch
 from common.runs import Run
 from common.text import PAD, TextData, Vocab, encode_texts, load_text, tokenize
 from common.train import Callback, Loop, evaluate, fit, predict
@@ -263,22 +264,22 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     model = prepare_model(build_model(cfg, len(enc.vocab), len(enc.classes)), device)
     params = sum(p.numel() for p in model.parameters())
-    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
+    run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
     print(f"{type(model).__name__}: {params:,} parameters")
-    loop, early = train_model(cfg, model, enc, device, run_)
-    plot_history(loop.rows, run_.path("curves.png"), title=f"{cfg.model} on {data.name}")
+    loop, early = train_model(cfg, model, enc, device, run)
+    plot_history(loop.rows, run.path("curves.png"), title=f"{cfg.model} on {data.name}")
 
     _, val, test = loaders(cfg, enc, device)
     kept_val = evaluate(model, val)
     logits, targets = predict(model, test)  # the test set, once, with the kept weights
     pred = logits.argmax(1).numpy()
     matrix = confusion_matrix(targets.numpy(), pred, len(enc.classes))
-    plot_confusion(matrix, enc.classes, run_.path("confusion.png"), title=f"{cfg.model}, test set")
+    plot_confusion(matrix, enc.classes, run.path("confusion.png"), title=f"{cfg.model}, test set")
     per_class = dict(zip(enc.classes, np.round(per_class_accuracy(matrix), 4).tolist()))
     print("per-class test accuracy: " + "  ".join(f"{c} {a:.3f}" for c, a in per_class.items()))
-    run_.save_checkpoint(model, epoch=loop.epoch, vocab=enc.vocab.state_dict(), kept_epoch=early.best_epoch)
+    run.save_checkpoint(model, epoch=loop.epoch, vocab=enc.vocab.state_dict(), kept_epoch=early.best_epoch)
     epoch_times = [r["epoch_time_s"] for r in loop.rows]
-    return run_.finish(test_acc=float((pred == targets.numpy()).mean()), val_acc=kept_val["acc"],
+    return run.finish(test_acc=float((pred == targets.numpy()).mean()), val_acc=kept_val["acc"],
                        val_loss=kept_val["loss"], kept_epoch=early.best_epoch, epochs_done=loop.epoch,
                        params=params, train_time_s=round(sum(epoch_times), 2),
                        epoch_time_s=round(float(np.median(epoch_times)), 3), per_class_acc=per_class,
@@ -286,4 +287,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

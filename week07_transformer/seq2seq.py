@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import autocast, pick_device, seed_everything
 from common.errors import ConfigError, NonFiniteLoss
 from common.loader import TensorLoader
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run
 from week07_transformer.part2 import PositionalEncoding
 
@@ -189,7 +190,7 @@ def main(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     total = cfg.epochs * len(train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, round(cfg.warmup * total)))
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     print(f"{cfg.task} {cfg.min_digits}-{cfg.max_digits} digits: {cfg.train_size} training pairs, "
           f"{n_eval} validation, {n_eval} test; {params:,} parameters")
     best = (-1.0, 0, None)  # (validation exact match, epoch, weights): the model kept
@@ -208,7 +209,7 @@ def main(cfg: Config) -> dict:
             scheduler.step()  # per batch
             total_loss += loss.item()
         val_exact = exact_match(model, val_src, val_tgt)
-        run_.log(epoch=epoch, train_loss=total_loss / len(train), val_exact=val_exact,
+        run.log(epoch=epoch, train_loss=total_loss / len(train), val_exact=val_exact,
                  lr=optimizer.param_groups[0]["lr"])
         print(f"epoch {epoch}: train loss {total_loss / len(train):.4f}  validation exact match {val_exact:.3f}")
         if val_exact > best[0]:
@@ -219,14 +220,14 @@ def main(cfg: Config) -> dict:
                                  if i != PAD)
     for source, output in zip(test_src[:3], greedy_decode(model, test_src[:3], test_tgt.shape[1] - 1)):
         print(f"test example: {shown(source)}  ->  {shown(output)}")
-    plot_curves({"train loss": run_.history("train_loss")}, run_.path("loss.png"), ylabel="cross-entropy",
+    plot_curves({"train loss": run.history("train_loss")}, run.path("loss.png"), ylabel="cross-entropy",
                 title=f"{cfg.task}: teacher-forced loss", logy=True)
-    plot_curves({"validation": run_.history("val_exact")}, run_.path("exact_match.png"), ylabel="exact match",
+    plot_curves({"validation": run.history("val_exact")}, run.path("exact_match.png"), ylabel="exact match",
                 title=f"{cfg.task}: greedy decoding")
-    run_.save_checkpoint(model, epoch=best[1])
-    return run_.finish(test_exact=test_exact, val_exact=best[0], kept_epoch=best[1], params=params,
-                       final_train_loss=run_.history("train_loss")[-1], first_train_loss=run_.history("train_loss")[0])
+    run.save_checkpoint(model, epoch=best[1])
+    return run.finish(test_exact=test_exact, val_exact=best[0], kept_epoch=best[1], params=params,
+                       final_train_loss=run.history("train_loss")[-1], first_train_loss=run.history("train_loss")[0])
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

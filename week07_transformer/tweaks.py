@@ -24,10 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run, compare_table
 from common.text import load_text
 from common.train import evaluate
@@ -81,14 +82,14 @@ def main(cfg: Config) -> dict:
     enc = part2.encode(variant_config(cfg, VARIANTS["plain"]), data)
     if cfg.batch_size > len(enc.x_train):
         raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(enc.x_train)} training texts")
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     summaries: dict[str, dict] = {}
     for name, settings in VARIANTS.items():
         print(f"--- {name}: {settings} ---")
         vcfg = variant_config(cfg, settings)
         seed_everything(cfg.seed)  # the same initial weights and batches for every variant
         model = part2.build_model(vcfg, len(enc.vocab), len(enc.classes)).to(device)
-        loop, early = part2.train_model(vcfg, model, enc, device, run_.sub(name, variant=name))
+        loop, early = part2.train_model(vcfg, model, enc, device, run.sub(name, variant=name))
         _, val, test = part2.loaders(vcfg, enc, device)
         accs = [r["val_acc"] for r in loop.rows]
         best_acc = max(accs)
@@ -98,18 +99,18 @@ def main(cfg: Config) -> dict:
                            "final_train_val_gap": loop.rows[-1]["train_acc"] - loop.rows[-1]["val_acc"],
                            "test_acc": evaluate(model, test)["acc"]}
     for key in ("val_acc", "train_loss"):
-        curves = {v: [(r["epoch"], r[key]) for r in run_.rows if r["variant"] == v] for v in VARIANTS}
-        plot_curves(curves, run_.path(f"variants_{key}.png"), ylabel=key, title=f"post-LN={not cfg.norm_first}, "
+        curves = {v: [(r["epoch"], r[key]) for r in run.rows if r["variant"] == v] for v in VARIANTS}
+        plot_curves(curves, run.path(f"variants_{key}.png"), ylabel=key, title=f"post-LN={not cfg.norm_first}, "
                     f"lr {cfg.lr:g}, {data.name}")
-    entries = [{"week": run_.week, "script": run_.script, "dir": v, "summary": s, "config": {"variant": v}}
+    entries = [{"week": run.week, "script": run.script, "dir": v, "summary": s, "config": {"variant": v}}
                for v, s in summaries.items()]
     table = compare_table(entries, metrics=list(summaries["plain"]))
-    run_.path("comparison.txt").write_text(table + "\n")
+    run.path("comparison.txt").write_text(table + "\n")
     print(table)
     best = max(summaries, key=lambda v: summaries[v]["kept_val_acc"])  # on validation, never on test
-    return run_.finish(**{f"{k}_{v}": x for v, s in summaries.items() for k, x in s.items()},
+    return run.finish(**{f"{k}_{v}": x for v, s in summaries.items() for k, x in s.items()},
                        variants=list(VARIANTS), best_variant=best, data=data.name)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

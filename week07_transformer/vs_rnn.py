@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import plot_curves, save
+from common.runner import launch
 from common.runs import Run
 from common.text import load_text
 from common.train import evaluate
@@ -126,7 +127,7 @@ def main(cfg: Config) -> dict:
     enc = part2.encode(lab_config(cfg, "transformer"), data)  # one split and vocabulary for both
     if cfg.batch_size > len(enc.x_train):
         raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(enc.x_train)} training texts")
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     results: dict[str, dict] = {}
     for name in MODELS:
         print(f"--- {name} ---")
@@ -136,7 +137,7 @@ def main(cfg: Config) -> dict:
         memory = activation_mib(model, batch_x, batch_y)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        loop, _ = part2.train_model(lab_config(cfg, name), model, enc, device, run_.sub(name, model=name))
+        loop, _ = part2.train_model(lab_config(cfg, name), model, enc, device, run.sub(name, model=name))
         _, val, test = part2.loaders(lab_config(cfg, name), enc, device)
         results[name] = {"test_acc": evaluate(model, test)["acc"], "val_acc": evaluate(model, val)["acc"],
                          "epoch_time_s": float(np.median([r["epoch_time_s"] for r in loop.rows])),
@@ -147,12 +148,12 @@ def main(cfg: Config) -> dict:
     lines = [header] + [f"{m:12s} {r['test_acc']:9.4f} {r['val_acc']:8.4f} {r['epoch_time_s']:8.2f} "
                         f"{r['activation_mib']:9.2f} {r['params']:10,d}" for m, r in results.items()]
     print("\n".join(lines))
-    run_.path("comparison.txt").write_text("\n".join(lines) + "\n")
-    plot_comparison(results, run_.path("comparison.png"))
-    plot_curves({m: [(r["epoch"], r["val_acc"]) for r in run_.rows if r["model"] == m] for m in MODELS},
-                run_.path("val_acc.png"), ylabel="validation accuracy", title=data.name)
-    return run_.finish(**{f"{k}_{m}": v for m, r in results.items() for k, v in r.items()}, data=data.name)
+    run.path("comparison.txt").write_text("\n".join(lines) + "\n")
+    plot_comparison(results, run.path("comparison.png"))
+    plot_curves({m: [(r["epoch"], r["val_acc"]) for r in run.rows if r["model"] == m] for m in MODELS},
+                run.path("val_acc.png"), ylabel="validation accuracy", title=data.name)
+    return run.finish(**{f"{k}_{m}": v for m, r in results.items() for k, v in r.items()}, data=data.name)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -18,10 +18,11 @@ from typing import Annotated, ClassVar
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common.config import Range, run
+from common.config import Range
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 from week08_autoencoder import part1, part2
 
@@ -61,7 +62,7 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     data = part2.load_images(cfg)
     train, val, test = part2.make_loaders(cfg, data, device)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     x_test = part2.pixels(data.x_test)
     pca = part1.pca_eig(part2.pixels(train.x.cpu()))  # fitted once: k components are the first k of any larger fit
     mean_mse = float(np.mean((x_test - pca.mean) ** 2))
@@ -72,7 +73,7 @@ def main(cfg: Config) -> dict:
         print(f"--- bottleneck {size} ---")
         settings = dataclasses.replace(cfg, bottleneck=size)
         model, history = part2.train_autoencoder(settings, train, val, device,
-                                                 log=run_.sub(f"d{size}", bottleneck=size))
+                                                 log=run.sub(f"d{size}", bottleneck=size))
         ae_mse.append(part2.reconstruction_mse(model, test))
         pca_mse.append(float(np.mean((x_test - pca.reconstruct(x_test, size)) ** 2)))
         print(f"bottleneck {size}: test MSE autoencoder {ae_mse[-1]:.5f}, PCA {pca_mse[-1]:.5f}")
@@ -80,14 +81,14 @@ def main(cfg: Config) -> dict:
         rows[f"PCA {size}"] = pca.reconstruct(part2.pixels(shown), size)
         summary.update({f"test_mse_d{size}": ae_mse[-1], f"pca_test_mse_d{size}": pca_mse[-1],
                         f"val_loss_d{size}": history[-1]["val_loss"]})
-    plot_sweep(sizes, ae_mse, pca_mse, mean_mse, run_.path("sweep.png"),
+    plot_sweep(sizes, ae_mse, pca_mse, mean_mse, run.path("sweep.png"),
                f"{cfg.arch} autoencoder vs PCA ({data.name}, {len(data.x_test)} test images)")
-    part2.reconstruction_figure(rows, run_.path("reconstructions.png"), "the same test images from each code size")
+    part2.reconstruction_figure(rows, run.path("reconstructions.png"), "the same test images from each code size")
     print(f"{'size':>6} {'autoencoder':>12} {'PCA':>9}")
     for size, a, p in zip(sizes, ae_mse, pca_mse):
         print(f"{size:6d} {a:12.5f} {p:9.5f}")
-    return run_.finish(**summary, mean_image_mse=mean_mse, bottlenecks=sizes, arch=cfg.arch, loss=cfg.loss)
+    return run.finish(**summary, mean_image_mse=mean_mse, bottlenecks=sizes, arch=cfg.arch, loss=cfg.loss)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -19,10 +19,11 @@ from typing import Annotated, ClassVar
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common.config import Range, run
+from common.config import Range
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 from week08_autoencoder import part1, part2
 
@@ -67,8 +68,8 @@ def main(cfg: Config) -> dict:
     n = min(cfg.cluster_points, len(data.x_test))
     if cfg.clusters > n:
         raise ConfigError(f"--clusters {cfg.clusters} is more than the {n} test images to cluster")
-    run_ = Run.start(cfg, __file__, device)
-    model, _ = part2.train_autoencoder(cfg, train, val, device, log=run_)
+    run = Run.start(cfg, __file__, device)
+    model, _ = part2.train_autoencoder(cfg, train, val, device, log=run)
 
     labels = data.y_test[:n].numpy()
     x = part2.pixels(data.x_test[:n])
@@ -84,10 +85,10 @@ def main(cfg: Config) -> dict:
         summary.update({f"acc_{key}": acc, f"nmi_{key}": score, f"iterations_{key}": result.iterations})
         print(f"k-means on {name:7s} ({features.shape[1]:4d} numbers per image): accuracy after matching {acc:.3f}, "
               f"NMI {score:.3f}, {result.iterations} iterations")
-        run_.log(representation=name, dims=features.shape[1], accuracy=acc, nmi=score, iterations=result.iterations)
-    plot_scores(scores, run_.path("scores.png"), f"k-means (k={cfg.clusters}) on {n} test images of {data.name}")
-    return run_.finish(**summary, clustered=n, bottleneck=cfg.bottleneck, arch=cfg.arch)
+        run.log(representation=name, dims=features.shape[1], accuracy=acc, nmi=score, iterations=result.iterations)
+    plot_scores(scores, run.path("scores.png"), f"k-means (k={cfg.clusters}) on {n} test images of {data.name}")
+    return run.finish(**summary, clustered=n, bottleneck=cfg.bottleneck, arch=cfg.arch)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

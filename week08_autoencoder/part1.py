@@ -38,11 +38,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import plot_confusion, save
+from common.runner import launch
 from common.runs import Run
 
 
@@ -321,7 +322,7 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device("cpu")  # NumPy only
     x_train, y_train, x_test, y_test, side, name = load_pixels(cfg)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     n, d = x_train.shape
     print(f"{name}: {n} training images of {side}x{side} = {d} pixels, {len(x_test)} test images")
 
@@ -339,20 +340,20 @@ def main(cfg: Config) -> dict:
     needed = {share: components_for(ratio, share) for share in (0.5, 0.8, 0.9, 0.95)}
     print(f"{top} components explain {kept:.1%} of the variance; 50% needs {needed[0.5]}, 80% {needed[0.8]}, "
           f"90% {needed[0.9]}, 95% {needed[0.95]} (of {d})")
-    plot_scree(ratio, max(top, needed[0.9]), run_.path("scree.png"), f"PCA of {name}: scree plot")
+    plot_scree(ratio, max(top, needed[0.9]), run.path("scree.png"), f"PCA of {name}: scree plot")
     shown = min(20, top)
-    plot_vectors(pca.components[:shown], side, run_.path("components.png"),
+    plot_vectors(pca.components[:shown], side, run.path("components.png"),
                  [f"#{i + 1} {ratio[i]:.1%}" for i in range(shown)], "first principal components (red +, blue -)")
     ks = sorted({k for k in (1, 2, 5, 10, 20, top) if k <= top})
     test_mse = {k: float(np.mean((x_test - pca.reconstruct(x_test, k)) ** 2)) for k in ks}
     for k in ks:
         print(f"  k={k:3d}: test reconstruction MSE per pixel {test_mse[k]:.5f}")
-    reconstruction_grid(pca, x_test[:8], ks, side, run_.path("reconstructions.png"))
+    reconstruction_grid(pca, x_test[:8], ks, side, run.path("reconstructions.png"))
 
     # ---- k-means++ and k-means; clusters scored against the labels they never saw ----
     result = best_of_restarts(x_train, cfg.clusters, cfg.restarts, cfg.max_iter, cfg.seed)
     for i, value in enumerate(result.inertia, start=1):
-        run_.log(iteration=i, inertia=value)
+        run.log(iteration=i, inertia=value)
     mapping = match_clusters(y_train, result.labels)
     train_acc, train_nmi = matched_accuracy(y_train, result.labels, mapping), nmi(y_train, result.labels)
     test_labels = squared_distances(x_test, result.centres).argmin(axis=1)  # nearest centre, map from training
@@ -364,9 +365,9 @@ def main(cfg: Config) -> dict:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(1, len(result.inertia) + 1), result.inertia, marker=".")
     ax.set(xlabel="iteration", ylabel="inertia J", title="k-means: J never rises")
-    save(fig, run_.path("inertia.png"))
+    save(fig, run.path("inertia.png"))
     order = sorted(range(cfg.clusters), key=lambda j: mapping.get(j, cfg.clusters + j))
-    plot_vectors(result.centres[order], side, run_.path("centres.png"),
+    plot_vectors(result.centres[order], side, run.path("centres.png"),
                  [f"-> {mapping[j]}" if j in mapping else "unmatched" for j in order],
                  "k-means centres, with the label each is matched to", signed=False)
     counts = contingency(y_train, result.labels)
@@ -375,10 +376,10 @@ def main(cfg: Config) -> dict:
     for cluster, label in mapping.items():
         if label < n_labels:
             matched[:, label] += counts[cluster]
-    plot_confusion(matched, [str(c) for c in range(n_labels)], run_.path("clusters_vs_labels.png"),
+    plot_confusion(matched, [str(c) for c in range(n_labels)], run.path("clusters_vs_labels.png"),
                    title="true label vs the label its cluster matched")
 
-    return run_.finish(dataset=name, samples=n, pixels=d, variance_explained_top=kept, components_shown=top,
+    return run.finish(dataset=name, samples=n, pixels=d, variance_explained_top=kept, components_shown=top,
                        components_for_90pct=needed[0.9], components_for_95pct=needed[0.95],
                        eig_svd_max_variance_diff=variance_gap, eig_svd_max_component_diff=component_gap,
                        **{f"pca_test_mse_k{k}": v for k, v in test_mse.items()},
@@ -389,4 +390,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

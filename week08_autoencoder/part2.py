@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import BaseConfig, Range, ResumableConfig, run
+from common.config import BaseConfig, Range, ResumableConfig
 from common.data import ImageData, load
 from common.device import pick_device, prepare_model, seed_everything
 from common.errors import ConfigError, LabError
 from common.loader import TensorLoader, split
 from common.plots import plot_history, save
+from common.runner import launch
 from common.runs import Run
 from common.train import fit, predict
 from week08_autoencoder import part1
@@ -279,12 +280,12 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     data = load_images(cfg)
     train, val, test = make_loaders(cfg, data, device)
-    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
-    model, rows = train_autoencoder(cfg, train, val, device, log=run_, resume=cfg.resume)
+    run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
+    model, rows = train_autoencoder(cfg, train, val, device, log=run, resume=cfg.resume)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{cfg.arch} autoencoder, bottleneck {cfg.bottleneck}, {parameters:,} parameters, {cfg.loss} loss, "
           f"train {len(train.x)}, validation {len(val.x)}, test {len(test.x)} images ({data.name})")
-    plot_history(rows, run_.path("curves.png"), title=f"{cfg.arch} autoencoder, {cfg.loss} loss")
+    plot_history(rows, run.path("curves.png"), title=f"{cfg.arch} autoencoder, {cfg.loss} loss")
 
     # The test images, once: the autoencoder vs PCA with as many components as the code has numbers.
     ae_mse = reconstruction_mse(model, test)
@@ -296,19 +297,19 @@ def main(cfg: Config) -> dict:
     shown = data.x_test[:10]
     reconstruction_figure({"original": pixels(shown), f"AE ({cfg.bottleneck})": reconstructions(model, shown, device),
                            f"PCA ({cfg.bottleneck})": pca_rebuilt[:10]},
-                          run_.path("reconstructions.png"),
+                          run.path("reconstructions.png"),
                           f"test images rebuilt from {cfg.bottleneck} numbers: MSE AE {ae_mse:.4f}, PCA {pca_mse:.4f}")
 
     # The latent space: a subsample of the test codes, coloured by the labels the model never saw.
     n = min(cfg.latent_points, len(data.x_test))
     codes = encode_all(model, data.x_test[:n], device)
-    latent_maps(codes, data.y_test[:n].numpy(), cfg.seed, run_.path("latent_space.png"),
+    latent_maps(codes, data.y_test[:n].numpy(), cfg.seed, run.path("latent_space.png"),
                 f"{cfg.bottleneck}-d codes of {n} test images ({data.name})")
-    return run_.finish(test_mse=ae_mse, pca_test_mse=pca_mse, ae_over_pca=ae_mse / pca_mse, mean_image_mse=mean_mse,
+    return run.finish(test_mse=ae_mse, pca_test_mse=pca_mse, ae_over_pca=ae_mse / pca_mse, mean_image_mse=mean_mse,
                        val_loss=rows[-1]["val_loss"], train_loss=rows[-1]["train_loss"], epochs_done=len(rows),
                        parameters=parameters, bottleneck=cfg.bottleneck, arch=cfg.arch, loss=cfg.loss,
                        train_time_s=round(sum(r["epoch_time_s"] for r in rows), 2))
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -51,10 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
 from common.errors import NonFiniteLoss
 from common.plots import plot_curves, save
+from common.runner import launch
 from common.runs import Run
 
 
@@ -175,7 +176,7 @@ def generator_loss_gradients(d_fake: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return -d_fake, -(1 - d_fake)
 
 
-def theory_in_numbers(cfg: Config, run_: Run) -> dict:
+def theory_in_numbers(cfg: Config, run: Run) -> dict:
     """D*, V(D*, G) = -log 4 + 2 JSD, a trained D, and JSD as two Gaussians move apart."""
     x, dx = make_grid(-12, 12, cfg.grid_points)
     p_data = normalize(mixture_pdf(x, (-2.0, 2.0), 0.7), dx)
@@ -211,7 +212,7 @@ def theory_in_numbers(cfg: Config, run_: Run) -> dict:
     axes[1].set(xlim=(-6, 6), ylim=(0, 1), title=f"V(D*, G) = {v_star:.3f} = -log 4 + 2 JSD", xlabel="x")
     for ax in axes:
         ax.legend(fontsize=8)
-    save(fig, run_.path("optimal_discriminator.png"))
+    save(fig, run.path("optimal_discriminator.png"))
 
     # JSD as p_g slides away from p_data: flat at log 2 once they stop overlapping.
     shifts = np.linspace(0, 8, 33)
@@ -222,7 +223,7 @@ def theory_in_numbers(cfg: Config, run_: Run) -> dict:
         f"s={s:g}: {j:.4f}" for s, j in list(zip(shifts, curve))[::4]))
     print(f"slope at s = 8: {slope_far:.1e}: no overlap, no gradient telling G which way to move")
     plot_curves({"JSD": list(zip(shifts, curve)), "log 2": [(0, math.log(2)), (8, math.log(2))]},
-                run_.path("jsd_vs_shift.png"), xlabel="shift s of p_g", ylabel="JSD",
+                run.path("jsd_vs_shift.png"), xlabel="shift s of p_g", ylabel="JSD",
                 title="JSD saturates at log 2 when the densities stop overlapping")
 
     print("\n=== Generator losses: gradient with respect to D's logit at a fake ===")
@@ -320,7 +321,7 @@ def train_tiny_gan(minibatch_std: bool, seed: int, cfg: Config, snapshot_steps: 
     return snapshots
 
 
-def mode_collapse(cfg: Config, run_: Run) -> dict:
+def mode_collapse(cfg: Config, run: Run) -> dict:
     """Train the tiny GAN with and without the minibatch std, ``cfg.seeds`` times each; plot the
     densities over training of the first seed; score every run by modes covered and JSD."""
     x, dx = make_grid(-11, 11, cfg.grid_points)
@@ -341,7 +342,7 @@ def mode_collapse(cfg: Config, run_: Run) -> dict:
             jsd_start = js_divergence(p_data, sample_density(snapshots[0], x, dx), dx)
             covered.append(n_modes)
             jsds.append(jsd)
-            run_.log(variant=name, seed=seed, modes_covered=n_modes, jsd=jsd, jsd_start=jsd_start,
+            run.log(variant=name, seed=seed, modes_covered=n_modes, jsd=jsd, jsd_start=jsd_start,
                      **{f"share_mode{i + 1}": s for i, s in enumerate(shares)})
             print(f"{name:14s} seed {seed}: modes covered {n_modes}/{len(MODES)}  shares "
                   + " ".join(f"{s:.2f}" for s in shares) + f"  JSD to the data {jsd:.3f} (untrained {jsd_start:.3f})")
@@ -360,7 +361,7 @@ def mode_collapse(cfg: Config, run_: Run) -> dict:
             ax.set_title(f"{name}, step {step}", fontsize=8)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("density of G's samples over training (grey: the data)")
-    save(fig, run_.path("densities.png"))
+    save(fig, run.path("densities.png"))
     mean = {name: (float(np.mean(r["modes"])), float(np.mean(r["jsd"]))) for name, r in results.items()}
     for name, (modes, jsd) in mean.items():
         print(f"{name:14s} mean modes covered {modes:.2f}/{len(MODES)}, mean JSD {jsd:.3f}")
@@ -372,11 +373,11 @@ def mode_collapse(cfg: Config, run_: Run) -> dict:
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device("cpu")  # NumPy, and MLPs on single numbers
-    run_ = Run.start(cfg, __file__, device)
-    theory = theory_in_numbers(cfg, run_)
-    collapse = mode_collapse(cfg, run_)
-    return run_.finish(**theory, **collapse)
+    run = Run.start(cfg, __file__, device)
+    theory = theory_in_numbers(cfg, run)
+    collapse = mode_collapse(cfg, run)
+    return run.finish(**theory, **collapse)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

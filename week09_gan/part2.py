@@ -41,12 +41,13 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from common.checkpoint import load_checkpoint
-from common.config import Range, ResumableConfig, run
+from common.config import Range, ResumableConfig
 from common.data import ImageData, load
 from common.device import pick_device, seed_everything
 from common.errors import LabError, NonFiniteLoss
 from common.loader import TensorLoader
 from common.plots import plot_curves, save
+from common.runner import launch
 from common.runs import Run
 from week09_gan.quality import Scorer, gan_split, get_scorer, score
 
@@ -240,23 +241,23 @@ def save_grid(images: torch.Tensor, path, title: str = "", nrow: int = GRID_SIDE
 
 
 # ---- Training ----
-def own_rows(run_: Run) -> list[dict]:
+def own_rows(run: Run) -> list[dict]:
     """This model's metrics rows (a sweep logs several models into one run, each with its columns)."""
-    return [r for r in run_.rows if all(r.get(k) == v for k, v in run_.extra_columns.items())]
+    return [r for r in run.rows if all(r.get(k) == v for k, v in run.extra_columns.items())]
 
 
-def log_means(run_: Run, sums: dict[str, torch.Tensor], count: int, epoch: int, step: int) -> None:
+def log_means(run: Run, sums: dict[str, torch.Tensor], count: int, epoch: int, step: int) -> None:
     """One metrics row: the mean of each statistic over the last ``count`` steps."""
     row = {key: (value / count).item() for key, value in sums.items()}
     if not all(math.isfinite(v) for v in row.values()):
         raise NonFiniteLoss(f"a loss became non-finite by step {step} (epoch {epoch}); stopped, keeping the last "
                             "checkpoint. Try a smaller --lr")
-    run_.log(epoch=epoch, step=step, **row)
+    run.log(epoch=epoch, step=step, **row)
 
 
 def train_gan(cfg: Config, data: ImageData, x_train: torch.Tensor, real_val: torch.Tensor, scorer: Scorer,
-              device: torch.device, run_: Run) -> tuple[dict, DCGAN]:
-    """Train a DCGAN on ``x_train`` (uint8), logging to ``run_``; score it at the end; return
+              device: torch.device, run: Run) -> tuple[dict, DCGAN]:
+    """Train a DCGAN on ``x_train`` (uint8), logging to ``run``; score it at the end; return
     the scores and the trained pair.
     With ``cfg.resume`` it goes on from that checkpoint and ends with the weights an
     uninterrupted run would have had (batches depend on (seed, epoch) only, and the random
@@ -276,7 +277,7 @@ def train_gan(cfg: Config, data: ImageData, x_train: torch.Tensor, real_val: tor
 
     epoch, step, train_time, progression = 0, 0, 0.0, []
     if cfg.resume:
-        payload = load_checkpoint(cfg.resume, gan, optimizers, script=run_.name)
+        payload = load_checkpoint(cfg.resume, gan, optimizers, script=run.name)
         epoch, extra = payload["epoch"], payload["extra"]
         step, train_time, progression = extra["step"], extra["train_time_s"], list(extra["progression"])
         fd_start = extra["fd_start"]
@@ -302,34 +303,34 @@ def train_gan(cfg: Config, data: ImageData, x_train: torch.Tensor, real_val: tor
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0) + value
             if step % cfg.log_every == 0:
-                log_means(run_, sums, count, epoch, step)
+                log_means(run, sums, count, epoch, step)
                 sums, count = {}, 0
         if count:  # the epoch's last steps, when they do not fill a whole row
-            log_means(run_, sums, count, epoch, step)
+            log_means(run, sums, count, epoch, step)
         train_time += time.perf_counter() - t0
         samples = generate(gan.generator, fixed_z)
-        save_grid(samples, run_.path(f"samples_epoch{epoch:02d}.png"), f"fixed noise, epoch {epoch}")
+        save_grid(samples, run.path(f"samples_epoch{epoch:02d}.png"), f"fixed noise, epoch {epoch}")
         progression.append(to_uint8(samples[:GRID_SIDE]))
-        last = own_rows(run_)[-1]
+        last = own_rows(run)[-1]
         print(f"epoch {epoch}: " + "  ".join(f"{k}={v:.3f}" for k, v in last.items() if isinstance(v, float))
               + f"  ({train_time:.0f} s of training)")
         # Between epochs only: after Ctrl-C the unfinished epoch is redone from this state.
-        run_.save_checkpoint(gan, optimizers, epoch=epoch, step=step, train_time_s=train_time,
+        run.save_checkpoint(gan, optimizers, epoch=epoch, step=step, train_time_s=train_time,
                              progression=progression, fd_start=fd_start)
 
     shown = [round(i * (len(progression) - 1) / max(PROGRESSION_ROWS - 1, 1)) for i in range(PROGRESSION_ROWS)]
     shown = sorted(set(shown))
-    save_grid(torch.cat([progression[i] for i in shown]), run_.path("progression.png"),
+    save_grid(torch.cat([progression[i] for i in shown]), run.path("progression.png"),
               "the same 8 noise vectors after each epoch", row_labels=[f"epoch {i + 1}" for i in shown])
-    rows = own_rows(run_)
+    rows = own_rows(run)
     curve = lambda key: [(r["step"], r[key]) for r in rows]  # noqa: E731
     plot_curves({"D loss": curve("d_loss"), "G loss": curve("g_loss")},
-                run_.path("losses.png"), xlabel="step", ylabel="loss", title=f"DCGAN on {data.name}")
+                run.path("losses.png"), xlabel="step", ylabel="loss", title=f"DCGAN on {data.name}")
     plot_curves({"D(x), real": curve("d_real"), "D(G(z)), fake (D step)": curve("d_fake")},
-                run_.path("d_outputs.png"), xlabel="step", ylabel="mean D output", title="what D says")
+                run.path("d_outputs.png"), xlabel="step", ylabel="mean D output", title="what D says")
 
     generated = generate(gan.generator, score_z.to(device))
-    save_grid(generated[:GRID_SIDE**2], run_.path("final_samples.png"), "samples of the final generator")
+    save_grid(generated[:GRID_SIDE**2], run.path("final_samples.png"), "samples of the final generator")
     result = score(scorer, generated, real_val, data.num_classes)
     print(f"Frechet distance (classifier features, {result['fd_samples']} images each): generated vs real "
           f"{result['fd']:.3f}, real vs real {result['fd_real']:.3f}, untrained generator {fd_start:.3f}")
@@ -350,11 +351,11 @@ def main(cfg: Config) -> dict:
     if len(x_train) < cfg.batch_size:  # whole batches only: an epoch would have no step at all
         raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} training images")
     scorer = get_scorer(cfg.dataset, data, cfg.smoke, device)
-    run_ = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
+    run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
     print(f"training on {len(x_train)} images of {data.name}; {len(x_val)} held out for the score")
-    summary, _ = train_gan(cfg, data, x_train, to_tanh_range(x_val), scorer, device, run_)
-    return run_.finish(**summary, classifier_val_acc=scorer.val_acc, classes=data.classes)
+    summary, _ = train_gan(cfg, data, x_train, to_tanh_range(x_val), scorer, device, run)
+    return run.finish(**summary, classifier_val_acc=scorer.val_acc, classes=data.classes)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -30,11 +30,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError, LabError
 from common.plots import save
+from common.runner import launch
 from common.runs import Run, compare_table
 from week09_gan import part2
 from week09_gan.quality import gan_split, get_scorer
@@ -109,7 +110,7 @@ def main(cfg: Config) -> dict:
     if len(x_train) < cfg.batch_size:
         raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} training images")
     scorer = get_scorer(cfg.dataset, data, cfg.smoke, device)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     real_val = part2.to_tanh_range(x_val)
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(part2.Config)
               if hasattr(cfg, f.name) and f.name != "resume"}
@@ -120,17 +121,17 @@ def main(cfg: Config) -> dict:
         print(f"\n--- {name} ---")
         gan_cfg = part2.Config(**{**shared, "lr": lr, "beta1": beta1, "label_smoothing": smoothing,
                                   "log_every": max(1, min(50, len(x_train) // cfg.batch_size // 4))})
-        log = run_.sub(name.replace(" ", "_"), setting=name)
+        log = run.sub(name.replace(" ", "_"), setting=name)
         summaries[name], gan = part2.train_gan(gan_cfg, data, x_train, real_val, scorer, device, log)
         finals.append(part2.generate(gan.generator, fixed_z.to(device)))
-    plot_scores(summaries, run_.path("sweep_fd.png"))
-    part2.save_grid(torch.cat(finals), run_.path("sweep_samples.png"), "the same noise through each final generator",
+    plot_scores(summaries, run.path("sweep_fd.png"))
+    part2.save_grid(torch.cat(finals), run.path("sweep_samples.png"), "the same noise through each final generator",
                     row_labels=list(summaries))
-    entries = [{"week": run_.week, "script": run_.script, "dir": name, "summary": s,
+    entries = [{"week": run.week, "script": run.script, "dir": name, "summary": s,
                 "config": {"setting": name}} for name, s in summaries.items()]
     table = compare_table(entries, metrics=["fd", "fd_real", "min_class_share", "max_class_share",
                                             "last_epoch_d_real", "last_epoch_d_fake", "train_time_s"])
-    run_.path("comparison.txt").write_text(table + "\n")
+    run.path("comparison.txt").write_text(table + "\n")
     print(table)
     best = min(summaries, key=lambda n: summaries[n]["fd"])  # held-out real images, not the test set
     print(f"lowest Frechet distance: {best} ({summaries[best]['fd']:.3f}; real vs real "
@@ -138,10 +139,10 @@ def main(cfg: Config) -> dict:
     scores = {f"fd_{name.replace(' ', '_')}": s["fd"] for name, s in summaries.items()}
     coverage = {f"min_class_share_{name.replace(' ', '_')}": s["min_class_share"] for name, s in summaries.items()}
     first = next(iter(summaries.values()))
-    return run_.finish(best=best, runs=len(summaries), **scores, **coverage, fd_real=first["fd_real"],
+    return run.finish(best=best, runs=len(summaries), **scores, **coverage, fd_real=first["fd_real"],
                        fd_start=first["fd_start"], classifier_val_acc=scorer.val_acc,
                        fd_spread=float(np.ptp([s["fd"] for s in summaries.values()])))
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -31,8 +31,9 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.errors import ConfigError, LabError
+from common.runner import launch
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -246,7 +247,7 @@ def measure(cfg: Config, url: str) -> dict:
     from common.runs import Run
 
     metadata = service_metadata(url, cfg.timeout)  # before the run folder: an absent service leaves none
-    run_ = Run.start(cfg, __file__, _cpu())
+    run = Run.start(cfg, __file__, _cpu())
     body, headers = request_body(metadata["input_shape"], cfg.payload)
     print(f"loading {url}/predict ({metadata.get('name')}, backend {metadata.get('backend')}): {cfg.mode} loop, "
           f"{cfg.duration:g} s per phase, {cfg.payload} payload of {len(body):,} bytes")
@@ -255,9 +256,9 @@ def measure(cfg: Config, url: str) -> dict:
     print(report(results))
     for phase in ("closed", "open"):
         if f"{phase}_requests" in results:
-            run_.log(phase=phase, **{k.removeprefix(f"{phase}_"): v for k, v in results.items()
+            run.log(phase=phase, **{k.removeprefix(f"{phase}_"): v for k, v in results.items()
                                      if k.startswith(f"{phase}_") and not k.endswith("error_kinds")})
-    return run_.finish(**results, backend=metadata.get("backend"), model=metadata.get("name"),
+    return run.finish(**results, backend=metadata.get("backend"), model=metadata.get("name"),
                        payload_bytes=len(body))
 
 
@@ -268,4 +269,4 @@ def _cpu():
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

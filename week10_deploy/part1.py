@@ -40,11 +40,12 @@ import torch
 from torch import nn
 
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import seed_everything
 from common.export import export_onnx, export_program
 from common.loader import TensorLoader, normalizer
+from common.runner import launch
 from common.runs import Run
 from week03_cnn.part2 import CNN
 
@@ -217,8 +218,8 @@ def dynamic_graph_pitfall(folder: Path) -> dict:
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     torch.set_num_threads(torch.get_num_threads())  # as configured (OMP_NUM_THREADS); stated in the summary
-    run_ = Run.start(cfg, __file__, torch.device("cpu"))
-    folder = run_.path("files")
+    run = Run.start(cfg, __file__, torch.device("cpu"))
+    folder = run.path("files")
     folder.mkdir()
     model, optimizer, scheduler, data, batches = trained_model(cfg)
     make = lambda: CNN(model.features[0].in_channels, data.num_classes, (cfg.width, 2 * cfg.width, 4 * cfg.width),
@@ -275,7 +276,7 @@ def main(cfg: Config) -> dict:
                 print(f"  {name:>11s}: max |difference| from eager {max(diffs):.2e} {ok}")
             for b, diff in zip(cfg.check_batches, diffs):
                 ms = median_ms(call, inputs[b], cfg.repeats)
-                run_.log(form=name, batch=b, max_abs_diff=diff, median_ms=ms)
+                run.log(form=name, batch=b, max_abs_diff=diff, median_ms=ms)
                 results[f"{name}_ms_batch{b}"] = ms
     for name in ("pt2", "onnx", "torchscript"):
         results[f"{name}_speedup_batch1"] = results["eager_ms_batch1"] / results[f"{name}_ms_batch1"]
@@ -286,9 +287,9 @@ def main(cfg: Config) -> dict:
     results.update(dynamic_graph_pitfall(folder))
     sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
     print("  files: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items()))
-    return run_.finish(**results, threads=torch.get_num_threads(), input_shape=[c, h, w],
+    return run.finish(**results, threads=torch.get_num_threads(), input_shape=[c, h, w],
                        file_kib={k: round(v / 1024, 1) for k, v in sizes.items()})
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

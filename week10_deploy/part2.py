@@ -29,12 +29,13 @@ import torch
 from PIL import Image
 
 from common.checkpoint import load_checkpoint, read_checkpoint
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import ImageData, load
 from common.device import pick_device, prepare_model, seed_everything
 from common.errors import CheckpointError, ConfigError
 from common.export import write_bundle
 from common.loader import TensorLoader, normalizer
+from common.runner import launch
 from common.runs import Run
 from common.train import fit, predict
 from week03_cnn import part2 as week3
@@ -75,7 +76,7 @@ def week3_config(cfg: Config, **settings) -> week3.Config:
     return week3.Config(**{**{k: getattr(cfg, k) for k in keys}, **settings})
 
 
-def train_model(cfg: Config, data: ImageData, device: torch.device, run_: Run) -> torch.nn.Module:
+def train_model(cfg: Config, data: ImageData, device: torch.device, run: Run) -> torch.nn.Module:
     w3 = week3_config(cfg)
     train, val, _ = week3.make_loaders(w3, data, device)
     model = prepare_model(week3.make_model(w3, data), device)
@@ -86,7 +87,7 @@ def train_model(cfg: Config, data: ImageData, device: torch.device, run_: Run) -
     # the trained model once, at the end, so that --checkpoint can serve it again later.
     loop = fit(model, optimizer, train, val, w3.epochs, scheduler=scheduler)
     for row in loop.rows:
-        run_.log(**row)
+        run.log(**row)
     return model
 
 
@@ -158,9 +159,9 @@ def main(cfg: Config) -> dict:
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     if cfg.checkpoint:
         model = checkpoint_model(cfg.checkpoint, data)  # checked before the run folder is made
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     if not cfg.checkpoint:
-        model = train_model(cfg, data, device, run_)
+        model = train_model(cfg, data, device, run)
     model = model.cpu().eval()
 
     # The model's own answers on the test set (touched once, here); the first n_check images are sent
@@ -173,9 +174,9 @@ def main(cfg: Config) -> dict:
 
     # 2. The bundle: the model takes pixels in [0, 1]; (x - mean) / std is inside the exported graphs.
     example = x_test[:1].float() / 255
-    bundle = write_bundle(run_.path("bundle"), model, example, name=f"{cfg.dataset}_cnn", classes=data.classes,
+    bundle = write_bundle(run.path("bundle"), model, example, name=f"{cfg.dataset}_cnn", classes=data.classes,
                           mean=data.mean, std=data.std,
-                          extra={"test_acc": round(test_acc, 4), "trained_by": cfg.checkpoint or run_.name,
+                          extra={"test_acc": round(test_acc, 4), "trained_by": cfg.checkpoint or run.name,
                                  "synthetic_data": data.synthetic})
     print(f"bundle written to {bundle}")
 
@@ -198,8 +199,8 @@ def main(cfg: Config) -> dict:
           f"of them (accuracy {service_acc:.2%})")
     n_4xx = sum(400 <= s < 500 for s in statuses.values())
     if not cfg.checkpoint:
-        run_.save_checkpoint(model, epoch=cfg.epochs)  # serve it again: --checkpoint <run folder>/checkpoint.pt
-    return run_.finish(test_acc=test_acc, eager_acc_checked=(eager_pred == y_test).float().mean().item(),
+        run.save_checkpoint(model, epoch=cfg.epochs)  # serve it again: --checkpoint <run folder>/checkpoint.pt
+    return run.finish(test_acc=test_acc, eager_acc_checked=(eager_pred == y_test).float().mean().item(),
                        service_acc=service_acc, service_agrees_with_eager=agree, n_checked=n,
                        bad_requests=len(statuses), bad_requests_4xx=n_4xx, bundle=str(bundle),
                        load_requests=load_results.get("closed_requests", 0),
@@ -209,4 +210,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -41,10 +41,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.device import seed_everything
 from common.errors import LabError, one_line
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 
 
@@ -248,7 +249,7 @@ def data_parallel_demo() -> dict:
 
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
-    run_ = Run.start(cfg, __file__, torch.device("cpu"))
+    run = Run.start(cfg, __file__, torch.device("cpu"))
 
     print("=== 1. Data parallelism: the average of the shard gradients is the big-batch gradient ===")
     rng = np.random.default_rng(cfg.seed)
@@ -275,23 +276,23 @@ def main(cfg: Config) -> dict:
     builtin_s = max(r["timing"]["all_reduce"] for r in ranks)
     print(f"{cfg.elements:,} float32: ring {ring_s * 1e3:.1f} ms, dist.all_reduce {builtin_s * 1e3:.1f} ms")
     for r in rows:
-        run_.log(step="ring", n=r["n"], dtype=r["dtype"], sent=r["sent"], max_abs_diff=r["max_abs_diff"])
+        run.log(step="ring", n=r["n"], dtype=r["dtype"], sent=r["sent"], max_abs_diff=r["max_abs_diff"])
 
     print("\n=== 3. Cost model: parameter server vs ring ===")
     workers = np.arange(1, cfg.max_workers + 1)
     model_bytes, bandwidth, latency = cfg.model_mb * 1e6, cfg.bandwidth_gbit * 1e9 / 8, cfg.latency_us * 1e-6
     costs = {"parameter server": parameter_server_cost(workers, model_bytes, bandwidth, latency),
              "ring all-reduce": ring_cost(workers, model_bytes, bandwidth, latency)}
-    plot_costs(workers, costs, run_.path("cost_model.png"), cfg.model_mb, cfg.bandwidth_gbit)
+    plot_costs(workers, costs, run.path("cost_model.png"), cfg.model_mb, cfg.bandwidth_gbit)
     for n in sorted({2, 8, cfg.max_workers}):
         ps, ring = costs["parameter server"][2][n - 1], costs["ring all-reduce"][2][n - 1]
         print(f"N={n:4d}: parameter server {ps:8.3f} s, ring {ring:6.3f} s per exchange")
-        run_.log(step="cost", n=n, parameter_server_s=ps, ring_s=ring)
+        run.log(step="cost", n=n, parameter_server_s=ps, ring_s=ring)
 
     print("\n=== 4. DataParallel vs DistributedDataParallel ===")
     demo = data_parallel_demo()
     print("DDP: one process per device, gradients all-reduced during backward (Part 2 trains with it)")
-    return run_.finish(grad_avg_max_diff=grad_diff, uneven_shards_max_diff=uneven_diff, ring_ints_equal=ints_equal,
+    return run.finish(grad_avg_max_diff=grad_diff, uneven_shards_max_diff=uneven_diff, ring_ints_equal=ints_equal,
                        ring_float_max_diff=float_diff, ring_vs_exact_sum_max_diff=expected_diff,
                        ring_sent_elements=sent, ring_sent_formula=formula, ring_ms=ring_s * 1e3,
                        all_reduce_ms=builtin_s * 1e3, workers=cfg.workers,
@@ -300,4 +301,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -39,13 +39,14 @@ from torch.profiler import record_function
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from common.checkpoint import load_checkpoint
-from common.config import Range, ResumableConfig, Terminated, run
+from common.config import Range, ResumableConfig
 from common.data import ImageData, load
 from common.device import autocast, prepare_model, seed_everything
 from common.distributed import DistInfo, all_reduce_mean, launched_by_torchrun, setup, shard
 from common.errors import ConfigError, Interrupted, LabError, NonFiniteLoss, one_line
 from common.loader import split
 from common.plots import plot_history
+from common.runner import Terminated, launch
 from common.runs import Run, week_and_script
 from week03_cnn.part2 import CNN
 
@@ -263,19 +264,19 @@ class Progress:
     losses: list = dataclasses.field(default_factory=list)  # this epoch's step losses so far
 
 
-def save(run_: Run | None, net: nn.Module, optimizer, scheduler, progress: Progress, epochs_done: int) -> None:
+def save(run: Run | None, net: nn.Module, optimizer, scheduler, progress: Progress, epochs_done: int) -> None:
     """Rank 0 writes the checkpoint (atomically: a crash mid-write leaves the previous one). The
     other ranks hold the same weights: writing N copies would only waste disk and time."""
-    if run_ is None:
+    if run is None:
         return
-    run_.save_checkpoint(net, optimizer, scheduler, epoch=epochs_done, step=progress.step,
+    run.save_checkpoint(net, optimizer, scheduler, epoch=epochs_done, step=progress.step,
                          next_epoch=progress.epoch, batches_done=progress.batches_done,
                          losses=[float(loss) for loss in progress.losses])  # + the metrics rows
     progress.saved_step = progress.step
 
 
 def train(cfg: Config, info: DistInfo, model: nn.Module, net: nn.Module, loader: DataLoader, steps_per_epoch: int,
-          val: Images, optimizer, scheduler, progress: Progress, run_: Run | None, first_attempt: bool) -> None:
+          val: Images, optimizer, scheduler, progress: Progress, run: Run | None, first_attempt: bool) -> None:
     """The epochs from ``progress`` on: rank 0 logs a row and saves a checkpoint after each."""
     sampler = shard_sampler(loader)
     per_step = cfg.batch_size * cfg.accumulate  # examples per rank per optimizer step
@@ -300,7 +301,7 @@ def train(cfg: Config, info: DistInfo, model: nn.Module, net: nn.Module, loader:
                 # (After a resume the losses read from the checkpoint are floats, hence float().)
                 step_losses = torch.tensor([float(loss) for loss in progress.losses], device=info.device)
                 progress.losses = list(all_reduce_mean(step_losses, info).unbind())
-                save(run_, net, optimizer, scheduler, progress, epochs_done=epoch - 1)
+                save(run, net, optimizer, scheduler, progress, epochs_done=epoch - 1)
             if cfg.crash_at_step == progress.step and info.rank == cfg.crash_rank and first_attempt:
                 crash(progress.step, info.rank)
         del batches  # ends the DataLoader's worker processes (if any) before evaluating
@@ -314,16 +315,16 @@ def train(cfg: Config, info: DistInfo, model: nn.Module, net: nn.Module, loader:
                "images_per_s": round(images / seconds, 1)}
         progress.rows.append(row)
         progress.epoch, progress.batches_done, progress.losses = epoch + 1, 0, []
-        if run_ is not None:
+        if run is not None:
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            run_.log(**row)
-            save(run_, net, optimizer, scheduler, progress, epochs_done=epoch)
+            run.log(**row)
+            save(run, net, optimizer, scheduler, progress, epochs_done=epoch)
 
 
-def stopped(e: KeyboardInterrupt, info: DistInfo, progress: Progress, run_: Run | None) -> Interrupted:
+def stopped(e: KeyboardInterrupt, info: DistInfo, progress: Progress, run: Run | None) -> Interrupted:
     """Ctrl-C / SIGTERM: one line per rank; rank 0 names the checkpoint to go on from."""
     what = "terminated" if isinstance(e, Terminated) else "interrupted"
-    checkpoint = run_.path("checkpoint.pt") if run_ is not None else None
+    checkpoint = run.path("checkpoint.pt") if run is not None else None
     if checkpoint is None:
         message = f"{what}: rank {info.rank} stopped at step {progress.step}"
     elif checkpoint.is_file():
@@ -368,22 +369,22 @@ def main(cfg: Config) -> dict:
         extra = payload["extra"]
         progress = Progress(extra["next_epoch"], extra["batches_done"], extra["step"], extra["step"], extra["rows"],
                             extra["losses"])
-    run_ = Run.start(cfg, __file__, info.device) if info.is_main else None  # rank 0 alone writes files
-    if run_ is not None:
+    run = Run.start(cfg, __file__, info.device) if info.is_main else None  # rank 0 alone writes files
+    if run is not None:
         pointer = pointer_file(cfg)
         if pointer is not None:
-            pointer.write_text(str(run_.dir))
+            pointer.write_text(str(run.dir))
         print(f"{info.world_size} rank(s), backend {dist.get_backend() if dist.is_initialized() else 'none'}; "
               f"global batch {per_step * info.world_size} = {cfg.batch_size} x {cfg.accumulate} accumulated x "
               f"{info.world_size} rank(s); {steps_per_epoch} steps per epoch"
               + (f"; restart {restart_count()}, from step {progress.step}" if restarted else ""))
     try:
-        train(cfg, info, model, net, loader, steps_per_epoch, val_set, optimizer, scheduler, progress, run_,
+        train(cfg, info, model, net, loader, steps_per_epoch, val_set, optimizer, scheduler, progress, run,
               first_attempt=not cfg.resume and restart_count() == 0)
         test = evaluate_shards(net, test_set, info)  # touched once, at the end
         spread = weights_spread(net, info)
     except KeyboardInterrupt as e:
-        raise stopped(e, info, progress, run_) from None
+        raise stopped(e, info, progress, run) from None
     except RuntimeError as e:
         if not (info.distributed and lost_peer(e)):
             raise
@@ -392,11 +393,11 @@ def main(cfg: Config) -> dict:
                        f"({one_line(e, 100)}); torchrun --max-restarts N starts every rank again from the last "
                        "checkpoint") from None
     summary = None
-    if run_ is not None:
-        plot_history(progress.rows, run_.path("curves.png"), title=f"CNN on {data.name}, {info.world_size} rank(s)")
+    if run is not None:
+        plot_history(progress.rows, run.path("curves.png"), title=f"CNN on {data.name}, {info.world_size} rank(s)")
         print(f"largest weight difference between ranks: {spread:.3g}")
         rows = progress.rows
-        summary = run_.finish(test_acc=test["acc"], final_val_acc=rows[-1]["val_acc"],
+        summary = run.finish(test_acc=test["acc"], final_val_acc=rows[-1]["val_acc"],
                               final_train_loss=rows[-1]["train_loss"], first_train_loss=rows[0]["train_loss"],
                               steps=progress.step, world_size=info.world_size, global_batch=per_step * info.world_size,
                               restarts=restart_count(), weights_spread=spread,
@@ -413,4 +414,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, prepare_model, seed_everything
 from common.distributed import DistInfo
 from common.errors import LabError
 from common.plots import save
+from common.runner import launch
 from common.runs import Run
 from week03_cnn.part2 import CNN
 from week11_distributed.part2 import Images, make_loader, shard_sampler, train_step
@@ -86,11 +87,11 @@ def setup_training(cfg: Config, data, device: torch.device, loading: str, channe
     return model, forever(loader), optimizer
 
 
-def profile_steps(cfg: Config, data, device: torch.device, variant: tuple[str, bool], run_: Run, name: str) -> dict:
+def profile_steps(cfg: Config, data, device: torch.device, variant: tuple[str, bool], run: Run, name: str) -> dict:
     """Record ``profile_steps`` steps; save the trace and the top-ops table; region ms per step."""
     model, batches, optimizer = setup_training(cfg, data, device, *variant)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    trace = run_.path(f"trace_{name}.json")
+    trace = run.path(f"trace_{name}.json")
     # wait 1 step, warm up 2 (recorded, thrown away: first-call costs), then record profile_steps.
     plan = schedule(wait=1, warmup=2, active=cfg.profile_steps, repeat=1)
     with profile(activities=activities, schedule=plan, on_trace_ready=lambda p: p.export_chrome_trace(str(trace))) \
@@ -101,7 +102,7 @@ def profile_steps(cfg: Config, data, device: torch.device, variant: tuple[str, b
     averages = prof.key_averages()
     table = averages.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
                            row_limit=20)
-    run_.path(f"top_ops_{name}.txt").write_text(table + "\n")
+    run.path(f"top_ops_{name}.txt").write_text(table + "\n")
     ms = {event.key: event.cpu_time_total / 1e3 / cfg.profile_steps for event in averages if event.key in REGIONS}
     calls = sum(event.count for event in averages if event.key.startswith("aten::")) / cfg.profile_steps
     print(f"--- {name}: top ops by self time ---\n{table}")
@@ -143,23 +144,23 @@ def main(cfg: Config) -> dict:
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     if len(data.x_train) < cfg.batch_size:
         raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(data.x_train)} training images")
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     results = {}
     for name, variant in VARIANTS.items():
-        regions = profile_steps(cfg, data, device, variant, run_, name)
+        regions = profile_steps(cfg, data, device, variant, run, name)
         step_s = time_steps(cfg, data, device, variant)
         results[name] = {**regions, "step_ms": round(step_s * 1e3, 3),
                          "images_per_s": round(cfg.batch_size / step_s, 1)}
-        run_.log(variant=name, loading=variant[0], channels_last=variant[1], **results[name])
+        run.log(variant=name, loading=variant[0], channels_last=variant[1], **results[name])
         print(f"{name}: " + "  ".join(f"{k}={v}" for k, v in results[name].items()))
     first, last = results["per_image"]["images_per_s"], results["channels_last"]["images_per_s"]
-    plot_regions(results, run_.path("bottleneck.png"),
+    plot_regions(results, run.path("bottleneck.png"),
                  f"{data.name}, batch {cfg.batch_size}, {device.type}: {last / first:.2f}x the images/s")
     for name in list(VARIANTS)[1:]:
         print(f"{name}: {results[name]['images_per_s'] / first:.2f}x the images per second of per_image")
     flat = {f"{key}_{name}": value for name, result in results.items() for key, value in result.items()}
-    return run_.finish(**flat, speedup=round(last / first, 3), batch_size=cfg.batch_size)
+    return run.finish(**flat, speedup=round(last / first, 3), batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

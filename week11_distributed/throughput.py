@@ -19,12 +19,13 @@ from typing import Annotated, ClassVar, Literal
 
 import torch
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import load
 from common.device import cpu_has_native_bf16, pick_device, prepare_model, seed_everything
 from common.distributed import DistInfo
 from common.errors import ConfigError, LabError
 from common.plots import plot_curves
+from common.runner import launch
 from common.runs import Run
 from week03_cnn.part2 import CNN
 from week11_distributed.part2 import Images, make_loader, train_step
@@ -87,7 +88,7 @@ def main(cfg: Config) -> dict:
     if most > len(data.x_train):
         raise LabError(f"batch size {max(cfg.batch_sizes)} x {cfg.warmup_steps + cfg.steps} steps needs {most} "
                        f"images in one epoch; {data.name} has {len(data.x_train)}: fewer --steps or smaller batches")
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     kinds = precisions(device, cfg.amp)
     if cfg.amp and kinds == ["fp32"]:
         print(f"bf16 is not computed natively on this {device.type}: measuring fp32 only")
@@ -99,18 +100,18 @@ def main(cfg: Config) -> dict:
             for batch_size in cfg.batch_sizes:
                 rate = measure(data, device, batch_size, workers, precision, cfg)
                 print(f"{label:>18s}  batch {batch_size:5d}: {rate:9,.0f} images/s")
-                run_.log(precision=precision, workers=workers, batch_size=batch_size, images_per_s=round(rate, 1))
+                run.log(precision=precision, workers=workers, batch_size=batch_size, images_per_s=round(rate, 1))
                 curves.setdefault(label, []).append((batch_size, rate))
                 results.append((rate, precision, workers, batch_size))
-    plot_curves(curves, run_.path("throughput.png"), xlabel="batch size", ylabel="training images per second",
+    plot_curves(curves, run.path("throughput.png"), xlabel="batch size", ylabel="training images per second",
                 title=f"{data.name}, {device.type}, {torch.get_num_threads()} thread(s)")
     best, worst = max(results), min(results)
     print(f"best: {best[0]:,.0f} images/s with {best[1]}, {best[2]} workers, batch {best[3]} "
           f"({best[0] / worst[0]:.1f}x the slowest setting)")
-    return run_.finish(best_images_per_s=round(best[0], 1), best_precision=best[1], best_workers=best[2],
+    return run.finish(best_images_per_s=round(best[0], 1), best_precision=best[1], best_workers=best[2],
                        best_batch_size=best[3], slowest_images_per_s=round(worst[0], 1), settings=len(results),
                        precisions=kinds)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

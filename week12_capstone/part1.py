@@ -31,11 +31,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.config import BaseConfig, Range, run
+from common.config import BaseConfig, Range
 from common.data import ImageData, load
 from common.device import pick_device, seed_everything
 from common.loader import TensorLoader, normalizer, split
 from common.plots import plot_images
+from common.runner import launch
 from common.runs import Run
 from common.train import evaluate, fit
 
@@ -342,21 +343,21 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = load("cifar10", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    run_ = Run.start(cfg, __file__, device)
+    run = Run.start(cfg, __file__, device)
     facts, arrays = audit(data, cfg.val_fraction, cfg.seed)
-    sample_grid(data, run_.path("samples.png"))
+    sample_grid(data, run.path("samples.png"))
     baseline = train_baseline(data, arrays, cfg, device)
     for row in baseline.pop("rows"):
-        run_.log(**row)
+        run.log(**row)
     budget = compute_budget(data, facts["n_train"], cfg, device)
-    write_plan(run_.path("plan.md"), cfg, data, facts, baseline, budget)
-    print(run_.path("plan.md").read_text())
+    write_plan(run.path("plan.md"), cfg, data, facts, baseline, budget)
+    print(run.path("plan.md").read_text())
     per_model = {f"{key}_{name}": value for name, b in budget.items() if not name.startswith("_")
                  for key, value in b.items()}
-    return run_.finish(**{k: v for k, v in facts.items() if k != "class_counts"}, class_counts=facts["class_counts"],
+    return run.finish(**{k: v for k, v in facts.items() if k != "class_counts"}, class_counts=facts["class_counts"],
                        **{f"baseline_{k}": v for k, v in baseline.items()}, **per_model,
                        matmul_gflops=budget["_device"]["matmul_gflops"])
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)

@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import read_checkpoint
-from common.config import Range, ResumableConfig, run
+from common.config import Range, ResumableConfig
 from common.data import ImageData, load
 from common.device import prepare_model, seed_everything
 from common.distributed import DistInfo, all_reduce_mean, setup, shard, teardown, wrap
 from common.errors import CheckpointError, ConfigError, LabError
 from common.loader import TensorLoader, derive_seed, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
+from common.runner import launch
 from common.runs import Run
 from common.train import Callback, Loop, fit, predict
 from week03_cnn.part2 import training_augment
@@ -247,7 +248,7 @@ class AgreeOnValidation(Callback):
 # =========================================================================================
 #                                  Evaluation report
 # =========================================================================================
-def evaluate_test(model: nn.Module, test: TensorLoader, data: ImageData, run_: Run, worst: int) -> dict:
+def evaluate_test(model: nn.Module, test: TensorLoader, data: ImageData, run: Run, worst: int) -> dict:
     """The test set, once: accuracy with its 95% Wilson interval (Part 1), per-class accuracy with
     intervals, the confusion matrix, and the most confident mistakes as images."""
     logits, targets = predict(model, test)
@@ -257,7 +258,7 @@ def evaluate_test(model: nn.Module, test: TensorLoader, data: ImageData, run_: R
     n, k = len(targets), int(correct.sum())
     low, high = wilson_interval(np.array(k), np.array(n))
     matrix = confusion_matrix(targets.numpy(), predicted.numpy(), data.num_classes)
-    plot_confusion(matrix, data.classes, run_.path("confusion.png"), title=f"test accuracy {k / n:.2%}")
+    plot_confusion(matrix, data.classes, run.path("confusion.png"), title=f"test accuracy {k / n:.2%}")
     class_low, class_high = wilson_interval(matrix.diagonal(), matrix.sum(axis=1))
     per_class = [{"class": c, "n": int(matrix[i].sum()), "acc": float(matrix[i, i] / max(matrix[i].sum(), 1)),
                   "low": float(class_low[i]), "high": float(class_high[i])} for i, c in enumerate(data.classes)]
@@ -268,7 +269,7 @@ def evaluate_test(model: nn.Module, test: TensorLoader, data: ImageData, run_: R
     if len(shown):
         titles = [f"{data.classes[int(targets[i])]}->{data.classes[int(predicted[i])]} {confidence[i]:.0%}"
                   for i in shown.tolist()]
-        plot_images(data.x_test[shown].numpy(), run_.path("worst_errors.png"), titles=titles, ncols=8,
+        plot_images(data.x_test[shown].numpy(), run.path("worst_errors.png"), titles=titles, ncols=8,
                     title="most confident mistakes (true->predicted, confidence)")
     return {"test_acc": k / n, "test_acc_low": float(low), "test_acc_high": float(high), "test_n": n,
             "per_class": per_class, "worst_shown": len(shown)}
@@ -312,7 +313,7 @@ def check_deploy_dependencies() -> None:
         raise LabError(f"--deploy needs {', '.join(missing)}: pip install -e '.[deploy]' (or run with --no-deploy)")
 
 
-def export_and_serve(model: nn.Module, data: ImageData, run_: Run, cfg: Config, test: dict) -> dict:
+def export_and_serve(model: nn.Module, data: ImageData, run: Run, cfg: Config, test: dict) -> dict:
     """Write the bundle (ONNX + torch.export program + metadata, normalization baked in), check the
     ONNX graph against the eager model on test images, then start the Week 10 service in-process and
     compare its answer to a request with the eager model's."""
@@ -329,7 +330,7 @@ def export_and_serve(model: nn.Module, data: ImageData, run_: Run, cfg: Config, 
     normalize = normalizer(data.mean, data.std)
     images = data.x_test[:64]
     pixels = images.float() / 255  # what every client sends: pixels in [0, 1]; the bundle normalizes
-    bundle = write_bundle(run_.path("bundle"), model, pixels[:2], name=f"cifar10-{cfg.model}", classes=data.classes,
+    bundle = write_bundle(run.path("bundle"), model, pixels[:2], name=f"cifar10-{cfg.model}", classes=data.classes,
                           mean=data.mean, std=data.std,
                           extra={"test_acc": test["test_acc"], "data": data.name, "config": cfg.to_dict()})
     with torch.inference_mode():
@@ -442,24 +443,24 @@ def main(cfg: Config) -> dict:
     early = EarlyStopping(model, cfg.patience) if cfg.patience else None
     callbacks: list[Callback] = [AgreeOnValidation(info), *([] if per_batch else [EpochScheduler(scheduler)]),
                                  *([early] if early else [])]
-    run_ = Run.start(cfg, __file__, info.device) if info.is_main else None  # rank 0 alone writes
-    if run_:
+    run = Run.start(cfg, __file__, info.device) if info.is_main else None  # rank 0 alone writes
+    if run:
         print(f"{cfg.model}: {params:,} parameters; train {len(train.x)} x {info.world_size} process(es), "
               f"validation {len(val.x)}, test {len(test.x)} images ({data.name})")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     with rank_zero_prints(info):
         loop = fit(model, optimizer, train, val, cfg.epochs, loss_fn=loss_fn,
-                   scheduler=scheduler if per_batch else None, callbacks=callbacks, run=run_, resume=cfg.resume)
-    if run_ is None:  # other ranks: done once training is
+                   scheduler=scheduler if per_batch else None, callbacks=callbacks, run=run, resume=cfg.resume)
+    if run is None:  # other ranks: done once training is
         del model
         teardown(info)
         return {"rank": info.rank}
 
-    plot_history(loop.rows, run_.path("curves.png"), title=f"{cfg.model} on {data.name}")
-    test_figures = evaluate_test(net, test, data, run_, cfg.worst)
-    write_report(run_.path("report.md"), cfg, data, loop, early, test_figures, params)
-    deployed = export_and_serve(net, data, run_, cfg, test_figures) if cfg.deploy else None
-    write_model_card(run_.path("model_card.md"), cfg, data, test_figures, params, deployed)
+    plot_history(loop.rows, run.path("curves.png"), title=f"{cfg.model} on {data.name}")
+    test_figures = evaluate_test(net, test, data, run, cfg.worst)
+    write_report(run.path("report.md"), cfg, data, loop, early, test_figures, params)
+    deployed = export_and_serve(net, data, run, cfg, test_figures) if cfg.deploy else None
+    write_model_card(run.path("model_card.md"), cfg, data, test_figures, params, deployed)
     del model
     teardown(info)
     kept = early.best_epoch if early else loop.epoch
@@ -470,8 +471,8 @@ def main(cfg: Config) -> dict:
                "train_time_s": round(sum(r["epoch_time_s"] for r in loop.rows), 2), "data": data.name}
     if deployed:
         summary.update({k: v for k, v in deployed.items() if k != "served_classes"})
-    return run_.finish(**summary)
+    return run.finish(**summary)
 
 
 if __name__ == "__main__":
-    run(main, Config)
+    launch(main, Config)
