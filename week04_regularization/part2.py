@@ -4,8 +4,8 @@ The Week 3 CNN (imported, with Week 3's batches and augmentation) with BatchNorm
 weight decay, one of four LR schedules, and early stopping on validation data held out from
 the training set. When each schedule steps is the lesson:
 
-    onecycle        after every BATCH: fit(scheduler=...) steps it after each optimizer step
-    step, cosine    after every EPOCH, on a fixed plan: the EpochScheduler callback below
+    onecycle        after every BATCH: train_one_epoch steps it after each optimizer step
+    step, cosine    after every EPOCH, on a fixed plan: step_per_epoch, after validation
     plateau         after every EPOCH, handed the validation loss: it reacts to the run
 
 ``--schedule all`` trains each from the same initial weights and keeps the one with the lowest
@@ -19,24 +19,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from common.checkpoint import restore_scheduler
 from common.config import Range, ResumableConfig
 from common.data import ImageData, load
-from common.device import pick_device, prepare_model, seed_everything
+from common.device import autocast, pick_device, prepare_model, seed_everything
 from common.errors import ConfigError, Interrupted
 from common.loader import TensorLoader
 from common.plots import plot_curves, plot_history
 from common.runner import Terminated, launch
 from common.runs import Run, compare_table
-from common.train import Callback, Loop, evaluate, fit
+from common.train import check_finite, evaluate
 from week03_cnn.part2 import CNN, IMAGE_SIZE, make_loaders
 
 SCHEDULES = ("step", "plateau", "onecycle", "cosine")
@@ -116,48 +117,40 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, ste
     raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
 
 
-class EpochScheduler(Callback):
-    """Steps a per-epoch scheduler once each epoch ends, after validation: the epoch's metrics
-    row shows the LR it trained with, and the next epoch trains with the new one.
-    ReduceLROnPlateau is handed the validation loss and decides from it; the others count."""
-
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
-
-    def on_epoch_end(self, loop: Loop) -> None:
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(loop.row["val_loss"])
-        else:
-            self.scheduler.step()
-
-    def state_dict(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        restore_scheduler(self.scheduler, state["scheduler"])  # also when --resume --epochs changed the plan
+def step_per_epoch(scheduler, val_loss: float) -> None:
+    """A per-epoch scheduler's step, once the epoch's validation loss is known: the epoch's row
+    shows the LR it trained with, the next epoch trains with the new one. ReduceLROnPlateau is
+    handed the validation loss and decides from it; the others count epochs."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
 
 
 # ---- Early stopping: how it decides ----
-class EarlyStopping(Callback):
-    """After each epoch: a new lowest validation loss? Remember those weights. None for
-    ``patience`` epochs? Stop. At the end (stopped, or the last epoch) put them back: we keep the
-    model validation liked best (never judged on the test set, whose accuracy would then be an
-    optimistic estimate). They are in ``state_dict``: a resumed run restores the same ones."""
+class EarlyStopping:
+    """Remembers the weights of the epoch with the lowest validation loss; ``update`` says when
+    ``patience`` epochs have passed without a lower one. ``restore_best`` puts those weights back:
+    we keep the model validation liked best (never judged on the test set, whose accuracy would
+    then be an optimistic estimate). ``state_dict`` goes into the checkpoint, so a resumed run
+    restores the same best weights."""
 
     def __init__(self, model: nn.Module, patience: int):
         self.model, self.patience = model, patience
         self.best_loss, self.best_epoch, self.best_weights = math.inf, 0, None
 
-    def on_epoch_end(self, loop: Loop) -> None:
-        if loop.row["val_loss"] < self.best_loss:
-            self.best_loss, self.best_epoch = loop.row["val_loss"], loop.epoch
+    def update(self, val_loss: float, epoch: int) -> bool:
+        """Note this epoch's validation loss; True when it is time to stop."""
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, epoch
             self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        if loop.epoch - self.best_epoch >= self.patience:
-            loop.stop = True
-            print(f"early stopping after epoch {loop.epoch}: no lower validation loss for {self.patience} epochs")
-        if (loop.stop or loop.epoch == loop.epochs) and self.best_epoch != loop.epoch:
+        return epoch - self.best_epoch >= self.patience
+
+    def restore_best(self) -> int:
+        """Load the best epoch's weights into the model (if it has any); returns that epoch."""
+        if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
-            print(f"end of training: restored the weights of epoch {self.best_epoch} (lowest validation loss)")
+        return self.best_epoch
 
     def state_dict(self) -> dict:
         return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_weights": self.best_weights}
@@ -166,28 +159,66 @@ class EarlyStopping(Callback):
         self.best_loss, self.best_epoch, self.best_weights = (state[k] for k in self.state_dict())
 
 
-# ---- Training one schedule ----
-def train_schedule(schedule: str, make_model: Callable[[], nn.Module], train: TensorLoader, val: TensorLoader,
-                   test: TensorLoader, cfg: Config, device: torch.device, log: Run) -> tuple[list[dict], dict]:
+# ---- Training one schedule: the loop, with both kinds of scheduler step in view ----
+def train_one_epoch(model: nn.Module, train: TensorLoader, optimizer: torch.optim.Optimizer,
+                    scheduler, per_batch: bool) -> dict:
+    model.train()
+    total_loss, correct = torch.zeros((), device=train.x.device), torch.zeros((), device=train.x.device)
+    for x, y in train:  # x: (B, C, H, W), y: (B,)
+        with autocast(x.device):  # bf16 on CUDA; a no-op on the CPU
+            logits = model(x)  # (B, classes)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if per_batch:
+            scheduler.step()  # one-cycle: after EVERY BATCH
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    seen = len(train) * train.batch_size  # drop_last: every batch is full
+    return {"train_loss": (total_loss / seen).item(), "train_acc": (correct / seen).item()}
+
+
+def train_schedule(schedule: str, make_model: Callable[[], nn.Module], train: TensorLoader,
+                   val: TensorLoader, test: TensorLoader, cfg: Config, device: torch.device,
+                   run: Run) -> tuple[list[dict], dict]:
     """Train a fresh model with one schedule (and early stopping): its metrics rows and summary."""
     seed_everything(cfg.seed)  # the same initial weights for every schedule
     model = prepare_model(make_model(), device)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler, per_batch = make_scheduler(schedule, optimizer, cfg.epochs, len(train))
-    callbacks: list[Callback] = [] if per_batch else [EpochScheduler(scheduler)]
-    early = EarlyStopping(model, cfg.patience) if cfg.patience else None
-    callbacks += [early] if early else []  # last: it judges the epoch after the schedule has stepped
+    early = EarlyStopping(model, cfg.patience or math.inf)  # patience 0: never stop early
     print(f"--- schedule: {schedule} (steps per {'batch' if per_batch else 'epoch'}) ---")
-    # fit() steps the scheduler it is given after EVERY BATCH; per-epoch ones are callbacks.
-    loop = fit(model, optimizer, train, val, cfg.epochs, scheduler=scheduler if per_batch else None,
-               callbacks=callbacks, run=log, resume=cfg.resume)
-    # The kept model (the best epoch's weights with early stopping, else the last epoch's): its
-    # validation figures choose between schedules; the test set is touched here, once.
+    state = run.restore(model, optimizer, scheduler)
+    if "early" in state:
+        early.load_state_dict(state["early"])
+    stopped, epoch = state.get("stopped", False), state["epoch"]
+    while not stopped and epoch < cfg.epochs:
+        epoch += 1
+        t0 = time.perf_counter()
+        train.set_epoch(epoch)
+        row = {"epoch": epoch, **train_one_epoch(model, train, optimizer, scheduler, per_batch)}
+        check_finite(row["train_loss"], epoch)
+        row.update({f"val_{k}": v for k, v in evaluate(model, val).items()})
+        row.update(lr=optimizer.param_groups[0]["lr"], epoch_time_s=round(time.perf_counter() - t0, 3))
+        if not per_batch:
+            step_per_epoch(scheduler, row["val_loss"])  # step, cosine, plateau: after every EPOCH
+        stopped = early.update(row["val_loss"], epoch)  # early stopping decides here
+        if stopped:
+            print(f"early stopping after epoch {epoch}: no lower validation loss for {cfg.patience} epochs")
+        run.log(show=True, **row)
+        run.save_checkpoint(model, optimizer, scheduler, epoch=epoch, stopped=stopped,
+                            early=early.state_dict())
+    kept = early.restore_best() if cfg.patience else epoch  # the epoch validation liked best
+    if kept != epoch:
+        print(f"end of training: restored the weights of epoch {kept} (lowest validation loss)")
+    # The kept model's validation figures choose between schedules; the test set is touched here, once.
     kept_val, kept_test = evaluate(model, val), evaluate(model, test)
+    rows = [r for r in run.rows if r.get("schedule") == schedule]
     summary = {"val_loss": kept_val["loss"], "val_acc": kept_val["acc"], "test_acc": kept_test["acc"],
-               "kept_epoch": early.best_epoch if early else loop.epoch, "epochs_done": loop.epoch,
-               "stopped_early": loop.stop, "train_time_s": round(sum(r["epoch_time_s"] for r in loop.rows), 2)}
-    return loop.rows, summary
+               "kept_epoch": kept, "epochs_done": epoch, "stopped_early": stopped,
+               "train_time_s": round(sum(r["epoch_time_s"] for r in rows), 2)}
+    return rows, summary
 
 
 def subset(data: ImageData, n: int, seed: int) -> ImageData:
@@ -225,14 +256,14 @@ def main(cfg: Config) -> dict:
     schedules = SCHEDULES if cfg.schedule == "all" else (cfg.schedule,)
     summaries: dict[str, dict] = {}
     for schedule in schedules:
-        log = run.sub(schedule, schedule=schedule)  # files <schedule>_*, rows with a schedule column
+        view = run.sub(schedule, schedule=schedule)  # files <schedule>_*, rows with a schedule column
         try:
-            rows, summaries[schedule] = train_schedule(schedule, make_model, train, val, test, cfg, device, log)
+            rows, summaries[schedule] = train_schedule(schedule, make_model, train, val, test, cfg, device, view)
         except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: a single schedule can be resumed, a comparison not
             if len(schedules) > 1:
                 raise comparison_interrupted(e, schedule, run) from None
             raise
-        plot_history(rows, log.path("curves.png"), title=f"CNN, {schedule} schedule")
+        plot_history(rows, view.path("curves.png"), title=f"CNN, {schedule} schedule")
     for key in ("val_loss", "val_acc", "lr"):  # every schedule on one figure per metric
         curves = {s: [(r["epoch"], r[key]) for r in run.rows if r["schedule"] == s] for s in schedules}
         plot_curves(curves, run.path(f"schedules_{key}.png"), ylabel=key, logy=key == "lr", title=data.name)
