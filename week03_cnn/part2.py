@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from common.augment import Augment, crop_flip, translate
 from common.config import Range, ResumableConfig
@@ -24,6 +23,7 @@ from common.device import autocast, pick_device, prepare_model, seed_everything
 from common.errors import ConfigError, LabError
 from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
+from common.progress import progress
 from common.runner import launch
 from common.runs import Run
 from common.train import check_finite, evaluate, predict
@@ -150,7 +150,7 @@ def train_one_epoch(model: nn.Module, train: TensorLoader, optimizer: torch.opti
     """One pass over the training batches; the mean loss and accuracy over it."""
     model.train()  # dropout on, BatchNorm normalizes with this batch's statistics
     total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    for x, y in tqdm(train, leave=False, disable=None):  # x: (B, C, H, W) normalized, y: (B,)
+    for x, y in progress(train, "train"):  # x: (B, C, H, W) normalized, y: (B,)
         with autocast(device):  # bf16 on CUDA; a no-op on the CPU
             logits = model(x)  # (B, classes)
             loss = F.cross_entropy(logits, y)
