@@ -30,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+BUSY_LOAD = float(os.environ.get("DL_LABS_BUSY_LOAD", 1.5))  # 1-minute load average; set for 2 cores
 
 
 @dataclass
@@ -121,9 +122,12 @@ def config_options(options: dict, config_cls: type, default_threads: int = 0,
 def run_once(name: str, data_dir: str, device: str, options: dict) -> dict:
     """Run one benchmark in this process; returns its result with wall time and peak memory."""
     bench = entries()[name]
-    t0 = time.perf_counter()
+    t0, load_start = time.perf_counter(), os.getloadavg()[0]
     result = bench.run(data_dir, device, options)
     result["wall_s"] = round(time.perf_counter() - t0, 2)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process's CPU time: steady when others load the machine
+    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
+    result["load_start"], result["load_end"] = round(load_start, 2), round(os.getloadavg()[0], 2)
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
@@ -152,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.once:  # child process: run and hand the result back through a file
         Path(args.once).write_text(json.dumps(run_once(args.name, args.data_dir, args.device, options)))
         return 0
+    load_before = os.getloadavg()[0]
+    if load_before > BUSY_LOAD:
+        print(f"warning: load average {load_before:.2f} before the run (> {BUSY_LOAD}): wall times will be "
+              "inflated; wait for a quiet machine, or compare cpu_s", file=sys.stderr)
     runs = []
     for i in range(max(args.repeat, 1)):
         with tempfile.TemporaryDirectory() as tmp:
@@ -171,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         "metric": runs[0]["metric"],
         "value": statistics.median(values),
         "wall_s": statistics.median(r["wall_s"] for r in runs),
+        "cpu_s": statistics.median(r["cpu_s"] for r in runs),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        # The 1-minute load average before and after: a figure measured on a busy machine is not a result.
+        "load_start": round(load_before, 2),
+        "load_end": round(os.getloadavg()[0], 2),
+        "busy": max(load_before, *(r["load_end"] for r in runs)) > BUSY_LOAD,
         "repeats": len(runs),
         "runs": runs,
         "command": "python benchmarks/run.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
@@ -186,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
     spread = f" (runs: {', '.join(f'{v:.4g}' for v in values)})" if len(values) > 1 else ""
     print(f"{args.name}: {record['metric']}={record['value']:.4g}{spread} wall={record['wall_s']}s "
+          f"cpu={record['cpu_s']}s load={record['load_start']}->{record['load_end']} "
           f"peak_rss={record['peak_rss_mib']}MiB -> {RESULTS / (args.name + '.json')}")
+    if record["busy"]:
+        print(f"warning: the machine was busy (load above {BUSY_LOAD}) during {args.name}: its wall time is "
+              "not a result; run it again alone", file=sys.stderr)
     return 0
 
 

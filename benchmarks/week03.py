@@ -44,10 +44,11 @@ CIFAR10 = dict(dataset="cifar10", epochs=14, batch_size=128, lr=4e-3, width=32, 
 def train_fast(settings: dict, data_dir: str, device: str) -> dict:
     """The Week 3 CNN trained with the benchmark's speed switches: channels_last memory layout
     (measured 1.6-2x faster convolutions on this CPU) and bfloat16 autocast on CPUs that have it
-    in hardware (``common.device.CpuBFloat16``); on CUDA, ``fit`` autocasts by itself."""
+    in hardware (``common.device.CpuBFloat16``); on CUDA, Part 2's loop autocasts by itself. The
+    loop is Part 2's own ``train_one_epoch`` (imported, not copied)."""
     from common.data import load
     from common.device import CpuBFloat16, pick_device, seed_everything
-    from common.train import fit, predict
+    from common.train import predict
 
     cfg = week3.Config(**settings, data_dir=data_dir, device=device)
     seed_everything(cfg.seed)
@@ -59,17 +60,19 @@ def train_fast(settings: dict, data_dir: str, device: str) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, epochs=cfg.epochs, steps_per_epoch=len(train),
                                                     pct_start=0.25)
     t0 = time.perf_counter()
-    loop = fit(model, optimizer, train, val, cfg.epochs, scheduler=scheduler)
+    for epoch in range(1, cfg.epochs + 1):
+        train.set_epoch(epoch)
+        week3.train_one_epoch(model, train, optimizer, scheduler, dev)
     train_s = time.perf_counter() - t0
     logits, targets = predict(model, test)
     return {"test_acc": (logits.argmax(1) == targets).float().mean().item(), "train_s": round(train_s, 2),
-            "epochs": loop.epoch, "params": sum(p.numel() for p in model.parameters()),
+            "epochs": cfg.epochs, "params": sum(p.numel() for p in model.parameters()),
             "bf16": isinstance(model, CpuBFloat16), "threads": torch.get_num_threads()}
 
 
 def fast_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``model`` on ``device`` in channels_last layout, under bf16 autocast on a CPU that has bf16
-    in hardware (on CUDA, ``fit`` autocasts by itself)."""
+    in hardware (on CUDA, Part 2's loop autocasts by itself)."""
     from common.device import CpuBFloat16, cpu_has_native_bf16
 
     model = model.to(device, memory_format=torch.channels_last)

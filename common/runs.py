@@ -167,6 +167,16 @@ class Run:
                                config=self.config, script=self.name, rows=rows,
                                wall_time_s=round(time.perf_counter() - self.started, 3), **extra)
 
+    def write_comparison(self, summaries: dict[str, dict], metrics: list[str], column: str = "variant") -> str:
+        """One model per key of ``summaries`` (a schedule, a mode, a setting...), compared in a
+        table (``compare_table``): printed and written to ``comparison.txt``."""
+        entries = [{"week": self.week, "script": self.script, "dir": name, "summary": summary,
+                    "config": {**self.config, column: name}} for name, summary in summaries.items()]
+        table = compare_table(entries, metrics=metrics)
+        atomic_write_text(self.dir / "comparison.txt", table + "\n")
+        print(table)
+        return table
+
     def path(self, name: str) -> Path:
         return self.dir / (self.prefix + name)
 

@@ -17,7 +17,7 @@ from common.errors import DataError, DataUnavailable, LabError
 from common.loader import TensorLoader, normalizer, split
 from common.parity import assert_close, max_relative_error, numerical_grad, torch_reference
 from common.twins import synthetic_images
-from tests.conftest import ROOT, run_script
+from tests.conftest import run_script
 
 
 def test_missing_mnist_offline_gives_the_clear_error_and_leaves_nothing_on_disk(offline):
@@ -337,11 +337,27 @@ def test_parity_helpers():
         assert_close(np.ones(3), np.ones(3) + 1e-3, "g")
 
 
-def test_benchmark_runner_lists_entries_and_rejects_unknown(tmp_path):
-    listing = run_script(ROOT / "benchmarks" / "run.py", "--list", tmp_path=tmp_path)
-    assert listing.returncode == 0 and listing.stdout.strip(), listing.stderr
-    bad = run_script(ROOT / "benchmarks" / "run.py", "no_such_bench", tmp_path=tmp_path)
-    assert bad.returncode == 2 and "--list" in bad.stderr
+def test_benchmark_runner_lists_entries_and_rejects_unknown(capsys):
+    from benchmarks import run as bench
+
+    assert bench.main(["--list"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert len(listing) >= 10 and all(line.split()[0] in bench.entries() for line in listing)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["no_such_bench"])
+    assert stop.value.code == 2 and "--list" in capsys.readouterr().err
+
+
+def test_benchmark_result_records_cpu_time_and_the_load_around_it(monkeypatch):
+    from benchmarks import run as bench
+
+    fake = bench.Benchmark(lambda data_dir, device, options: {"metric": "m", "value": sum(range(10**5))}, "fake")
+    monkeypatch.setattr(bench, "entries", lambda: {"fake": fake})
+    loads = iter([(0.4, 0, 0), (2.5, 0, 0)])
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: next(loads))
+    result = bench.run_once("fake", "", "cpu", {})
+    assert result["value"] == sum(range(10**5)) and result["cpu_s"] > 0
+    assert (result["load_start"], result["load_end"]) == (0.4, 2.5)
 
 
 def test_cpu_bf16_autocast_only_when_asked():

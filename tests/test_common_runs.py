@@ -118,3 +118,23 @@ def test_compare_plot_draws_one_line_per_model_of_a_run(tmp_path, monkeypatch):
     compare_plot(read_index(tmp_path), "val_acc", tmp_path / "p.png")
     assert sorted(label.split()[-1] for label in drawn) == ["cosine", "step"]
     assert all(len(points) == 2 for points in drawn.values())
+
+
+def test_write_comparison_prints_and_saves_one_row_per_model(tmp_path, capsys):
+    run = Run.start(BaseConfig(out=str(tmp_path)), "/x/week04_regularization/part2.py", torch.device("cpu"),
+                    quiet=True)
+    table = run.write_comparison({"cosine": {"val_loss": 1.25, "test_acc": 0.5},
+                                  "step": {"val_loss": 1.5, "test_acc": 0.25}}, ["val_loss"], column="schedule")
+    lines = table.splitlines()
+    assert lines[0].split() == ["run", "schedule", "val_loss"] and len(lines) == 4
+    assert lines[2].split()[1:] == ["cosine", "1.25"] and lines[3].split()[1:] == ["step", "1.5"]
+    assert (run.dir / "comparison.txt").read_text() == table + "\n" and table in capsys.readouterr().out
+
+
+def test_log_shows_a_row_on_one_line_only_when_asked(tmp_path, capsys):
+    run = Run.start(BaseConfig(out=str(tmp_path)), "/x/week03_cnn/part2.py", torch.device("cpu"), quiet=True)
+    run.log(epoch=1, train_loss=0.5)
+    assert capsys.readouterr().out == ""
+    run.log(show=True, epoch=2, train_loss=0.123456, per_class={"a": 1})
+    assert capsys.readouterr().out == "epoch=2  train_loss=0.1235\n"
+    assert [r["epoch"] for r in csv.DictReader((run.dir / "metrics.csv").open())] == ["1", "2"]
