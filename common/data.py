@@ -18,9 +18,6 @@ A damaged file on disk (a truncated download, a corrupt archive) becomes a one-l
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import socket
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -30,123 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import DataError, DataUnavailable, one_line
+from common import imagefolder
+from common.datasets import ImageData, TabularData, channel_stats, validate
+from common.download import DAMAGED, cache_root, checked_root, damaged, data_root, fetching
+from common.errors import DataUnavailable, one_line
 from common.twins import synthetic_images, synthetic_tabular
-
-DOWNLOAD_TIMEOUT_S = 30
-
-
-def data_root(data_dir: str | Path | None = None) -> Path:
-    """Where real data sets live: the argument, else $DL_LABS_DATA, else a cache folder."""
-    where, text = ("--data-dir", data_dir) if data_dir else ("$DL_LABS_DATA", os.environ.get("DL_LABS_DATA"))
-    if not text:
-        return Path.home() / ".cache" / "dl-labs" / "data"
-    try:
-        root = Path(text).expanduser()
-    except RuntimeError:  # "~nosuchuser/x"
-        raise DataUnavailable(f"{where} {text}: no such user's home folder; pass a plain path") from None
-    if root.exists() and not root.is_dir():
-        raise DataUnavailable(f"{where} {text} is a file; it must name the folder that holds the data sets")
-    return root
-
-
-def cache_root() -> Path:
-    """Where decoded copies go (the data root may be read-only): $DL_LABS_CACHE or ~/.cache."""
-    return Path(os.environ.get("DL_LABS_CACHE") or Path.home() / ".cache" / "dl-labs" / "cache")
-
-
-@dataclass
-class ImageData:
-    """Images as uint8 tensors (N, C, H, W) and int64 labels, all in memory."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    classes: list[str]
-    mean: tuple[float, ...]  # per-channel mean/std of the training images, in [0, 1] units
-    std: tuple[float, ...]
-    name: str = ""
-    synthetic: bool = False
-    source: str = ""  # where it was read from (a folder or file), for messages
-    x_val: torch.Tensor | None = None  # a validation split of its own, where the set has one (flowers102)
-    y_val: torch.Tensor | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-@dataclass
-class TabularData:
-    """Features (float32, N x D) and targets (int64 classes, or float32 for regression)."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    classes: list[str]  # empty for regression
-    feature_names: list[str]
-    name: str = ""
-    synthetic: bool = False
-    source: str = ""
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-# ----------------------------------------------------------------------------------------
-# Errors a learner can act on
-# ----------------------------------------------------------------------------------------
-WAYS_ON = "pass --data-dir PATH to a folder that has it, or run with --smoke to use its synthetic twin"
-DAMAGED = "the files are damaged: delete them to download again (or pass --data-dir PATH to a good copy, or --smoke)"
-
-
-def _missing(name: str, root: Path, reason: str) -> DataUnavailable:
-    return DataUnavailable(
-        f"{name} is not in {root} and could not be downloaded ({reason}). "
-        f"Put it there or pass --data-dir PATH to a folder that has it, "
-        f"or run with --smoke to use its synthetic twin."
-    )
-
-
-def _damaged(name: str, what: str, where: Path | str, remedy: str = DAMAGED) -> DataError:
-    return DataError(f"{name}: {what} (in {where}); {remedy}")
-
-
-def _checked_root(name: str, data_dir: str | Path | None) -> Path:
-    """The data root; an explicit ``--data-dir`` must exist: a typo should not quietly start a
-    download into a new folder (and it is never created)."""
-    if data_dir:
-        path = Path(data_dir).expanduser()
-        if not path.is_dir():
-            problem = "is not a folder" if path.exists() else "does not exist (nothing was created)"
-            raise DataUnavailable(f"{name}: --data-dir {data_dir} {problem}; {WAYS_ON}")
-    return data_root(data_dir)
-
-
-def _new_folders(root: Path) -> tuple[Path | None, set[Path]]:
-    """What exists before a download: the topmost missing folder of ``root`` (None if it
-    exists) and the entries already in it."""
-    top = None
-    for folder in (root, *root.parents):
-        if folder.exists():
-            break
-        top = folder
-    return top, (set(root.iterdir()) if top is None and root.is_dir() else set())
-
-
-def _remove_empty_new_folders(root: Path, before: tuple[Path | None, set[Path]]) -> None:
-    """After a failed download, remove the folders it created if they hold no file: a failed
-    offline run leaves nothing on disk (a partly downloaded file is kept and resumed)."""
-    top, entries = before
-    created = [top] if top is not None else [p for p in root.iterdir() if p not in entries] if root.is_dir() else []
-    for folder in created:
-        if folder.is_dir() and not folder.is_symlink() and all(
-                p.is_dir() and not p.is_symlink() for p in folder.rglob("*")):
-            shutil.rmtree(folder, ignore_errors=True)
-
 
 # ----------------------------------------------------------------------------------------
 # Real data sets
@@ -173,24 +58,17 @@ def _torchvision(cls, name: str, root: Path, train: bool, find_damage: Callable[
         if not (isinstance(e, RuntimeError) and "not found" in str(e)):  # the files are there but do not read
             damage = find_damage(root, train)
             if damage:
-                raise _damaged(name, f"{damage[0].name} {damage[1]}", damage[0].parent) from None
-            raise _damaged(name, f"the {split} files could not be read ({one_line(e)})", folder) from None
-    before = _new_folders(root)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+                raise damaged(name, f"{damage[0].name} {damage[1]}", damage[0].parent) from None
+            raise damaged(name, f"the {split} files could not be read ({one_line(e)})", folder) from None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {name} to {root} (once) ...", flush=True)
-        return cls(root=str(root), train=train, download=True)
-    except Exception as e:  # URLError, timeouts, HTTP errors, checksum mismatch, read-only folder
-        _remove_empty_new_folders(root, before)
+        with fetching(name, root):
+            return cls(root=str(root), train=train, download=True)
+    except DataUnavailable:
         damage = find_damage(root, train)  # e.g. a CIFAR batch file whose checksum is wrong
         if damage:
-            raise _damaged(name, f"{damage[0].name} {damage[1]}, and no good copy could be downloaded "
-                                 f"({one_line(e)})", damage[0].parent) from None
-        raise _missing(name, root, one_line(e)) from None
-    finally:
-        socket.setdefaulttimeout(previous)
+            raise damaged(name, f"{damage[0].name} {damage[1]}, and no good copy could be downloaded",
+                           damage[0].parent) from None
+        raise
 
 
 def _idx_problem(path: Path, ndim: int) -> str | None:
@@ -248,21 +126,13 @@ def _cifar_damage(root: Path, train: bool) -> Damage | None:
     return None
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of 10,000 images drawn at random (a fixed draw): the first
-    10,000 of a set stored class by class (the CIFAR-10 JPEG copy) would be two classes only."""
-    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:10_000]
-    sample = x[pick].float() / 255
-    return tuple(sample.mean(dim=(0, 2, 3)).tolist()), tuple(sample.std(dim=(0, 2, 3)).tolist())
-
-
 def _mnist_like(cls, name: str, classes: list[str]):
     def load_real(root: Path) -> ImageData:
         find_damage = _idx_damage(cls)
         train = _torchvision(cls, name, root, True, find_damage)
         test = _torchvision(cls, name, root, False, find_damage)
         x_train, x_test = train.data.unsqueeze(1), test.data.unsqueeze(1)
-        mean, std = _channel_stats(x_train)
+        mean, std = channel_stats(x_train)
         return ImageData(x_train, train.targets.long(), x_test, test.targets.long(), classes, mean, std, name,
                          source=str(root / cls.__name__ / "raw"))
 
@@ -309,7 +179,7 @@ def _decode_cifar10_jpg(source: Path) -> dict[str, torch.Tensor]:
             if len({im.shape for im in images[split]}) > 1:
                 raise ValueError(f"{split} images of different sizes")
     except (OSError, EOFError, ValueError, tarfile.TarError, zlib.error) as e:  # PIL's errors are OSErrors
-        raise _damaged("cifar10", f"could not decode {member} ({one_line(e)})", source, JPG_DAMAGED) from None
+        raise damaged("cifar10", f"could not decode {member} ({one_line(e)})", source, JPG_DAMAGED) from None
     blob = {f"x_{s}": torch.from_numpy(np.stack(images[s])).permute(0, 3, 1, 2).contiguous() for s in images}
     blob.update({f"y_{s}": torch.tensor(labels[s], dtype=torch.long) for s in labels})
     return blob
@@ -336,7 +206,7 @@ def _cifar10_jpg(source: Path) -> ImageData:
         except OSError as e:  # a read-only or odd cache folder: carry on, decode again next time
             print(f"warning: could not keep the decoded copy in {cache} ({e.strerror or e}); "
                   "set DL_LABS_CACHE to a writable folder to skip decoding next time")
-    mean, std = _channel_stats(blob["x_train"])
+    mean, std = channel_stats(blob["x_train"])
     return ImageData(blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"], CIFAR10_CLASSES,
                      mean, std, "cifar10", source=str(source))
 
@@ -354,7 +224,7 @@ def _cifar10(root: Path) -> ImageData:
     test = _torchvision(CIFAR10, "cifar10", root, False, _cifar_damage)
     x_train = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()
     x_test = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
-    mean, std = _channel_stats(x_train)
+    mean, std = channel_stats(x_train)
     return ImageData(x_train, torch.tensor(train.targets, dtype=torch.long), x_test,
                      torch.tensor(test.targets, dtype=torch.long), CIFAR10_CLASSES, mean, std, "cifar10",
                      source=str(root / CIFAR10.base_folder))
@@ -392,7 +262,7 @@ def _image_twin(name: str, channels: int, size: int, classes: list[str]):
     def make(n_train: int, seed: int) -> ImageData:
         n_test = max(n_train // 5, 2 * len(classes))
         x, y = synthetic_images(n_train + n_test, channels, size, len(classes), seed)
-        mean, std = _channel_stats(x[:n_train])
+        mean, std = channel_stats(x[:n_train])
         return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes, mean, std,
                          f"{name} (synthetic twin)", synthetic=True, source="common.twins")
 
@@ -428,13 +298,9 @@ def _image_folder_set(name: str):
     the size call ``common.imagefolder.load_images`` instead."""
 
     def load_real(root: Path) -> ImageData:
-        from common import imagefolder
-
         return imagefolder.IMAGE_FOLDERS[name][0](root)
 
     def make_twin(n_train: int, seed: int) -> ImageData:
-        from common import imagefolder
-
         return imagefolder.twin(name, imagefolder.DEFAULT_SIZE, n_train, seed)
 
     return Entry(load_real, make_twin)
@@ -454,46 +320,6 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
-# ----------------------------------------------------------------------------------------
-# Validation, once, on load
-# ----------------------------------------------------------------------------------------
-def validate(name: str, data: ImageData | TabularData, remedy: str = DAMAGED) -> None:
-    """Raise ``DataError`` naming the set, the split and the source unless ``data`` is sound:
-    as many labels as inputs, images uint8 (N, C, H, W) of one size, features finite float32
-    (N, D), class labels int64 in [0, num_classes), regression targets float.
-
-    Cheap (a few reductions), and it turns damaged files into a clear message at load time
-    instead of a device-side assert or a silently wrong loss hours into training.
-    """
-
-    def fail(what: str):
-        raise _damaged(name, what, data.source or "memory", remedy)
-
-    image = isinstance(data, ImageData)
-    for split, x, y in (("training", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-        if len(x) != len(y):
-            fail(f"the {split} set has {len(x)} inputs but {len(y)} labels")
-        if len(x) == 0:
-            fail(f"the {split} set is empty")
-        if image and (x.dtype != torch.uint8 or x.ndim != 4):
-            fail(f"{split} images must be uint8 (N, C, H, W), found {x.dtype} {tuple(x.shape)}")
-        if image and x.shape[1:] != data.x_train.shape[1:]:
-            fail(f"{split} images are {tuple(x.shape[1:])} but training images {tuple(data.x_train.shape[1:])}")
-        if not image and (x.dtype != torch.float32 or x.ndim != 2 or not torch.isfinite(x).all()):
-            fail(f"{split} features must be finite float32 (N, D), found {x.dtype} {tuple(x.shape)}")
-        if y.ndim != 1:
-            fail(f"{split} labels must be one per row (N,), found shape {tuple(y.shape)}")
-        if data.classes:
-            k = len(data.classes)
-            if y.dtype != torch.int64:
-                fail(f"{split} labels must be int64 class indices, found {y.dtype}")
-            bad = y[(y < 0) | (y >= k)]
-            if len(bad):
-                fail(f"{split} labels must be in 0..{k - 1}, found {bad[0].item()}")
-        elif not y.is_floating_point():
-            fail(f"{split} targets of a regression set must be float, found {y.dtype}")
-
-
 def load(name: str, data_dir: str | Path | None = None, smoke: bool = False, synthetic: bool = False,
          n_synthetic: int = 512, seed: int = 0) -> ImageData | TabularData:
     """Load a data set from the registry, and check it (see ``validate``).
@@ -511,6 +337,18 @@ def load(name: str, data_dir: str | Path | None = None, smoke: bool = False, syn
     elif entry.bundled:
         data, remedy = entry.load_real(data_root(data_dir)), "scikit-learn's bundled copy is damaged: reinstall it"
     else:
-        data, remedy = entry.load_real(_checked_root(name, data_dir)), DAMAGED
+        data, remedy = entry.load_real(checked_root(name, data_dir)), DAMAGED
     validate(name, data, remedy)
     return data
+
+
+def subset(data: ImageData, n: int, seed: int) -> ImageData:
+    """``n`` training images drawn at random (0 or more than there are: all), before any
+    validation is held out of them; the first ``n`` of a copy stored class by class (CIFAR-10's
+    JPEG copy) would miss classes."""
+    if not n or n >= len(data.x_train):
+        return data
+    from dataclasses import replace
+
+    keep = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))[:n]
+    return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])

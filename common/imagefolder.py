@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import socket
 import tarfile
 import zipfile
 import zlib
@@ -40,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.datasets import ImageData, channel_stats, validate
+from common.download import DAMAGED, cache_root, checked_root, download, fetching
 from common.errors import DataError, DataUnavailable, one_line
 from common.twins import synthetic_images
 
@@ -135,7 +136,6 @@ def _signature(source: Path) -> str:
 
 def cached_decode(name: str, source: Path, size: int, cache_key: str = "") -> dict:
     """``decode_folder`` once; later runs load the tensors from ``cache_root()``."""
-    from common.data import cache_root
     from common.io import atomic_write
 
     cache = cache_root() / f"{cache_key or name}-{size}px-{_signature(source)}.pt"
@@ -162,7 +162,6 @@ def cached_decode(name: str, source: Path, size: int, cache_key: str = "") -> di
 def _image_data(name: str, blob: dict, source: Path):
     """The decoded splits as ImageData: test = test/ (else val/, else a fixed 20% of the images);
     x_val = val/ only when there is a test/ as well."""
-    from common.data import ImageData, _channel_stats
 
     if "all" in blob:  # class folders without splits: a fixed random 20% is the test set
         x, y = blob["all"]
@@ -174,33 +173,9 @@ def _image_data(name: str, blob: dict, source: Path):
         raise DataError(f"{name}: {source} has train/ but neither val/ nor test/; {FOLDER_WAYS_ON}")
     (x_train, y_train), (x_test, y_test) = blob["train"], blob[test_split]
     x_val, y_val = blob["val"] if test_split == "test" and "val" in blob else (None, None)
-    mean, std = _channel_stats(x_train)
+    mean, std = channel_stats(x_train)
     return ImageData(x_train, y_train, x_test, y_test, list(blob["classes"]), mean, std, name, source=str(source),
                      x_val=x_val, y_val=y_val)
-
-
-def _download(url: str, folder: Path, name: str) -> Path:
-    """Fetch ``url`` into ``folder`` with a timeout; a failure is a one-line DataUnavailable and
-    leaves no empty folder behind."""
-    from torchvision.datasets.utils import download_url
-
-    from common.data import DOWNLOAD_TIMEOUT_S, _missing, _new_folders, _remove_empty_new_folders
-
-    before = _new_folders(folder)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {name} to {folder} (once) ...", flush=True)
-        download_url(url, str(folder))
-    except Exception as e:  # URLError, timeouts, HTTP errors, a read-only folder
-        for partial in folder.glob(Path(url).name + "*"):
-            partial.unlink(missing_ok=True)
-        _remove_empty_new_folders(folder, before)
-        raise _missing(name, folder, one_line(e)) from None
-    finally:
-        socket.setdefaulttimeout(previous)
-    return folder / Path(url).name
 
 
 def hymenoptera(root: Path, size: int = DEFAULT_SIZE):
@@ -213,7 +188,8 @@ def hymenoptera(root: Path, size: int = DEFAULT_SIZE):
             source = root / candidate
             break
     else:
-        source = _download(HYMENOPTERA_URL, root, "hymenoptera")
+        with fetching("hymenoptera", root):
+            source = download(HYMENOPTERA_URL, root / Path(HYMENOPTERA_URL).name)
     data = _image_data("hymenoptera", cached_decode("hymenoptera", source, size), source)
     if data.classes != HYMENOPTERA_CLASSES:
         raise DataError(f"hymenoptera: {source} has classes {data.classes}, expected {HYMENOPTERA_CLASSES}; "
@@ -225,15 +201,6 @@ def flowers102(root: Path, size: int = DEFAULT_SIZE):
     """Oxford Flowers-102 through torchvision (its archive and checksums), decoded once at ``size``."""
     from torchvision.datasets import Flowers102
 
-    from common.data import (
-        DOWNLOAD_TIMEOUT_S,
-        ImageData,
-        _channel_stats,
-        _missing,
-        _new_folders,
-        _remove_empty_new_folders,
-        cache_root,
-    )
     from common.io import atomic_write
 
     def open_split(split: str, download: bool):
@@ -242,18 +209,8 @@ def flowers102(root: Path, size: int = DEFAULT_SIZE):
     try:
         splits = {s: open_split(s, False) for s in ("train", "val", "test")}
     except RuntimeError:  # "Dataset not found or corrupted": download (torchvision checks the md5s)
-        before = _new_folders(root)
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            print(f"downloading flowers102 to {root} (once) ...", flush=True)
+        with fetching("flowers102", root):
             splits = {s: open_split(s, s == "train") for s in ("train", "val", "test")}
-        except Exception as e:
-            _remove_empty_new_folders(root, before)
-            raise _missing("flowers102", root, one_line(e)) from None
-        finally:
-            socket.setdefaulttimeout(previous)
     folder = root / "flowers-102"
     cache_file = cache_root() / f"flowers102-{size}px-{_signature(folder / 'imagelabels.mat')}.pt"
     blob = None
@@ -283,7 +240,7 @@ def flowers102(root: Path, size: int = DEFAULT_SIZE):
         except OSError as e:
             print(f"warning: could not keep the decoded copy in {cache_file} ({e.strerror or e})")
     classes = list(getattr(splits["train"], "classes", None) or [str(i) for i in range(102)])
-    mean, std = _channel_stats(blob["x_train"])
+    mean, std = channel_stats(blob["x_train"])
     return ImageData(blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"], classes, mean, std,
                      "flowers102", source=str(folder), x_val=blob["x_val"], y_val=blob["y_val"])
 
@@ -301,12 +258,11 @@ IMAGE_FOLDERS = {"hymenoptera": (hymenoptera, HYMENOPTERA_CLASSES),
 def twin(name: str, size: int, n_train: int = 200, seed: int = 0):
     """The synthetic twin at ``size`` pixels: class-dependent shapes and textures (common.twins),
     hymenoptera's two classes (flowers102: 10, the most the generator draws)."""
-    from common.data import ImageData, _channel_stats
 
     classes = IMAGE_FOLDERS[name][1]
     n_test = max(n_train // 4, 2 * len(classes))
     x, y = synthetic_images(n_train + n_test, 3, size, len(classes), seed)
-    mean, std = _channel_stats(x[:n_train])
+    mean, std = channel_stats(x[:n_train])
     return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes, mean, std,
                      f"{name} (synthetic twin)", synthetic=True, source="common.twins")
 
@@ -315,7 +271,6 @@ def load_images(name: str, data_dir: str | Path | None = None, size: int = DEFAU
                 synthetic: bool = False, n_synthetic: int = 200, seed: int = 0):
     """An image-folder set decoded at ``size`` x ``size`` (see the module docstring), checked
     by ``common.data.validate``. ``smoke``/``synthetic``: the twin, with ``n_synthetic`` training images."""
-    from common.data import DAMAGED, _checked_root, validate
 
     if name not in IMAGE_FOLDERS:
         raise DataUnavailable(f"unknown image-folder set {name!r}; known: {', '.join(IMAGE_FOLDERS)}")
@@ -324,9 +279,9 @@ def load_images(name: str, data_dir: str | Path | None = None, size: int = DEFAU
     elif name == "folder":
         if not data_dir:
             raise DataUnavailable(f"--dataset folder reads the ImageFolder named by --data-dir; {FOLDER_WAYS_ON}")
-        data = image_folder(_checked_root(name, data_dir), size)
+        data = image_folder(checked_root(name, data_dir), size)
     else:
-        data = IMAGE_FOLDERS[name][0](_checked_root(name, data_dir), size)
+        data = IMAGE_FOLDERS[name][0](checked_root(name, data_dir), size)
     validate(name, data, DAMAGED)
     if data.x_val is not None and (data.x_val.shape[1:] != data.x_train.shape[1:] or len(data.x_val) != len(data.y_val)
                                    or not len(data.x_val)):

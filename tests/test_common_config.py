@@ -218,7 +218,7 @@ def test_script_cli_errors_have_no_traceback(tmp_path):
         from typing import Annotated
 
         from common.config import BaseConfig, Range
-from common.runner import launch
+        from common.runner import launch
 
         @dataclass
         class Config(BaseConfig):

@@ -117,8 +117,8 @@ def test_missing_data_in_a_script_is_one_line_exit_1_no_traceback(tmp_path):
         from dataclasses import dataclass
 
         from common.config import BaseConfig
-from common.runner import launch
         from common.data import load
+        from common.runner import launch
 
         @dataclass
         class Config(BaseConfig):
@@ -392,3 +392,22 @@ def test_data_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("DL_LABS_DATA", str(tmp_path / "afile"))
     with pytest.raises(LabError, match=r"\$DL_LABS_DATA .* is a file"):
         data_root()
+
+
+def test_download_keeps_a_file_only_when_its_checksum_matches(tmp_path):
+    import hashlib
+
+    from common.download import download, fetching
+    from common.errors import DataUnavailable
+
+    source = tmp_path / "archive.bin"
+    source.write_bytes(b"the original bytes")
+    good = hashlib.sha256(b"the original bytes").hexdigest()
+    root = tmp_path / "new" / "root"
+    expected = r"^demo is not in .*root and could not be downloaded \(the download's sha256 is not 0+\).*--smoke"
+    with pytest.raises(DataUnavailable, match=expected), fetching("demo", root):
+        download(source.as_uri(), root / "archive.bin", "0" * 64)
+    assert not (tmp_path / "new").exists(), "a failed download leaves no folder behind"
+    with fetching("demo", root):
+        kept = download(source.as_uri(), root / "archive.bin", good)
+    assert kept.read_bytes() == b"the original bytes" and sorted(p.name for p in root.iterdir()) == ["archive.bin"]
