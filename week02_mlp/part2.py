@@ -10,7 +10,7 @@ and saves a checkpoint, so Ctrl-C loses at most one epoch and ``--resume`` goes 
 Run: python week02_mlp/part2.py [--smoke] [--help]
      python week02_mlp/part2.py --dataset iris
      python week02_mlp/part2.py --optimizer sgd --lr 0.1 --schedule constant
-     python week02_mlp/part2.py --resume runs/week02/part2/<timestamp>/checkpoint.pt   (after Ctrl-C)
+     python week02_mlp/part2.py --resume runs/week02/part2/<time>/checkpoint.pt   (after Ctrl-C)
 """
 
 from __future__ import annotations
@@ -29,37 +29,39 @@ from common.checkpoint import load_checkpoint
 from common.config import Range, ResumableConfig
 from common.data import ImageData, TabularData, load
 from common.device import pick_device, seed_everything
-from common.errors import ConfigError, NonFiniteLoss
+from common.errors import ConfigError
 from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
 from common.runner import launch
 from common.runs import Run, week_and_script
+from common.train import check_finite
 
 
 @dataclass
 class Config(ResumableConfig):
     """Week 2, Part 2: an MLP (nn.Module) trained by a hand-written loop on MNIST or Iris."""
 
-    dataset: Literal["mnist", "iris"] = "mnist"  # data set; iris sets hidden 16, epochs 30, batch 16, lr 0.01
-    hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (1024, 1024)  # hidden widths; --hidden alone: none
-    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # nonlinearity after each hidden layer
-    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # chance of zeroing a hidden unit in training
+    dataset: Literal["mnist", "iris"] = "mnist"  # iris: hidden 16, epochs 30, batch 16, lr 0.01
+    hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (1024, 1024)  # --hidden alone: none
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # after each hidden layer
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # chance of zeroing a hidden unit
     optimizer: Literal["adam", "adamw", "sgd", "momentum"] = "adam"  # momentum: SGD with --momentum
     # Learning rates stop at 1e6: far past any that trains, and below float32's 3.4e38, past which
     # torch.optim cannot even represent the step (a RuntimeError instead of a diverging loss).
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # peak learning rate (adam; sgd wants ~0.1, momentum 0.01)
-    momentum: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.9  # mu of the momentum optimizer
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # peak (sgd wants ~0.1, momentum 0.01)
+    momentum: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.9  # mu of momentum
     weight_decay: Annotated[float, Range(0, 1)] = 0.0  # L2 penalty (adamw: decoupled weight decay)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"  # learning-rate schedule, stepped per batch
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"  # stepped after every batch
     epochs: Annotated[int, Range(1)] = 12  # passes over the training data
     batch_size: Annotated[int, Range(1)] = 512  # examples per optimizer step
-    label_smoothing: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # target = (1-eps) one-hot + eps/classes
-    shift: Annotated[int, Range(0, 8)] = 1  # images: random shift by up to SHIFT pixels (augmentation; 0: none)
-    val_fraction: Annotated[float, Range(0, 0.5)] = 0.1  # share of the training data held out for validation
+    label_smoothing: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # (1-eps) one-hot + eps/K
+    shift: Annotated[int, Range(0, 8)] = 1  # images: random shift by up to SHIFT pixels (0: none)
+    val_fraction: Annotated[float, Range(0, 0.5)] = 0.1  # share of training data held out
 
     # Iris is 120 rows of 4 numbers, not 60k images of 784 pixels: a small net, small batches.
-    PRESETS: ClassVar[dict] = {"dataset": {"iris": {"hidden": (16,), "epochs": 30, "batch_size": 16, "lr": 1e-2}}}
-    # The MNIST twin is small (461 training images) and hard: the same net, small batches, a few epochs.
+    PRESETS: ClassVar[dict] = {
+        "dataset": {"iris": {"hidden": (16,), "epochs": 30, "batch_size": 16, "lr": 1e-2}}}
+    # The MNIST twin is small (461 training images) and hard: small batches, a few epochs.
     SMOKE: ClassVar[dict] = {"epochs": 8, "batch_size": 32}
 
 
@@ -72,19 +74,21 @@ class MLP(nn.Module):
 
     ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int, activation: str = "relu",
-                 dropout: float = 0.0):
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int,
+                 activation: str = "relu", dropout: float = 0.0):
         super().__init__()
         gain = "relu" if activation in ("relu", "gelu") else activation
         widths = (in_features, *hidden)
         layers: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip(widths, widths[1:]):
-            layers += [he_init(nn.Linear(fan_in, fan_out), gain), self.ACTIVATIONS[activation](), nn.Dropout(dropout)]
-        layers.append(he_init(nn.Linear(widths[-1], num_classes), "linear"))  # logits: no activation after
+            layers += [he_init(nn.Linear(fan_in, fan_out), gain), self.ACTIVATIONS[activation](),
+                       nn.Dropout(dropout)]
+        # The logits: no activation after the last layer.
+        layers.append(he_init(nn.Linear(widths[-1], num_classes), "linear"))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return self.layers(x)  # (B, C, H, W) or (B, D) -> flattened -> (B, classes)
 
 
 def he_init(layer: nn.Linear, nonlinearity: str) -> nn.Linear:
@@ -94,8 +98,8 @@ def he_init(layer: nn.Linear, nonlinearity: str) -> nn.Linear:
     return layer
 
 
-def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """SGD:      w <- w - lr g
     momentum: v <- mu v + g;  w <- w - lr v            (a running sum of past gradients)
     Adam:     m <- b1 m + (1-b1) g;  s <- b2 s + (1-b2) g^2;
@@ -112,18 +116,20 @@ def make_schedule(name: str, optimizer: torch.optim.Optimizer, total_steps: int)
     to ~0: the warm-up lets a large peak rate start safely, the annealing settles the weights."""
     if name == "onecycle":
         if total_steps < 5:  # its warm-up and annealing phases need a few steps each
-            raise ConfigError(f"--schedule onecycle needs at least 5 optimizer steps in all, this run has "
-                              f"{total_steps}: raise --epochs, lower --batch-size, or use --schedule constant")
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"],
-                                                   total_steps=total_steps, pct_start=0.25)
+            raise ConfigError(f"--schedule onecycle needs at least 5 optimizer steps in all, this "
+                              f"run has {total_steps}: raise --epochs, lower --batch-size, or use "
+                              "--schedule constant")
+        peak = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total_steps,
+                                                   pct_start=0.25)
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return None
 
 
 # ---- The loop: the lesson of the week ----------------------------------------------------
-def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer: torch.optim.Optimizer, scheduler=None,
-                    ) -> dict[str, float]:
+def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer: torch.optim.Optimizer,
+                    scheduler=None) -> dict[str, float]:
     """One pass over the training batches; the mean loss and accuracy over the pass."""
     model.train()  # dropout on
     total_loss, correct, seen = 0.0, 0, 0
@@ -152,19 +158,23 @@ def predict(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(model: nn.Module, batches) -> dict[str, float]:
     """Plain cross-entropy (no label smoothing: comparable across settings) and accuracy."""
     logits, targets = predict(model, batches)
-    return {"loss": F.cross_entropy(logits, targets).item(), "acc": (logits.argmax(1) == targets).float().mean().item()}
+    accuracy = (logits.argmax(1) == targets).float().mean()
+    return {"loss": F.cross_entropy(logits, targets).item(), "acc": accuracy.item()}
 
 
 def setup(cfg: Config, sets: Splits, device: torch.device):
     """Model, optimizer, schedule and training batches as ``cfg`` says. Seeded here, so the same
     seed gives the same initial weights and batches: comparisons are like for like."""
     seed_everything(cfg.seed)
-    model = MLP(sets.in_features, cfg.hidden, len(sets.classes), cfg.activation, cfg.dropout).to(device)
+    model = MLP(sets.in_features, cfg.hidden, len(sets.classes), cfg.activation, cfg.dropout)
+    model = model.to(device)
     augment = translate(cfg.shift) if sets.is_image and cfg.shift > 0 else None
-    batches = TensorLoader(sets.x_train, sets.y_train, cfg.batch_size, shuffle=True, augment=augment, device=device,
-                           seed=cfg.seed)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    return model, optimizer, make_schedule(cfg.schedule, optimizer, cfg.epochs * len(batches)), batches
+    batches = TensorLoader(sets.x_train, sets.y_train, cfg.batch_size, shuffle=True,
+                           augment=augment, device=device, seed=cfg.seed)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
+                               cfg.weight_decay)
+    scheduler = make_schedule(cfg.schedule, optimizer, cfg.epochs * len(batches))
+    return model, optimizer, scheduler, batches
 
 
 def main(cfg: Config) -> dict:
@@ -173,28 +183,29 @@ def main(cfg: Config) -> dict:
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     sets = prepare(data, cfg.val_fraction, cfg.seed)
     model, optimizer, scheduler, train_batches = setup(cfg, sets, device)
-    val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device) if len(sets.x_val) else None
+    val_batches = None
+    if len(sets.x_val):
+        val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     done = 0
     if cfg.resume:  # weights, optimizer, schedule and random state as they were after that epoch
-        script = "/".join(week_and_script(__file__))  # checked BEFORE Run.start touches the run's folder
+        script = "/".join(week_and_script(__file__))  # checked BEFORE Run.start touches its folder
         done = load_checkpoint(cfg.resume, model, optimizer, scheduler, script=script)["epoch"]
-    run = Run.start(cfg, __file__, device)  # resumed: the same folder, metrics.csv rows up to `done`
-    print(f"data: {data.name}: {len(sets.x_train)} train, {len(sets.x_val)} validation, {len(sets.x_test)} test")
+    run = Run.start(cfg, __file__, device)  # resumed: the same folder, metrics.csv up to `done`
+    print(f"data: {data.name}: {len(sets.x_train)} train, {len(sets.x_val)} validation, "
+          f"{len(sets.x_test)} test")
 
     for epoch in range(done + 1, cfg.epochs + 1):
-        train_batches.set_epoch(epoch)  # order and shifts depend on (seed, epoch) only: a resume repeats them
+        train_batches.set_epoch(epoch)  # batches depend on (seed, epoch): a resume repeats them
         start = time.perf_counter()
         train = train_one_epoch(model, train_batches, loss_fn, optimizer, scheduler)
-        if not math.isfinite(train["loss"]):  # keep the last good checkpoint: do not save this one
-            raise NonFiniteLoss(f"the training loss became {train['loss']} in epoch {epoch}; try a smaller --lr")
+        check_finite(train["loss"], epoch)  # NaN/inf: stop here, the last checkpoint stays good
         val = evaluate(model, val_batches) if val_batches else {}
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
-               "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.perf_counter() - start, 3)}
-        run.log(**row)
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        run.save_checkpoint(model, optimizer, scheduler, epoch=epoch)  # Ctrl-C now loses this epoch at most
-    train_time = sum(r["epoch_time_s"] for r in run.rows)  # every epoch, those before a --resume too
+        run.log(show=True, epoch=epoch, **{f"train_{k}": v for k, v in train.items()},
+                **{f"val_{k}": v for k, v in val.items()}, lr=optimizer.param_groups[0]["lr"],
+                epoch_time_s=round(time.perf_counter() - start, 3))
+        run.save_checkpoint(model, optimizer, scheduler, epoch=epoch)  # Ctrl-C loses <= 1 epoch
+    train_time = sum(r["epoch_time_s"] for r in run.rows)  # epochs before a --resume too
 
     plot_history(run.rows, run.path("curves.png"), title=f"MLP on {data.name}")
     test_batches = TensorLoader(sets.x_test, sets.y_test, 2048, device=device)
@@ -204,10 +215,11 @@ def main(cfg: Config) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"test accuracy {test['acc']:.4f}; {n_params:,} parameters; trained in {train_time:.1f}s")
     return run.finish(test_acc=test["acc"], test_loss=test["loss"], val_acc=last.get("val_acc"),
-                       train_acc=last["train_acc"], first_train_loss=run.rows[0]["train_loss"],
-                       last_train_loss=last["train_loss"], epochs=len(run.rows), train_time_s=round(train_time, 2),
-                       fastest_epoch_s=min(r["epoch_time_s"] for r in run.rows), params=n_params,
-                       threads=torch.get_num_threads(), chance=1 / len(sets.classes))
+                      train_acc=last["train_acc"], first_train_loss=run.rows[0]["train_loss"],
+                      last_train_loss=last["train_loss"], epochs=len(run.rows),
+                      train_time_s=round(train_time, 2), params=n_params,
+                      fastest_epoch_s=min(r["epoch_time_s"] for r in run.rows),
+                      threads=torch.get_num_threads(), chance=1 / len(sets.classes))
 
 
 # ---- Data: tensors in memory, normalized once; pictures of the results --------------------
@@ -239,8 +251,8 @@ def prepare(data: ImageData | TabularData, val_fraction: float, seed: int = 0) -
     else:
         mean, std = x_tr.mean(dim=0), x_tr.std(dim=0).clamp_min(1e-6)
         scale = lambda x: (x - mean) / std  # noqa: E731
-    return Splits(scale(x_tr), y_tr, scale(x_val), y_val, scale(data.x_test), data.y_test, list(data.classes),
-                  isinstance(data, ImageData))
+    return Splits(scale(x_tr), y_tr, scale(x_val), y_val, scale(data.x_test), data.y_test,
+                  list(data.classes), isinstance(data, ImageData))
 
 
 def worst_mistakes(probs: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -250,24 +262,29 @@ def worst_mistakes(probs: torch.Tensor, targets: torch.Tensor, k: int) -> torch.
     return wrong[confidence[wrong].argsort(descending=True)[:k]]
 
 
-def report_mistakes(model: nn.Module, batches, data, classes: list[str], run: Run, acc: float) -> None:
+def report_mistakes(model: nn.Module, batches, data, classes: list[str], run: Run,
+                    acc: float) -> None:
     """confusion.png, and for images worst_mistakes.png: the most confident wrong answers."""
     logits, targets = (t.cpu() for t in predict(model, batches))
     predicted, probs = logits.argmax(dim=1), logits.softmax(dim=1)
     matrix = confusion_matrix(targets.numpy(), predicted.numpy(), len(classes))
-    plot_confusion(matrix, classes, run.path("confusion.png"), title=f"test accuracy {acc:.2%} ({len(targets)})")
+    plot_confusion(matrix, classes, run.path("confusion.png"),
+                   title=f"test accuracy {acc:.2%} ({len(targets)})")
     worst = worst_mistakes(probs, targets, k=24)
     if isinstance(data, ImageData) and len(worst):
-        titles = [f"{classes[targets[i]]}->{classes[predicted[i]]} {probs[i].max():.2f}" for i in worst]
-        plot_images(data.x_test[worst].numpy(), run.path("worst_mistakes.png"), titles=titles, ncols=8,
-                    title="most confident mistakes (true->predicted, confidence)")
+        titles = [f"{classes[targets[i]]}->{classes[predicted[i]]} {probs[i].max():.2f}"
+                  for i in worst]
+        plot_images(data.x_test[worst].numpy(), run.path("worst_mistakes.png"), titles=titles,
+                    ncols=8, title="most confident mistakes (true->predicted, confidence)")
 
 
 def train_quietly(cfg: Config, sets: Splits, device: torch.device) -> tuple[MLP, list[dict]]:
     """For the week's self-work scripts: the loop above without run folder or checkpoints; one
     row of train and validation metrics per epoch, ending early if the loss is no longer finite."""
     model, optimizer, scheduler, train_batches = setup(cfg, sets, device)
-    val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device) if len(sets.x_val) else None
+    val_batches = None
+    if len(sets.x_val):
+        val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device)
     loss_fn, rows = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), []
     for epoch in range(1, cfg.epochs + 1):
         train = train_one_epoch(model, train_batches, loss_fn, optimizer, scheduler)
