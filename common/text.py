@@ -1,13 +1,8 @@
-"""Text: a tokenizer, a vocabulary, padding, and the text data sets (IMDB, its synthetic twin).
+"""Text data sets (IMDB, AG News) and their synthetic twins, as raw strings and labels.
 
     data = load_text("imdb", cfg.data_dir, smoke=cfg.smoke)          # -> TextData (raw strings)
-    vocab = Vocab.build(map(tokenize, data.train_texts), max_size=20_000)
-    x, lengths = pad_batch([vocab.encode(tokenize(t)) for t in data.train_texts], max_len=256)
 
-torchtext no longer imports with current PyTorch, and what a lab needs from it is short enough to
-read: a regular expression, a frequency count, and right-padding into one int64 tensor. Index 0 is
-the padding token and index 1 the unknown token in every vocabulary (``PAD``, ``UNK``), so a model
-can use ``padding_idx=PAD`` and recover lengths as ``(x != PAD).sum(1)``.
+Each lab chooses its own tokenizer and vocabulary: Week 6 teaches them (``week06_rnn/tokens.py``).
 
 Real data sets come as their original archives, checked and cached like ``common.data``'s:
 offline with nothing on disk is a one-line ``DataUnavailable``; a damaged archive a one-line
@@ -20,189 +15,19 @@ import csv
 import hashlib
 import io
 import json
-import math
 import re
 import tarfile
-import unicodedata
-import urllib.request
 import zlib
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common.data import (
-    DOWNLOAD_TIMEOUT_S,
-    _checked_root,
-    _damaged,
-    _missing,
-    _new_folders,
-    _remove_empty_new_folders,
-    cache_root,
-)
-from common.errors import CheckpointError, DataError, DataUnavailable, one_line
+from common.download import cache_root, checked_root, download, fetching, file_digest
+from common.download import damaged as _damaged
+from common.errors import DataError, DataUnavailable, one_line
 from common.io import atomic_write_text
-
-PAD, UNK = 0, 1
-SPECIALS = ("<pad>", "<unk>")
-
-# ----------------------------------------------------------------------------------------
-# Tokenizer and vocabulary
-# ----------------------------------------------------------------------------------------
-# One regular expression, tried left to right at each position:
-#   [^\W_]+(?=n't)   the word before a negating "n't" ("do" of "don't", "was" of "wasn't")
-#   n't              the negation itself, kept as a token of its own so "not good" and
-#                    "isn't good" share the signal a sentiment model needs
-#   '[^\W_]+         other clitics: 's 're 've 'll 'd 'm
-#   [^\W_]+          words and numbers (any alphabet: "café" stays one word)
-#   [^\w\s]          every other non-space character is a token ("!", "?", ")" carry sentiment too)
-# A word letter may be followed by combining accents (U+0300-U+036F): after NFC most accents are
-# part of their letter already, but some have no precomposed form ("İ".lower() is "i" + U+0307).
-_W = r"[^\W_](?:[^\W_]|[\u0300-\u036f])*"
-_TOKEN = re.compile(rf"{_W}(?=n't)|n't|'{_W}|{_W}|[^\w\s]")
-_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)  # IMDB reviews contain HTML line breaks
-# Invisible characters are not tokens: a zero-width space separates words (it is how Thai
-# marks word breaks); joiners, the word joiner and a byte-order mark belong to no word at all.
-_INVISIBLE = str.maketrans({"\u200b": " ", "\u200c": "", "\u200d": "", "\u2060": "", "\ufeff": ""})
-
-
-def tokenize(text: str) -> list[str]:
-    """Lowercased words and punctuation marks; "<br />" removed; "don't" -> ["do", "n't"].
-    Unicode is NFC-normalized first, so "café" typed with a combining accent is the same token."""
-    text = unicodedata.normalize("NFC", text.translate(_INVISIBLE).lower().replace("’", "'"))
-    return _TOKEN.findall(_BREAK.sub(" ", text))
-
-
-class Vocab:
-    """Token <-> index. ``itos[0] == "<pad>"``, ``itos[1] == "<unk>"``, then the training
-    tokens, most frequent first (ties broken alphabetically, so the same corpus always gives
-    the same indices whatever order it was read in)."""
-
-    def __init__(self, itos: list[str]):
-        if list(itos[:2]) != list(SPECIALS) or len(set(itos)) != len(itos):
-            raise ValueError(f"a vocabulary starts with {SPECIALS} and has no duplicates")
-        self.itos = list(itos)
-        self.stoi = {token: i for i, token in enumerate(self.itos)}
-
-    @classmethod
-    def build(cls, token_lists: Iterable[list[str]], max_size: int, min_freq: int = 1) -> Vocab:
-        """The ``max_size - 2`` most frequent tokens seen at least ``min_freq`` times, plus the
-        two specials (``max_size`` counts them). Build it from the training split only: a test
-        word must be unknown to the model, as it would be in use."""
-        if max_size < len(SPECIALS) or min_freq < 1:
-            raise ValueError(f"max_size must be >= {len(SPECIALS)} and min_freq >= 1")
-        counts = Counter()
-        for tokens in token_lists:
-            counts.update(tokens)
-        for special in SPECIALS:  # a literal "<unk>" in the text is just unknown
-            counts.pop(special, None)
-        ranked = sorted((item for item in counts.items() if item[1] >= min_freq), key=lambda kv: (-kv[1], kv[0]))
-        return cls([*SPECIALS, *(token for token, _ in ranked[:max_size - len(SPECIALS)])])
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def encode(self, tokens: list[str]) -> list[int]:
-        get = self.stoi.get
-        return [get(token, UNK) for token in tokens]
-
-    def decode(self, ids: Iterable[int]) -> list[str]:
-        return [self.itos[int(i)] for i in ids]
-
-    def state_dict(self) -> dict:
-        """Plain lists and strings: saved inside checkpoints, which load with weights_only=True."""
-        return {"itos": list(self.itos)}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> Vocab:
-        itos = state.get("itos") if isinstance(state, dict) else None
-        if not isinstance(itos, list) or not all(isinstance(t, str) for t in itos):
-            raise CheckpointError("the saved vocabulary is not a list of tokens (not a checkpoint of a text model?)")
-        try:
-            return cls(itos)
-        except ValueError as e:
-            raise CheckpointError(f"the saved vocabulary is damaged: {e}") from None
-
-
-def pad_batch(ids: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (and truncate to ``max_len``) into an (N, L) int64 tensor, L = min(max_len,
-    longest); plus the lengths (N,). An empty sequence becomes one PAD of length 1, so every
-    length is >= 1 (``pack_padded_sequence`` refuses 0)."""
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    lengths = torch.tensor([max(1, min(len(seq), max_len)) for seq in ids], dtype=torch.long)
-    width = int(lengths.max()) if len(ids) else 1
-    out = torch.full((len(ids), width), PAD, dtype=torch.long)
-    for row, seq in enumerate(ids):
-        if seq:
-            out[row, :min(len(seq), max_len)] = torch.tensor(seq[:max_len], dtype=torch.long)
-    return out, lengths
-
-
-def encode_texts(texts: list[str], vocab: Vocab, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokenize -> encode -> pad_batch, for a list of raw texts."""
-    return pad_batch([vocab.encode(tokenize(t)) for t in texts], max_len)
-
-
-class LengthBatches:
-    """Mini-batches of padded token ids by indexing, grouped by length (``TensorLoader`` for text).
-
-    Each batch is cut to its own longest sequence, so a batch of short reviews does not pay for
-    256 steps of padding. With ``bucket``, a shuffled epoch is split into pools of 50 batches,
-    each pool sorted by length before it is cut into batches, and the batches are shuffled:
-    batches hold similar lengths (little padding, the RNN runs few steps) yet differ from epoch
-    to epoch. Like ``TensorLoader``, epoch ``e``'s batches are a pure function of (seed, e), so
-    ``set_epoch`` makes a resumed run see the batches it would have seen.
-    """
-
-    POOL = 50  # batches per sorted pool
-
-    def __init__(self, x: torch.Tensor, lengths: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 shuffle: bool = False, bucket: bool = True, device: torch.device | str | None = None, seed: int = 0):
-        if not len(x) == len(lengths) == len(y):
-            raise ValueError(f"x, lengths and y have {len(x)}, {len(lengths)} and {len(y)} rows")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device = torch.device(device) if device is not None else x.device
-        self.x, self.y, self.lengths = x.to(device), y.to(device), lengths.cpu()
-        self.batch_size, self.shuffle, self.bucket, self.seed = batch_size, shuffle, bucket, seed
-        self.epoch = 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _batches(self, epoch: int) -> list[torch.Tensor]:
-        from common.loader import derive_seed
-
-        n, b = len(self.x), self.batch_size
-        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        if not self.bucket:
-            return list(order.split(b))
-        batches = []
-        for pool in order.split(b * self.POOL):  # stable sort: ties keep the shuffled order
-            ranked = pool[torch.sort(self.lengths[pool], descending=True, stable=True).indices]
-            batches += list(ranked.split(b))
-        if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
-        return batches
-
-    def __len__(self) -> int:
-        n, b = len(self.x), self.batch_size
-        if not self.bucket:
-            return math.ceil(n / b)
-        pool = b * self.POOL
-        return (n // pool) * self.POOL + math.ceil((n % pool) / b)
-
-    def __iter__(self):
-        epoch = self.epoch
-        for idx in self._batches(epoch):
-            width = int(self.lengths[idx].max())
-            idx = idx.to(self.x.device)
-            yield self.x[idx, :width], self.y[idx]
-        self.epoch = epoch + 1
 
 
 # ----------------------------------------------------------------------------------------
@@ -297,37 +122,12 @@ IMDB_CLASSES = ["neg", "pos"]
 _IMDB_MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(neg|pos)/(\d+)_(\d+)\.txt$")
 
 
-def _file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """The hex digest of a file, read in 1 MiB blocks (the archives are tens of MB)."""
-    digest = hashlib.new(algorithm, usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sha256(path: Path) -> str:
-    return _file_digest(path, "sha256")
+    return file_digest(path, "sha256")
 
 
 def _md5(path: Path) -> str:
-    return _file_digest(path, "md5")
-
-
-def _download(url: str, target: Path, checksum: str, algorithm: str = "sha256") -> None:
-    """Stream ``url`` to ``target`` with a timeout, keeping it only if its checksum (the
-    publisher's: sha256 for IMDB, md5 for the AG News archive) matches."""
-    part = target.with_name(target.name + ".part")
-    print(f"downloading {url} to {target} (once) ...", flush=True)
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as f:
-            while block := response.read(1 << 20):
-                f.write(block)
-        if _file_digest(part, algorithm) != checksum:
-            raise OSError(f"the download's {algorithm} is not {checksum}")
-        part.replace(target)
-    finally:
-        part.unlink(missing_ok=True)
+    return file_digest(path, "md5")
 
 
 def _decode_imdb(source: Path) -> dict[str, list]:
@@ -420,13 +220,8 @@ def _imdb(root: Path) -> TextData:
     for name in IMDB_ARCHIVES:
         if (root / name).is_file():
             return _imdb_from(root / name)
-    before = _new_folders(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _download(IMDB_URL, root / IMDB_ARCHIVES[0], IMDB_SHA256)
-    except Exception as e:  # URLError, timeouts, HTTP errors, checksum mismatch, read-only folder
-        _remove_empty_new_folders(root, before)
-        raise _missing("imdb", root, one_line(e)) from None
+    with fetching("imdb", root):  # the publisher's sha256 is checked before the file is kept
+        download(IMDB_URL, root / IMDB_ARCHIVES[0], IMDB_SHA256)
     return _imdb_from(root / IMDB_ARCHIVES[0])
 
 
@@ -493,13 +288,8 @@ def _ag_news(root: Path) -> TextData:
         if _md5(archive) != AG_NEWS_MD5:
             raise _damaged("ag_news", f"{archive.name} is damaged (its md5 is not the original's)", root)
         return _ag_news_from(archive)
-    before = _new_folders(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _download(AG_NEWS_URL, archive, AG_NEWS_MD5, "md5")
-    except Exception as e:  # URLError, timeouts, HTTP errors, checksum mismatch, read-only folder
-        _remove_empty_new_folders(root, before)
-        raise _missing("ag_news", root, one_line(e)) from None
+    with fetching("ag_news", root):
+        download(AG_NEWS_URL, archive, AG_NEWS_MD5, "md5")
     return _ag_news_from(archive)
 
 
@@ -590,11 +380,10 @@ def load_text(name: str, data_dir: str | Path | None = None, smoke: bool = False
     if smoke or synthetic:
         data = entry.make_twin(n_synthetic, seed)
     else:
-        data = entry.load_real(_checked_root(name, data_dir))
+        data = entry.load_real(checked_root(name, data_dir))
     validate_text(name, data)
     return data
 
 
-__all__ = ["PAD", "UNK", "SPECIALS", "tokenize", "Vocab", "pad_batch", "encode_texts", "TextData", "load_text",
-           "LengthBatches", "TEXT_REGISTRY", "TextEntry", "sentiment_twin", "validate_text",
+__all__ = ["TextData", "load_text", "TEXT_REGISTRY", "TextEntry", "sentiment_twin", "validate_text",
            "ag_news_twin", "AG_NEWS_CLASSES"]

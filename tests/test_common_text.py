@@ -1,4 +1,4 @@
-"""common.text: tokenizer, vocabulary, padding, the IMDB loader and the sentiment twin."""
+"""common.text: the IMDB loader and the sentiment twin (Week 6's tokenizer: test_week06_rnn.py)."""
 
 from __future__ import annotations
 
@@ -11,63 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.errors import CheckpointError, DataError, DataUnavailable
-from common.text import BAD, GOOD, PAD, UNK, Vocab, encode_texts, load_text, pad_batch, sentiment_twin, tokenize
-
-
-def test_tokenize_lowercases_splits_punctuation_and_keeps_negation():
-    assert tokenize("Great movie!<br /><br />I didn't LIKE the end, it's 10/10") == [
-        "great", "movie", "!", "i", "did", "n't", "like", "the", "end", ",", "it", "'s", "10", "/", "10"]
-    assert tokenize("not bad") == ["not", "bad"]
-    assert tokenize("Isn’t it") == ["is", "n't", "it"]  # the typographic apostrophe too
-    assert tokenize("café<br/>x") == ["café", "x"]
-    assert tokenize("") == []
-
-
-def test_tokenize_odd_input_empty_punctuation_and_unicode():
-    assert tokenize("   \n\t") == [] and tokenize("<br /><br />") == []
-    assert tokenize("!!!...?") == ["!", "!", "!", ".", ".", ".", "?"]  # only punctuation: kept, one mark each
-    # The same word typed composed or with a combining accent is one token (NFC), and a
-    # lowercased "İ" (i + combining dot, no precomposed form) does not split its word.
-    assert tokenize("Café") == tokenize("Cafe\u0301") == ["café"]
-    assert len(tokenize("İstanbul")) == 1
-    assert tokenize("日本語 naïve Ünï") == ["日本語", "naïve", "ünï"]
-    assert tokenize("\ufeffzero\u200bwidth") == ["zero", "width"]  # BOM gone, zero-width space splits
-    vocab = Vocab.build([tokenize("a b")], max_size=10)
-    x, lengths = encode_texts(["", "!!!", "\u200b"], vocab, max_len=4)
-    assert lengths.tolist() == [1, 3, 1] and x[0].eq(PAD).all() and x[1, :3].eq(UNK).all()
-
-
-def test_vocab_orders_by_frequency_then_word_and_maps_unknown_to_unk():
-    texts = [["b", "a", "c", "a"], ["c", "d", "a"], ["e"]]  # a:3, c:2, b:1, d:1, e:1
-    vocab = Vocab.build(texts, max_size=5)
-    assert vocab.itos == ["<pad>", "<unk>", "a", "c", "b"]  # ties (b, d, e) broken alphabetically
-    assert len(vocab) == 5 and vocab.itos[PAD] == "<pad>" and vocab.itos[UNK] == "<unk>"
-    assert vocab.encode(["a", "d", "zzz", "b"]) == [2, UNK, UNK, 4]
-    assert Vocab.build(reversed(texts), max_size=5).itos == vocab.itos, "reading order must not matter"
-    assert Vocab.build(texts, max_size=100, min_freq=2).itos == ["<pad>", "<unk>", "a", "c"]
-    assert Vocab.build([["<unk>", "<pad>", "x"]], max_size=10).itos == ["<pad>", "<unk>", "x"]
-
-
-def test_vocab_state_dict_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    vocab = Vocab.build([tokenize("the film was n't good, the film was bad")], max_size=50)
-    torch.save({"vocab": vocab.state_dict()}, tmp_path / "v.pt")
-    again = Vocab.from_state_dict(torch.load(tmp_path / "v.pt", weights_only=True)["vocab"])
-    assert again.itos == vocab.itos and again.encode(["film", "nope"]) == vocab.encode(["film", "nope"])
-    for bad in ({"itos": ["a", "b"]}, {"itos": [1, 2]}, {}, {"itos": ["<pad>", "<unk>", "x", "x"]}):
-        with pytest.raises(CheckpointError):
-            Vocab.from_state_dict(bad)
-
-
-def test_pad_batch_right_pads_truncates_and_keeps_lengths_at_least_one():
-    x, lengths = pad_batch([[5, 6, 7], [8], []], max_len=10)
-    assert x.tolist() == [[5, 6, 7], [8, PAD, PAD], [PAD, PAD, PAD]] and x.dtype == torch.long
-    assert lengths.tolist() == [3, 1, 1]
-    x, lengths = pad_batch([[1, 2, 3, 4, 5], [9, 9]], max_len=3)
-    assert x.tolist() == [[1, 2, 3], [9, 9, PAD]] and lengths.tolist() == [3, 2]
-    vocab = Vocab.build([["good"]], max_size=10)
-    x, lengths = encode_texts(["Good good!", "bad"], vocab, 8)
-    assert x.tolist() == [[2, 2, UNK], [UNK, PAD, PAD]] and lengths.tolist() == [3, 1]
+from common.errors import DataError, DataUnavailable
+from common.text import BAD, GOOD, load_text, sentiment_twin
+from week06_rnn.tokens import tokenize
 
 
 def rule_label(text: str) -> int:

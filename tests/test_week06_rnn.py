@@ -1,6 +1,6 @@
-"""Week 6: NumPy embedding, RNN and LSTM (forward and BPTT) == PyTorch; packing; the IMDB lab
-(learning, padding that changes nothing, clipping, best checkpoint, exact resume); GloVe and the
-length study.
+"""Week 6: the tokenizer, vocabulary and length buckets; NumPy embedding, RNN and LSTM (forward
+and BPTT) == PyTorch; packing; the IMDB lab (learning, padding that changes nothing, clipping,
+best checkpoint, exact resume); GloVe and the length study.
 
 Parity checks run in float64 (common.parity), so the tolerance measures our math, not float32
 rounding. Inputs contain exact zeros (zero vectors, a zero initial state) and repeated ids.
@@ -8,6 +8,7 @@ rounding. Inputs contain exact zeros (zero vectors, a zero initial state) and re
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from pathlib import Path
@@ -20,13 +21,12 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from common.checkpoint import read_checkpoint
-from common.errors import ConfigError, DataError
+from common.errors import CheckpointError, ConfigError, DataError
 from common.parity import assert_close
-from common.text import PAD, Vocab
-from common.train import Loop
-from tests.conftest import CtrlC, run_lab
+from tests.conftest import run_lab
 from tests.test_common_text import write_reviews
 from week06_rnn import glove_vs_random, max_length, part1, part2
+from week06_rnn.tokens import PAD, UNK, LengthBatches, Vocab, encode_texts, pad_batch, tokenize
 
 
 # ------------------------------------------------------------------------------------------
@@ -64,6 +64,96 @@ def check_max_length(summary: dict, rows: list[dict]) -> None:
 
 SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2, "glove_vs_random.py": check_glove,
                   "max_length.py": check_max_length}
+
+
+# ------------------------------------------------------------------------------------------
+# Tokens: the tokenizer, the vocabulary, padding, length buckets (week06_rnn/tokens.py)
+# ------------------------------------------------------------------------------------------
+def test_tokenize_lowercases_splits_punctuation_and_keeps_negation():
+    assert tokenize("Great movie!<br /><br />I didn't LIKE the end, it's 10/10") == [
+        "great", "movie", "!", "i", "did", "n't", "like", "the", "end", ",", "it", "'s", "10", "/", "10"]
+    assert tokenize("not bad") == ["not", "bad"]
+    assert tokenize("Isn’t it") == ["is", "n't", "it"]  # the typographic apostrophe too
+    assert tokenize("café<br/>x") == ["café", "x"]
+    assert tokenize("") == []
+
+
+def test_tokenize_odd_input_empty_punctuation_and_unicode():
+    assert tokenize("   \n\t") == [] and tokenize("<br /><br />") == []
+    assert tokenize("!!!...?") == ["!", "!", "!", ".", ".", ".", "?"]  # only punctuation: kept, one mark each
+    # The same word typed composed or with a combining accent is one token (NFC), and a
+    # lowercased "İ" (i + combining dot, no precomposed form) does not split its word.
+    assert tokenize("Café") == tokenize("Cafe\u0301") == ["café"]
+    assert len(tokenize("İstanbul")) == 1
+    assert tokenize("日本語 naïve Ünï") == ["日本語", "naïve", "ünï"]
+    assert tokenize("\ufeffzero\u200bwidth") == ["zero", "width"]  # BOM gone, zero-width space splits
+    vocab = Vocab.build([tokenize("a b")], max_size=10)
+    x, lengths = encode_texts(["", "!!!", "\u200b"], vocab, max_len=4)
+    assert lengths.tolist() == [1, 3, 1] and x[0].eq(PAD).all() and x[1, :3].eq(UNK).all()
+
+
+def test_vocab_orders_by_frequency_then_word_and_maps_unknown_to_unk():
+    texts = [["b", "a", "c", "a"], ["c", "d", "a"], ["e"]]  # a:3, c:2, b:1, d:1, e:1
+    vocab = Vocab.build(texts, max_size=5)
+    assert vocab.itos == ["<pad>", "<unk>", "a", "c", "b"]  # ties (b, d, e) broken alphabetically
+    assert len(vocab) == 5 and vocab.itos[PAD] == "<pad>" and vocab.itos[UNK] == "<unk>"
+    assert vocab.encode(["a", "d", "zzz", "b"]) == [2, UNK, UNK, 4]
+    assert Vocab.build(reversed(texts), max_size=5).itos == vocab.itos, "reading order must not matter"
+    assert Vocab.build(texts, max_size=100, min_freq=2).itos == ["<pad>", "<unk>", "a", "c"]
+    assert Vocab.build([["<unk>", "<pad>", "x"]], max_size=10).itos == ["<pad>", "<unk>", "x"]
+
+
+def test_vocab_state_dict_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    vocab = Vocab.build([tokenize("the film was n't good, the film was bad")], max_size=50)
+    torch.save({"vocab": vocab.state_dict()}, tmp_path / "v.pt")
+    again = Vocab.from_state_dict(torch.load(tmp_path / "v.pt", weights_only=True)["vocab"])
+    assert again.itos == vocab.itos and again.encode(["film", "nope"]) == vocab.encode(["film", "nope"])
+    for bad in ({"itos": ["a", "b"]}, {"itos": [1, 2]}, {}, {"itos": ["<pad>", "<unk>", "x", "x"]}):
+        with pytest.raises(CheckpointError):
+            Vocab.from_state_dict(bad)
+
+
+def test_pad_batch_right_pads_truncates_and_keeps_lengths_at_least_one():
+    x, lengths = pad_batch([[5, 6, 7], [8], []], max_len=10)
+    assert x.tolist() == [[5, 6, 7], [8, PAD, PAD], [PAD, PAD, PAD]] and x.dtype == torch.long
+    assert lengths.tolist() == [3, 1, 1]
+    x, lengths = pad_batch([[1, 2, 3, 4, 5], [9, 9]], max_len=3)
+    assert x.tolist() == [[1, 2, 3], [9, 9, PAD]] and lengths.tolist() == [3, 2]
+    vocab = Vocab.build([["good"]], max_size=10)
+    x, lengths = encode_texts(["Good good!", "bad"], vocab, 8)
+    assert x.tolist() == [[2, 2, UNK], [UNK, PAD, PAD]] and lengths.tolist() == [3, 1]
+
+
+def test_encode_texts_keeps_the_first_or_the_last_tokens():
+    vocab = Vocab.build([["a", "b", "c", "d"]], max_size=10)  # a=2 b=3 c=4 d=5
+    assert encode_texts(["a b c d"], vocab, 2)[0].tolist() == [[2, 3]]
+    assert encode_texts(["a b c d", "a"], vocab, 2, keep="last")[0].tolist() == [[4, 5], [2, PAD]]
+
+
+def padding_per_batch(loader: LengthBatches) -> list[int]:
+    """PAD cells each batch carries: its width x rows - the real tokens in it."""
+    return [int((x == PAD).sum()) for x, _ in loader]
+
+
+def test_length_buckets_carry_little_padding_yet_change_every_epoch():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 201, (3200,), generator=g)  # 1 to 200 tokens, like reviews
+    x, _ = pad_batch([[7] * int(n) for n in lengths], max_len=200)
+    y = torch.arange(3200) % 2
+
+    def loader(bucket: bool) -> LengthBatches:
+        return LengthBatches(x, lengths, y, batch_size=32, shuffle=True, bucket=bucket, seed=1)
+
+    plain, bucketed = loader(False), loader(True)
+    assert len(bucketed) == len(list(bucketed)) == 100  # 2 pools of 50 batches
+    # Random batches of 32 are padded to about the longest of 32 draws (~194): ~100 pads a row.
+    # Sorted pools of 1,600 give batches of neighbours in length: a few pads a row.
+    assert sum(padding_per_batch(bucketed)) < 0.1 * sum(padding_per_batch(plain))
+    first = [idx.tolist() for idx in bucketed.batches(1)]
+    second = [idx.tolist() for idx in bucketed.batches(2)]
+    assert sorted(sum(first, [])) == list(range(3200)), "every review once per epoch"
+    assert first != second and first == [idx.tolist() for idx in loader(True).batches(1)]
+    assert sorted(map(sorted, first)) != sorted(map(sorted, second)), "not the same batches again"
 
 
 # ------------------------------------------------------------------------------------------
@@ -238,20 +328,29 @@ def test_ngram_bag_bigrams_never_touch_padding():
     assert ids[0, 4] == ids[1, 4], "the same bigram (4, 5) has the same bucket in every review"
 
 
-def test_clip_gradients_bounds_the_global_norm_and_keeps_the_direction():
-    model = nn.Linear(3, 2)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 10.0)
-    before = torch.cat([p.grad.flatten() for p in model.parameters()])
-    clip = part2.ClipGradients(model, max_norm=1.0)
-    loop = Loop(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1)
-    clip.on_after_backward(loop)
-    after = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert after.norm().item() == pytest.approx(1.0) and torch.allclose(after / after.norm(), before / before.norm())
-    clip.on_after_backward(loop)  # now 1.0: not above the limit, left alone
-    loop.row = {}
-    clip.on_epoch_end(loop)
-    assert loop.row["clipped"] == 0.5 and loop.row["grad_norm_max"] == pytest.approx(before.norm().item())
+def test_train_one_epoch_clips_the_global_norm_and_logs_the_norm_before_clipping():
+    """One batch and plain SGD with lr 1: the step taken is the (clipped) gradient itself."""
+    torch.manual_seed(0)
+    model = part2.NgramBag(10, 2, 3, buckets=7)
+    x, y = torch.tensor([[4, 5, 6, PAD], [2, 3, PAD, PAD]]), torch.tensor([0, 1])
+    train = LengthBatches(x, torch.tensor([3, 2]), y, batch_size=2)
+
+    def one_epoch(clip: float) -> tuple[dict, torch.Tensor]:
+        trained = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        row = part2.train_one_epoch(trained, train, optimizer, scheduler, clip)
+        step = [(a - b).flatten() for a, b in zip(model.parameters(), trained.parameters())]
+        return row, torch.cat(step).detach()
+
+    row, free = one_epoch(0)  # --clip 0: measured, not clipped
+    norm = free.norm().item()
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-5) and row["clipped"] == 0
+    row, clipped = one_epoch(norm / 4)
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-5), "the logged norm is the one before clipping"
+    assert row["grad_norm_max"] == row["grad_norm"] and row["clipped"] == 1.0
+    assert clipped.norm().item() == pytest.approx(norm / 4, rel=1e-5), "the step is bounded"
+    torch.testing.assert_close(clipped / clipped.norm(), free / norm)  # the direction is kept
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,17 +375,19 @@ def test_best_checkpoint_holds_the_validation_best_and_its_vocabulary(tmp_path):
     assert (run_dir / "confusion.png").is_file() and (run_dir / "curves.png").is_file()
 
 
-def test_part2_resumes_exactly_after_ctrl_c(tmp_path, monkeypatch, capsys):
+def test_part2_resumes_exactly_after_ctrl_c(tmp_path, capsys, ctrl_c):
     whole = lab(part2, tmp_path / "whole", *TINY)
-    steps_per_epoch = math.ceil((1024 - round(0.1 * 1024)) / 32)
-    real_fit = part2.fit
-    monkeypatch.setattr(part2, "fit", lambda *a, callbacks=(), **k: real_fit(
-        *a, callbacks=[*callbacks, CtrlC(steps_per_epoch + 5)], **k))
+    steps_per_epoch = math.ceil((1024 - round(0.1 * 1024)) / 32)  # 922 training reviews
+    ctrl_c(steps_per_epoch + 5)  # in epoch 2
     assert lab(part2, tmp_path / "cut", *TINY) == {"exit": 130}
-    monkeypatch.setattr(part2, "fit", real_fit)
     (checkpoint,) = (tmp_path / "cut").glob("week06/part2/*/checkpoint.pt")
+    assert f"the checkpoint of epoch 1 is {checkpoint}" in capsys.readouterr().err
     assert read_checkpoint(checkpoint)["epoch"] == 1
+    hook = ctrl_c(0)
     resumed = lab(part2, tmp_path / "cut", "--resume", str(checkpoint))
+    assert hook.steps == 2 * steps_per_epoch, "the resumed run trains epochs 2 and 3 only"
+    rows = list(csv.DictReader((checkpoint.parent / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and resumed["epochs_done"] == 3
     for key in ("test_acc", "val_acc", "best_epoch", "epochs_done", "confusion", "last_train_loss"):
         assert resumed[key] == whole[key], key
     for name in ("checkpoint.pt", "best_model.pt"):
@@ -335,6 +436,20 @@ def test_glove_text_file_fills_known_rows_and_counts_coverage(tmp_path):
         path.write_text(f"good 0.5 1 -1\n{line}\n")
         with pytest.raises(DataError, match="line 2"):
             glove_vs_random.read_glove_txt(path, 3)
+
+
+@pytest.mark.parametrize("at_step, during, kept", [(5, "random", "no epoch had finished"),
+                                                   (29 + 5, "glove", "finished (1 epochs in all)")])
+def test_glove_ctrl_c_says_plainly_what_was_kept(tmp_path, capsys, ctrl_c, at_step, during, kept):
+    """The script has no --resume: after Ctrl-C it must not offer one (29 steps an epoch)."""
+    ctrl_c(at_step)
+    assert lab(glove_vs_random, tmp_path, "--smoke", "--epochs", "1", "--hidden", "8") == {"exit": 130}
+    err = capsys.readouterr().err
+    assert f"interrupted while training the {during} model" in err and kept in err, err
+    assert "has no --resume" in err and "continue with" not in err and err.count("\n") == 1, err
+    if during == "glove":
+        (metrics,) = tmp_path.glob("week06/glove_vs_random/*/metrics.csv")
+        assert str(metrics) in err and [r["init"] for r in csv.DictReader(metrics.open())] == ["random"]
 
 
 def test_glove_missing_is_one_line_and_leaves_no_run(tmp_path, offline, capsys):

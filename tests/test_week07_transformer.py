@@ -8,6 +8,7 @@ Parity checks run in float64 (common.parity), so the tolerance measures our math
 from __future__ import annotations
 
 import math
+import re
 import tarfile
 from pathlib import Path
 
@@ -19,9 +20,12 @@ from torch import nn
 
 from common.errors import DataError, DataUnavailable
 from common.parity import assert_close, torch_reference
-from common.text import AG_NEWS_CLASSES, PAD, TOPIC_WORDS, ag_news_twin, load_text
+from common.runs import Run
+from common.text import AG_NEWS_CLASSES, TOPIC_WORDS, ag_news_twin, load_text
 from tests.conftest import run_lab
+from week06_rnn.tokens import PAD, UNK
 from week07_transformer import part1, part2, seq2seq, tweaks
+from week07_transformer.data import encode
 
 
 # ------------------------------------------------------------------------------------------
@@ -83,10 +87,25 @@ def qkv(n=2, heads=3, lq=5, lk=5, d=4, seed=0):
     return q, k, v, upstream
 
 
+def keep_by_hand(lengths: list[int], lk: int) -> np.ndarray:
+    """(N, lk), True for each row's first ``length`` keys: written out here, not taken from
+    part1.padding_mask (tested on its own below), so a wrong mask there cannot hide."""
+    keep = np.zeros((len(lengths), lk), dtype=bool)
+    for row, length in enumerate(lengths):
+        keep[row, :length] = True
+    return keep
+
+
+def test_padding_mask_keeps_exactly_the_real_tokens():
+    expected = [[True, True, True, False], [True, False, False, False], [True] * 4, [False] * 4]
+    assert part1.padding_mask([3, 1, 4, 0], 4).tolist() == expected
+    assert keep_by_hand([3, 1, 4, 0], 4).tolist() == expected
+
+
 def mask_for(kind: str, n: int, lq: int, lk: int) -> np.ndarray | None:
     """Part 1's convention, True = may attend (as SDPA reads a boolean mask)."""
     causal = np.tril(np.ones((lq, lk), dtype=bool))
-    padding = part1.padding_mask([lk, 3], lk)[:, None, None, :][:n]
+    padding = keep_by_hand([lk, 3], lk)[:, None, None, :][:n]
     return {"none": None, "causal": causal, "padding": padding, "both": causal & padding}[kind]
 
 
@@ -163,7 +182,7 @@ def test_multihead_attention_matches_torch(heads, kind, attention):
     key = query if attention == "self" else rng.standard_normal((2, lk, embed))
     value = query if attention == "self" else rng.standard_normal((2, lk, embed))
     upstream = rng.standard_normal((2, lq, embed))
-    keep = part1.padding_mask([lk, lk - 2], lk) if kind in ("padding", "both") else None
+    keep = keep_by_hand([lk, lk - 2], lk) if kind in ("padding", "both") else None
     causal = np.tril(np.ones((lq, lk), dtype=bool)) if kind in ("causal", "both") else None
 
     mha = torch_mha(params, embed, heads)
@@ -288,11 +307,32 @@ def test_warmup_then_cosine_schedule():
 
 def test_vocabulary_comes_from_training_texts_only():
     data = load_text("ag_news", synthetic=True, n_synthetic=200)
+    data.train_texts = [f"marker{i} {text}" for i, text in enumerate(data.train_texts)]
     data.test_texts[0] = "zebrafish " * 5  # a word seen only in the test set
-    cfg = part2.Config(val_fraction=0.1)
-    enc = part2.encode(cfg, data)
-    assert "zebrafish" not in enc.vocab.stoi
-    assert len(enc.x_train) + len(enc.x_val) == 200 and len(enc.x_test) == len(data.test_texts)
+    splits, vocab = encode(part2.Config(val_fraction=0.1), data)
+    assert "zebrafish" not in vocab.stoi and splits.x_test[0, :5].eq(UNK).all()
+    assert len(splits.x_train) == 180 and len(splits.x_val) == 20
+    assert len(splits.x_test) == len(data.test_texts)
+    # Every text starts with a word of its own: in validation texts it must be unknown.
+    assert splits.x_val[:, 0].eq(UNK).all(), "a word only in validation texts must be <unk>"
+    assert splits.x_train[:, 0].ne(UNK).all()
+
+
+def test_training_batches_come_in_a_new_order_every_epoch(tmp_path):
+    data = load_text("ag_news", synthetic=True, n_synthetic=96)
+    cfg = part2.Config(model="bag", d_model=8, epochs=2, batch_size=16, val_fraction=0.25,
+                       patience=2, out=str(tmp_path))
+    splits, vocab = encode(cfg, data)
+    model = part2.build_model(cfg, len(vocab), 4)
+    seen = []  # the id batches of every training step, in order (evaluation runs in eval mode)
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0]) if m.training else None)
+    run = Run.start(cfg, tmp_path / "lab.py", torch.device("cpu"), quiet=True)
+    part2.train_model(cfg, model, splits, torch.device("cpu"), run)
+    assert len(seen) == 2 * 5  # 72 training texts: 4 full batches and one of 8, twice
+    first, second = torch.cat(seen[:5]), torch.cat(seen[5:])
+    for epoch in (first, second):  # each epoch sees every training text once
+        assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, splits.x_train.tolist()))
+    assert not torch.equal(first, second), "the training batches must be reshuffled every epoch"
 
 
 def lab(tmp_path: Path, *argv: str, module=part2) -> dict:
@@ -316,6 +356,23 @@ def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, argv, messa
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_only_the_ag_news_test_file_is_named_with_the_command_that_splits_it(tmp_path, offline,
+                                                                              capsys):
+    """Some copies of AG News ship the test file alone: say so, and give a command that works."""
+    rows = [f'"{1 + i % 4}","Title {i}","{TOPIC_WORDS[i % 4][i % 14]} news number {i}"'
+            for i in range(6040)]
+    (tmp_path / "ag_news_test.csv").write_text("\n".join(rows) + "\n")
+    assert lab(tmp_path, "--data-dir", str(tmp_path)) == {"exit": 1}
+    err = capsys.readouterr().err
+    assert "only the test file ag_news_test.csv" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+    split = tmp_path / "ag_news_split"
+    assert f"--data-dir {split}" in err
+    exec(re.search(r'python -c "(.*?)"', err).group(1), {})  # the command, as the message gives it
+    data = load_text("ag_news", split)
+    assert len(data.train_texts) == 6000 and len(data.test_texts) == 40
 
 
 def test_missing_ag_news_offline_is_one_line(tmp_path, offline, capsys):

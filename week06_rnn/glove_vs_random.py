@@ -32,12 +32,13 @@ import torch
 from common.config import BaseConfig, Range
 from common.data import data_root
 from common.device import pick_device, seed_everything
-from common.errors import DataError, DataUnavailable
+from common.errors import DataError, DataUnavailable, Interrupted
 from common.plots import plot_curves
-from common.runner import launch
+from common.runner import interruption, launch
 from common.runs import Run
-from common.text import BAD, GOOD, PAD, Vocab, load_text
+from common.text import BAD, GOOD, load_text
 from week06_rnn import part2
+from week06_rnn.tokens import PAD, Vocab
 
 
 @dataclass
@@ -170,10 +171,19 @@ def main(cfg: Config) -> dict:
             model.embed.weight.data.copy_(matrix)
             model.embed.weight.requires_grad_(not cfg.freeze)
         print(f"--- {init} embedding{' (frozen)' if init == 'glove' and cfg.freeze else ''} ---")
-        loop, result = part2.train_and_test(lab, b, model.to(device), run.sub(init, init=init))
-        curves[init] = [(r["epoch"], r["val_acc"]) for r in loop.rows]
+        try:
+            rows, result = part2.train_and_test(lab, b, model.to(device), run.sub(init, init=init))
+        except KeyboardInterrupt as e:  # this script has no --resume: say what was kept instead
+            word, code = interruption(e)
+            kept = (f"what it finished ({len(run.rows)} epochs in all) is in {run.dir / 'metrics.csv'}"
+                    if run.rows else "no epoch had finished")
+            stopped = Interrupted(f"{word} while training the {init} model; {kept}. This comparison has no "
+                                  "--resume: run it again to finish it")
+            stopped.exit_code = code
+            raise stopped from None
+        curves[init] = [(r["epoch"], r["val_acc"]) for r in rows]
         summary.update({f"{key}_{init}": result[key] for key in ("test_acc", "val_acc", "best_epoch", "train_time_s")})
-        summary[f"first_val_acc_{init}"] = loop.rows[0]["val_acc"]
+        summary[f"first_val_acc_{init}"] = rows[0]["val_acc"]
     plot_curves(curves, run.path("val_acc.png"), ylabel="validation accuracy",
                 title=f"GloVe {cfg.dim}d vs random init ({data.name})")
     return run.finish(**summary, coverage=coverage, vectors=source, glove_gain=summary["test_acc_glove"] -

@@ -30,7 +30,7 @@ from common.device import pick_device, seed_everything
 from common.plots import save
 from common.runner import launch
 from common.runs import Run
-from common.text import PAD, Vocab, tokenize
+from week06_rnn.tokens import PAD, Vocab, tokenize
 
 
 @dataclass
@@ -236,7 +236,7 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     run = Run.start(cfg, __file__, pick_device("cpu"))
 
-    print("=== Tokens and a vocabulary (common/text.py) ===")
+    print("=== Tokens and a vocabulary (week06_rnn/tokens.py) ===")
     corpus = ["The film wasn't good.", "A good, good film!", "Not a bad film<br />at all."]
     tokens = [tokenize(text) for text in corpus]
     vocab = Vocab.build(tokens, max_size=8)

@@ -8,20 +8,21 @@ then one vector per text, pooled one of two ways (``--pool``):
     cls    a learned [CLS] vector put in front of every text; its output is the summary,
            because every layer lets it attend to all the tokens
 
-AdamW with a per-batch learning-rate schedule (``warmup_then_cosine``: a linear warmup over
-``--warmup`` of the steps, then a half cosine to 0), the model kept from the epoch with the
-lowest validation loss (Week 4's ``EarlyStopping``), the test set touched once at the end:
+AdamW with a learning rate stepped after every batch (``warmup_then_cosine``: a linear warmup
+over ``--warmup`` of the steps, then a half cosine to 0), early stopping on the validation loss
+deciding in the loop (Week 4's ``EarlyStopping``), the test set touched once at the end:
 accuracy and a confusion matrix. ``--model bag`` trains the classic fast baseline instead: an
 ``nn.EmbeddingBag`` (the mean of the word vectors, order ignored) and a linear layer.
 
 Run: python week07_transformer/part2.py [--smoke] [--help]
-     python week07_transformer/part2.py --data-dir DATA            # AG News from DATA/ag_news_csv[.tgz]
+     python week07_transformer/part2.py --data-dir DATA            # DATA/ag_news_csv[.tgz]
      python week07_transformer/part2.py --model bag --epochs 5     # the EmbeddingBag baseline
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
@@ -30,45 +31,48 @@ import torch
 from torch import nn
 
 from common.config import BaseConfig, Range
-from common.device import pick_device, prepare_model, seed_everything
+from common.device import autocast, pick_device, prepare_model, seed_everything
 from common.errors import ConfigError
 from common.loader import TensorLoader
 from common.plots import confusion_matrix, plot_confusion, plot_history
+from common.progress import progress
 from common.runner import launch
 from common.runs import Run
-from common.text import PAD, TextData, Vocab, encode_texts, load_text, tokenize
-from common.train import Callback, Loop, evaluate, fit, predict
+from common.train import check_finite, evaluate, predict
+from week02_mlp.part2 import Splits
 from week03_cnn.part2 import per_class_accuracy
 from week04_regularization.part2 import EarlyStopping
+from week06_rnn.tokens import PAD
+from week07_transformer.data import encode, load_ag_news, loaders
 
 
 @dataclass
 class Config(BaseConfig):
     """Week 7, Part 2: a Transformer-encoder (or EmbeddingBag) text classifier on AG News."""
 
-    model: Literal["transformer", "bag"] = "transformer"  # Transformer encoder, or the nn.EmbeddingBag baseline
-    pool: Literal["mean", "cls"] = "mean"  # one vector per text: mean over real tokens, or a [CLS] token's output
-    d_model: Annotated[int, Range(2, 1024)] = 128  # width of token vectors (embeddings, attention, outputs)
-    nhead: Annotated[int, Range(1, 64)] = 4  # attention heads; each works on d_model / nhead features
+    model: Literal["transformer", "bag"] = "transformer"  # the encoder, or the EmbeddingBag one
+    pool: Literal["mean", "cls"] = "mean"  # one vector per text: mean of real tokens, or [CLS]
+    d_model: Annotated[int, Range(2, 1024)] = 128  # width of token vectors (attention, outputs)
+    nhead: Annotated[int, Range(1, 64)] = 4  # attention heads, each on d_model / nhead features
     layers: Annotated[int, Range(1, 24)] = 2  # encoder layers (self-attention + feed-forward each)
     ff_mult: Annotated[int, Range(1, 16)] = 2  # feed-forward width = ff_mult x d_model
-    norm_first: bool = True  # LayerNorm before each sublayer (pre-LN); --no-norm-first: the 2017 post-LN layout
-    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.1  # dropout in attention, feed-forward and embeddings
+    norm_first: bool = True  # LayerNorm before each sublayer (pre-LN); off: the 2017 post-LN layout
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.1  # in attention, feed-forward, input
     epochs: Annotated[int, Range(1)] = 6  # passes over the training texts
     batch_size: Annotated[int, Range(1)] = 64  # texts per optimizer step
     lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 5e-4  # peak learning rate of AdamW
     weight_decay: Annotated[float, Range(0, 1)] = 0.01  # AdamW's decoupled weight decay
-    warmup: Annotated[float, Range(0, 0.5)] = 0.1  # share of all steps over which the lr rises linearly from 0
-    label_smoothing: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # target mass spread over the other classes
-    patience: Annotated[int, Range(1)] = 3  # stop after this many epochs without a lower validation loss
-    vocab_size: Annotated[int, Range(3)] = 30_000  # most frequent training tokens kept (with <pad> and <unk>)
-    max_len: Annotated[int, Range(1, 4096)] = 64  # tokens kept per text (AG News: title + description)
-    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.05  # share of training texts held out
-    train_subset: Annotated[int, Range(0)] = 0  # use only N training texts, drawn at random (0: all): quicker
+    warmup: Annotated[float, Range(0, 0.5)] = 0.1  # share of all steps the lr rises over, from 0
+    label_smoothing: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # target mass spread out
+    patience: Annotated[int, Range(1)] = 3  # stop after this many epochs without a lower val loss
+    vocab_size: Annotated[int, Range(3)] = 30_000  # most frequent training tokens kept (+ specials)
+    max_len: Annotated[int, Range(1, 4096)] = 64  # tokens kept per text (title + description)
+    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.05  # training texts held out
+    train_subset: Annotated[int, Range(0)] = 0  # use only N training texts, at random (0: all)
 
-    SMOKE: ClassVar[dict] = {"d_model": 32, "nhead": 2, "layers": 1, "epochs": 8, "batch_size": 32, "lr": 3e-3,
-                             "max_len": 24, "vocab_size": 400, "val_fraction": 0.1}
-    # The bag of embeddings has no attention to destabilize and few, sparse updates: a much larger lr.
+    SMOKE: ClassVar[dict] = {"d_model": 32, "nhead": 2, "layers": 1, "epochs": 8, "batch_size": 32,
+                             "lr": 3e-3, "max_len": 24, "vocab_size": 400, "val_fraction": 0.1}
+    # The bag of embeddings has no attention to destabilize and few, sparse updates: a larger lr.
     PRESETS: ClassVar[dict] = {"model": {"bag": {"lr": 0.05, "warmup": 0.0, "d_model": 64}}}
 
     def check(self) -> None:
@@ -76,7 +80,8 @@ class Config(BaseConfig):
             raise ConfigError(f"--d-model {self.d_model} must be divisible by --nhead {self.nhead} "
                               "(each head gets d_model / nhead features)")
         if self.model == "transformer" and self.d_model % 2:
-            raise ConfigError(f"--d-model {self.d_model} must be even (the positional encoding pairs sin and cos)")
+            raise ConfigError(f"--d-model {self.d_model} must be even (the positional encoding "
+                              "pairs sin and cos)")
 
 
 # ---- Positional encoding: Part 1's table, as a buffer ----
@@ -87,16 +92,17 @@ class PositionalEncoding(nn.Module):
 
     def __init__(self, d_model: int, max_len: int = 4096):
         super().__init__()
-        position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
+        position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (max_len, 1)
         inv_freq = 1.0 / 10000 ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
         pe = torch.zeros(max_len, d_model, dtype=torch.float64)
-        pe[:, 0::2] = torch.sin(position * inv_freq)
+        pe[:, 0::2] = torch.sin(position * inv_freq)  # (max_len, d/2) each
         pe[:, 1::2] = torch.cos(position * inv_freq)
         self.register_buffer("pe", pe.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > len(self.pe):
-            raise ValueError(f"sequence of {x.shape[1]} positions, but the encoding was built for {len(self.pe)}")
+            raise ValueError(f"sequence of {x.shape[1]} positions, but the encoding was built for "
+                             f"{len(self.pe)}")
         return x + self.pe[:x.shape[1]].to(x.dtype)
 
 
@@ -104,43 +110,43 @@ class PositionalEncoding(nn.Module):
 class TransformerClassifier(nn.Module):
     """ids (N, L) -> class scores (N, K): embed * sqrt(d) + PE, encoder layers, pool, linear."""
 
-    def __init__(self, vocab_size: int, num_classes: int, d_model: int = 128, nhead: int = 4, layers: int = 2,
-                 ff_mult: int = 2, dropout: float = 0.1, pool: str = "mean", norm_first: bool = True,
-                 max_len: int = 4096):
+    def __init__(self, vocab_size: int, num_classes: int, d_model: int = 128, nhead: int = 4,
+                 layers: int = 2, ff_mult: int = 2, dropout: float = 0.1, pool: str = "mean",
+                 norm_first: bool = True, max_len: int = 4096):
         super().__init__()
         self.pool, self.scale = pool, math.sqrt(d_model)
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
-        nn.init.normal_(self.embed.weight, std=d_model**-0.5)  # x sqrt(d): token vectors of about unit size
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)  # x sqrt(d): vectors of size ~1
         with torch.no_grad():
             self.embed.weight[PAD].zero_()
         self.cls = nn.Parameter(0.02 * torch.randn(1, 1, d_model)) if pool == "cls" else None
         self.position = PositionalEncoding(d_model, max_len + 1)  # +1: room for [CLS]
         self.dropout = nn.Dropout(dropout)
-        layer = nn.TransformerEncoderLayer(d_model, nhead, ff_mult * d_model, dropout, batch_first=True,
-                                           norm_first=norm_first)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, ff_mult * d_model, dropout,
+                                           batch_first=True, norm_first=norm_first)
         # Pre-LN leaves the last layer's output un-normalized: one final LayerNorm, as GPT-2 does.
-        # enable_nested_tensor=False: pads are computed and ignored, not packed away (simpler, same result).
-        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d_model) if norm_first else None,
-                                             enable_nested_tensor=False)
+        # enable_nested_tensor=False: pads are computed and ignored, not packed away (same result).
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False,
+                                             norm=nn.LayerNorm(d_model) if norm_first else None)
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # True where a position is <pad>: nn.MultiheadAttention's convention (True = ignore), the
         # opposite of Part 1's "keep" masks. Position 0 always counts: an empty text is one <pad>,
         # and a query with every key masked would get 0/0 = NaN weights.
-        pad = ids == PAD
+        pad = ids == PAD  # (N, L)
         pad[:, 0] = False
-        x = self.embed(ids) * self.scale
+        x = self.embed(ids) * self.scale  # (N, L, d)
         if self.cls is not None:
-            x = torch.cat([self.cls.expand(len(ids), -1, -1).to(x.dtype), x], dim=1)
+            x = torch.cat([self.cls.expand(len(ids), -1, -1).to(x.dtype), x], dim=1)  # (N, 1+L, d)
             pad = torch.cat([pad.new_zeros(len(ids), 1), pad], dim=1)
-        x = self.encoder(self.dropout(self.position(x)), src_key_padding_mask=pad)
+        x = self.encoder(self.dropout(self.position(x)), src_key_padding_mask=pad)  # (N, L', d)
         if self.cls is not None:
             pooled = x[:, 0]
         else:
-            keep = (~pad).unsqueeze(-1).to(x.dtype)
-            pooled = (x * keep).sum(dim=1) / keep.sum(dim=1)  # the mean over real tokens only
-        return self.head(pooled)
+            keep = (~pad).unsqueeze(-1).to(x.dtype)  # (N, L, 1)
+            pooled = (x * keep).sum(dim=1) / keep.sum(dim=1)  # (N, d): the mean over real tokens
+        return self.head(pooled)  # (N, K)
 
 
 class BagOfEmbeddings(nn.Module):
@@ -153,51 +159,15 @@ class BagOfEmbeddings(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.bag(ids))
+        return self.head(self.bag(ids))  # (N, dim) -> (N, K)
 
 
 def build_model(cfg: Config, vocab_size: int, num_classes: int) -> nn.Module:
     if cfg.model == "bag":
         return BagOfEmbeddings(vocab_size, num_classes, cfg.d_model)
-    return TransformerClassifier(vocab_size, num_classes, cfg.d_model, cfg.nhead, cfg.layers, cfg.ff_mult,
-                                 cfg.dropout, cfg.pool, cfg.norm_first, cfg.max_len)
-
-
-# ---- Texts -> padded id tensors ----
-@dataclass
-class Encoded:
-    """Padded token ids (N, L) and labels of each split, and the vocabulary that made them."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    vocab: Vocab
-    classes: list[str]
-
-
-def encode(cfg: Config, data: TextData) -> Encoded:
-    """Hold out validation texts at random, build the vocabulary from the remaining training
-    texts only (a validation or test word is unknown to the model, as it would be in use), then
-    tokenize, encode and pad every split to at most ``max_len`` tokens."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(data.train_texts), generator=g)
-    if cfg.train_subset:
-        order = order[:cfg.train_subset]
-    n_val = int(round(cfg.val_fraction * len(order)))
-    if n_val == 0 or n_val == len(order):
-        raise ConfigError(f"--val-fraction {cfg.val_fraction} of {len(order)} training texts leaves no "
-                          "validation or no training texts; use more texts or another --val-fraction")
-    val_idx, train_idx = order[:n_val].tolist(), order[n_val:].tolist()
-    train_texts = [data.train_texts[i] for i in train_idx]
-    vocab = Vocab.build(map(tokenize, train_texts), max_size=cfg.vocab_size)
-    x_train, _ = encode_texts(train_texts, vocab, cfg.max_len)
-    x_val, _ = encode_texts([data.train_texts[i] for i in val_idx], vocab, cfg.max_len)
-    x_test, _ = encode_texts(data.test_texts, vocab, cfg.max_len)
-    return Encoded(x_train, data.y_train[train_idx], x_val, data.y_train[val_idx], x_test, data.y_test, vocab,
-                   data.classes)
+    return TransformerClassifier(vocab_size, num_classes, d_model=cfg.d_model, nhead=cfg.nhead,
+                                 layers=cfg.layers, ff_mult=cfg.ff_mult, dropout=cfg.dropout,
+                                 pool=cfg.pool, norm_first=cfg.norm_first, max_len=cfg.max_len)
 
 
 # ---- The learning-rate schedule: warmup, then a half cosine, stepped after every batch ----
@@ -218,72 +188,90 @@ def warmup_then_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def loaders(cfg: Config, enc: Encoded, device: torch.device) -> tuple[TensorLoader, TensorLoader, TensorLoader]:
-    train = TensorLoader(enc.x_train, enc.y_train, cfg.batch_size, shuffle=True, device=device, seed=cfg.seed)
-    val = TensorLoader(enc.x_val, enc.y_val, 256, device=device)
-    test = TensorLoader(enc.x_test, enc.y_test, 256, device=device)
-    return train, val, test
+# ---- Training: the loop, with the per-batch schedule and early stopping in view ----
+def train_one_epoch(model: nn.Module, train: TensorLoader, optimizer: torch.optim.Optimizer,
+                    scheduler, loss_fn: nn.Module) -> dict:
+    model.train()
+    device = train.x.device
+    total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for x, y in progress(train, "train"):  # x: (B, L) token ids, y: (B,)
+        with autocast(device):  # bf16 on CUDA; a no-op on the CPU
+            logits = model(x)  # (B, classes)
+            loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()  # warmup then cosine is planned in batches: step after every batch
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    seen = len(train.x)
+    return {"train_loss": (total_loss / seen).item(), "train_acc": (correct / seen).item()}
 
 
-class LogRows(Callback):
-    """Writes each epoch's metrics row to the run's metrics.csv as soon as the epoch ends. (``fit``
-    would do it when handed the run, and save a checkpoint each epoch too; these short labs have
-    no ``--resume``, so the only checkpoint is the kept model, saved at the end.)"""
-
-    def __init__(self, log: Run):
-        self.log = log
-
-    def on_epoch_end(self, loop: Loop) -> None:
-        self.log.log(**loop.row)
-
-
-def train_model(cfg: Config, model: nn.Module, enc: Encoded, device: torch.device, log: Run | None,
-                ) -> tuple[Loop, EarlyStopping]:
+def train_model(cfg: Config, model: nn.Module, splits: Splits, device: torch.device,
+                run: Run) -> tuple[list[dict], int]:
     """AdamW + warmup/cosine per batch + early stopping on the validation loss; the model ends
-    with the weights of its best validation epoch."""
-    train, val, _ = loaders(cfg, enc, device)
+    with the weights of its best validation epoch. Returns the rows logged and that epoch."""
+    train, val, _ = loaders(cfg, splits, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(total, round(cfg.warmup * total)))
-    early = EarlyStopping(model, cfg.patience)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then_cosine(total, round(cfg.warmup * total)))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    callbacks = [early, *([LogRows(log)] if log is not None else [])]  # early stopping first: it ends the epoch
-    loop = fit(model, optimizer, train, val, cfg.epochs, loss_fn=loss_fn, scheduler=scheduler, callbacks=callbacks)
-    return loop, early
+    early, rows = EarlyStopping(model, cfg.patience), []
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        train.set_epoch(epoch)
+        row = {"epoch": epoch, **train_one_epoch(model, train, optimizer, scheduler, loss_fn)}
+        check_finite(row["train_loss"], epoch)
+        row.update({f"val_{k}": v for k, v in evaluate(model, val, loss_fn).items()})
+        row.update(lr=scheduler.get_last_lr()[0], epoch_time_s=round(time.perf_counter() - t0, 3))
+        run.log(show=True, **row)
+        rows.append(row)
+        if early.update(row["val_loss"], epoch):  # early stopping decides here
+            print(f"early stopping after epoch {epoch}: no lower validation loss for "
+                  f"{cfg.patience} epochs")
+            break
+    kept = early.restore_best()  # the epoch validation liked best
+    if kept != epoch:
+        print(f"end of training: restored the weights of epoch {kept} (lowest validation loss)")
+    return rows, kept
 
 
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    data = load_text("ag_news", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    enc = encode(cfg, data)
-    if cfg.batch_size > len(enc.x_train):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(enc.x_train)} training texts")
-    print(f"{data.name}: train {len(enc.x_train)}, validation {len(enc.x_val)}, test {len(enc.x_test)} texts; "
-          f"vocabulary {len(enc.vocab)} tokens; padded to {enc.x_train.shape[1]} tokens")
+    data = load_ag_news(cfg)
+    splits, vocab = encode(cfg, data)
+    if cfg.batch_size > len(splits.x_train):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(splits.x_train)} "
+                          "training texts")
+    print(f"{data.name}: train {len(splits.x_train)}, validation {len(splits.x_val)}, test "
+          f"{len(splits.x_test)} texts; vocabulary {len(vocab)} tokens; padded to "
+          f"{splits.x_train.shape[1]} tokens")
     seed_everything(cfg.seed)
-    model = prepare_model(build_model(cfg, len(enc.vocab), len(enc.classes)), device)
+    model = prepare_model(build_model(cfg, len(vocab), len(splits.classes)), device)
     params = sum(p.numel() for p in model.parameters())
     run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
     print(f"{type(model).__name__}: {params:,} parameters")
-    loop, early = train_model(cfg, model, enc, device, run)
-    plot_history(loop.rows, run.path("curves.png"), title=f"{cfg.model} on {data.name}")
+    rows, kept = train_model(cfg, model, splits, device, run)
+    plot_history(rows, run.path("curves.png"), title=f"{cfg.model} on {data.name}")
 
-    _, val, test = loaders(cfg, enc, device)
+    _, val, test = loaders(cfg, splits, device)
     kept_val = evaluate(model, val)
     logits, targets = predict(model, test)  # the test set, once, with the kept weights
     pred = logits.argmax(1).numpy()
-    matrix = confusion_matrix(targets.numpy(), pred, len(enc.classes))
-    plot_confusion(matrix, enc.classes, run.path("confusion.png"), title=f"{cfg.model}, test set")
-    per_class = dict(zip(enc.classes, np.round(per_class_accuracy(matrix), 4).tolist()))
+    matrix = confusion_matrix(targets.numpy(), pred, len(splits.classes))
+    plot_confusion(matrix, splits.classes, run.path("confusion.png"), title=f"{cfg.model}, test")
+    per_class = dict(zip(splits.classes, np.round(per_class_accuracy(matrix), 4).tolist()))
     print("per-class test accuracy: " + "  ".join(f"{c} {a:.3f}" for c, a in per_class.items()))
-    run.save_checkpoint(model, epoch=loop.epoch, vocab=enc.vocab.state_dict(), kept_epoch=early.best_epoch)
-    epoch_times = [r["epoch_time_s"] for r in loop.rows]
+    run.save_checkpoint(model, epoch=rows[-1]["epoch"], vocab=vocab.state_dict(), kept_epoch=kept)
+    epoch_times = [r["epoch_time_s"] for r in rows]
     return run.finish(test_acc=float((pred == targets.numpy()).mean()), val_acc=kept_val["acc"],
-                       val_loss=kept_val["loss"], kept_epoch=early.best_epoch, epochs_done=loop.epoch,
-                       params=params, train_time_s=round(sum(epoch_times), 2),
-                       epoch_time_s=round(float(np.median(epoch_times)), 3), per_class_acc=per_class,
-                       confusion=matrix.tolist(), data=data.name)
+                      val_loss=kept_val["loss"], kept_epoch=kept, epochs_done=rows[-1]["epoch"],
+                      params=params, train_time_s=round(sum(epoch_times), 2),
+                      epoch_time_s=round(float(np.median(epoch_times)), 3),
+                      per_class_acc=per_class, confusion=matrix.tolist(), data=data.name)
 
 
 if __name__ == "__main__":

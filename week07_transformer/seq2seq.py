@@ -31,12 +31,13 @@ from torch import nn
 
 from common.config import BaseConfig, Range
 from common.device import autocast, pick_device, seed_everything
-from common.errors import ConfigError, NonFiniteLoss
+from common.errors import ConfigError
 from common.loader import TensorLoader
 from common.plots import plot_curves
 from common.runner import launch
 from common.runs import Run
-from week07_transformer.part2 import PositionalEncoding
+from common.train import check_finite
+from week07_transformer.part2 import PositionalEncoding, warmup_then_cosine
 
 PAD, BOS, EOS = 0, 1, 2  # special tokens; digit d is token d + 3
 VOCAB = 13
@@ -169,13 +170,6 @@ def exact_match(model: Seq2SeqTransformer, src: torch.Tensor, tgt: torch.Tensor,
     return right / len(src)
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then a half cosine to 0 (Part 2's schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
-
-
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -189,29 +183,29 @@ def main(cfg: Config) -> dict:
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     total = cfg.epochs * len(train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, round(cfg.warmup * total)))
+    # Part 2's schedule: a linear warmup, then a half cosine to 0, stepped after every batch.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(total, round(cfg.warmup * total)))
     run = Run.start(cfg, __file__, device)
     print(f"{cfg.task} {cfg.min_digits}-{cfg.max_digits} digits: {cfg.train_size} training pairs, "
           f"{n_eval} validation, {n_eval} test; {params:,} parameters")
     best = (-1.0, 0, None)  # (validation exact match, epoch, weights): the model kept
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        total_loss = 0.0
-        for step, (s, t) in enumerate(train):
+        total_loss = torch.zeros((), device=device)
+        for s, t in train:  # s: (B, S) source digits, t: (B, T) <bos> answer <eos>
             with autocast(device):
                 loss = teacher_forcing_loss(model, s, t)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss became {loss.item()} in epoch {epoch}, step {step + 1}; try a smaller --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()  # per batch
-            total_loss += loss.item()
+            total_loss += loss.detach()
+        train_loss = (total_loss / len(train)).item()
+        check_finite(train_loss, epoch)
         val_exact = exact_match(model, val_src, val_tgt)
-        run.log(epoch=epoch, train_loss=total_loss / len(train), val_exact=val_exact,
-                 lr=optimizer.param_groups[0]["lr"])
-        print(f"epoch {epoch}: train loss {total_loss / len(train):.4f}  validation exact match {val_exact:.3f}")
+        run.log(show=True, epoch=epoch, train_loss=train_loss, val_exact=val_exact,
+                lr=optimizer.param_groups[0]["lr"])
         if val_exact > best[0]:
             best = (val_exact, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
     model.load_state_dict(best[2])  # chosen on validation; the test set is used once, below

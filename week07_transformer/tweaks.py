@@ -30,9 +30,9 @@ from common.errors import ConfigError
 from common.plots import plot_curves
 from common.runner import launch
 from common.runs import Run, compare_table
-from common.text import load_text
 from common.train import evaluate
 from week07_transformer import part2
+from week07_transformer.data import encode, load_ag_news, loaders
 
 VARIANTS = {
     "plain": {"warmup": 0.0, "dropout": 0.0, "label_smoothing": 0.0},
@@ -78,25 +78,25 @@ def variant_config(cfg: Config, settings: dict) -> part2.Config:
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    data = load_text("ag_news", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    enc = part2.encode(variant_config(cfg, VARIANTS["plain"]), data)
-    if cfg.batch_size > len(enc.x_train):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(enc.x_train)} training texts")
+    data = load_ag_news(cfg)
+    splits, vocab = encode(variant_config(cfg, VARIANTS["plain"]), data)
+    if cfg.batch_size > len(splits.x_train):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(splits.x_train)} training texts")
     run = Run.start(cfg, __file__, device)
     summaries: dict[str, dict] = {}
     for name, settings in VARIANTS.items():
         print(f"--- {name}: {settings} ---")
         vcfg = variant_config(cfg, settings)
         seed_everything(cfg.seed)  # the same initial weights and batches for every variant
-        model = part2.build_model(vcfg, len(enc.vocab), len(enc.classes)).to(device)
-        loop, early = part2.train_model(vcfg, model, enc, device, run.sub(name, variant=name))
-        _, val, test = part2.loaders(vcfg, enc, device)
-        accs = [r["val_acc"] for r in loop.rows]
+        model = part2.build_model(vcfg, len(vocab), len(splits.classes)).to(device)
+        rows, _ = part2.train_model(vcfg, model, splits, device, run.sub(name, variant=name))
+        _, val, test = loaders(vcfg, splits, device)
+        accs = [r["val_acc"] for r in rows]
         best_acc = max(accs)
         kept = evaluate(model, val)  # plain cross-entropy, whatever loss the variant trained with
         summaries[name] = {"best_val_acc": best_acc, "kept_val_acc": kept["acc"], "kept_val_ce": kept["loss"],
                            "epochs_to_95pct": next(i for i, a in enumerate(accs, 1) if a >= 0.95 * best_acc),
-                           "final_train_val_gap": loop.rows[-1]["train_acc"] - loop.rows[-1]["val_acc"],
+                           "final_train_val_gap": rows[-1]["train_acc"] - rows[-1]["val_acc"],
                            "test_acc": evaluate(model, test)["acc"]}
     for key in ("val_acc", "train_loss"):
         curves = {v: [(r["epoch"], r[key]) for r in run.rows if r["variant"] == v] for v in VARIANTS}

@@ -32,10 +32,10 @@ from common.errors import ConfigError
 from common.plots import plot_curves, save
 from common.runner import launch
 from common.runs import Run
-from common.text import load_text
 from common.train import evaluate
 from week06_rnn.part2 import TextRNN
 from week07_transformer import part2
+from week07_transformer.data import encode, load_ag_news, loaders
 
 MODELS = ("transformer", "rnn")
 
@@ -123,24 +123,24 @@ def plot_comparison(results: dict[str, dict], path) -> None:
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    data = load_text("ag_news", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    enc = part2.encode(lab_config(cfg, "transformer"), data)  # one split and vocabulary for both
-    if cfg.batch_size > len(enc.x_train):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(enc.x_train)} training texts")
+    data = load_ag_news(cfg)
+    splits, vocab = encode(lab_config(cfg, "transformer"), data)  # one split and vocabulary for both
+    if cfg.batch_size > len(splits.x_train):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(splits.x_train)} training texts")
     run = Run.start(cfg, __file__, device)
     results: dict[str, dict] = {}
     for name in MODELS:
         print(f"--- {name} ---")
         seed_everything(cfg.seed)
-        model = make_model(cfg, name, len(enc.vocab), len(enc.classes)).to(device)
-        batch_x, batch_y = enc.x_train[:cfg.batch_size].to(device), enc.y_train[:cfg.batch_size].to(device)
+        model = make_model(cfg, name, len(vocab), len(splits.classes)).to(device)
+        batch_x, batch_y = splits.x_train[:cfg.batch_size].to(device), splits.y_train[:cfg.batch_size].to(device)
         memory = activation_mib(model, batch_x, batch_y)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        loop, _ = part2.train_model(lab_config(cfg, name), model, enc, device, run.sub(name, model=name))
-        _, val, test = part2.loaders(lab_config(cfg, name), enc, device)
+        rows, _ = part2.train_model(lab_config(cfg, name), model, splits, device, run.sub(name, model=name))
+        _, val, test = loaders(lab_config(cfg, name), splits, device)
         results[name] = {"test_acc": evaluate(model, test)["acc"], "val_acc": evaluate(model, val)["acc"],
-                         "epoch_time_s": float(np.median([r["epoch_time_s"] for r in loop.rows])),
+                         "epoch_time_s": float(np.median([r["epoch_time_s"] for r in rows])),
                          "activation_mib": memory, "params": sum(p.numel() for p in model.parameters())}
         if device.type == "cuda":
             results[name]["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
