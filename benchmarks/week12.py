@@ -4,13 +4,15 @@ CNN and the ViT, each trained by the whole week12_capstone/part2.py pipeline (ea
 evaluation, ONNX export checked against eager, served by the Week 10 service) for as many whole
 epochs as a timed probe says fit in the budget (the one-cycle schedule is sized to them).
 
-    python benchmarks/run.py cifar10_capstone --data-dir ../shared/data               # CPU: 240 s per model
-    python benchmarks/run.py cifar10_capstone --data-dir ../shared/data --set budget_s=600 --set threads=2
-    python benchmarks/run.py cifar10_capstone --data-dir ../shared/data --device cuda  # GPU: 60 s per model
+    python benchmarks/run.py cifar10_capstone --data-dir ../shared/data     # CPU: 240 s per model
+    python benchmarks/run.py cifar10_capstone --data-dir ../shared/data --set budget_s=600 \
+        --set threads=2
+    python benchmarks/run.py cifar10_capstone --data-dir ../shared/data --device cuda  # GPU: 60 s
 
-On CUDA, part2 trains with bf16 autocast (common.train) and the CNN in channels_last
-(common.device.prepare_model). ``value`` is the test accuracy of the model that validation
-prefers; both models' figures, their 95% Wilson intervals and the baseline are in the result.
+On CUDA, part2's training loop autocasts to bf16 (common.device.autocast) and the CNN is stored
+channels_last (common.device.prepare_model). ``value`` is the test accuracy of the model that
+validation prefers; both models' figures, their 95% Wilson intervals and the baseline are in the
+result.
 
 Options (``--set key=value``): ``budget_s`` (training seconds per model), ``models`` (e.g.
 ``vit``), ``threads`` (torch CPU threads, default 1: on a shared CPU one thread was faster),
@@ -31,7 +33,8 @@ from common.device import pick_device, prepare_model, seed_everything
 from week12_capstone import part1, part2
 
 
-def epochs_for_budget(cfg: part2.Config, budget_s: float, device: torch.device, n_train: int) -> tuple[int, float]:
+def epochs_for_budget(cfg: part2.Config, budget_s: float, device: torch.device,
+                      n_train: int) -> tuple[int, float]:
     """Whole epochs of ``cfg``'s model that fit in ``budget_s``: the median of a few timed
     training steps (part1's probe, on random images) scaled to an epoch, +10% for validation."""
     data = load("cifar10", synthetic=True, n_synthetic=64)
@@ -42,12 +45,14 @@ def epochs_for_budget(cfg: part2.Config, budget_s: float, device: torch.device, 
 
 
 def capstone(data_dir: str, device: str, options: dict) -> dict:
-    fields, extra = config_options(options, part2.Config, default_threads=1, extra_keys=("budget_s", "models"))
+    fields, extra = config_options(options, part2.Config, default_threads=1,
+                                   extra_keys=("budget_s", "models"))
     dev = pick_device(device)
     budget_s = float(extra.get("budget_s", 60.0 if dev.type == "cuda" else 240.0))
     models = str(extra.get("models", "resnet,vit")).split(",")
-    result = {"data": "CIFAR-10, JPEG copy (lossy: compare only with runs on the same copy)", "budget_s": budget_s,
-              "torch_threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0]}
+    result = {"data": "CIFAR-10, JPEG copy (lossy: compare only with runs on the same copy)",
+              "budget_s": budget_s, "torch_threads": torch.get_num_threads(),
+              "load_average_start": os.getloadavg()[0]}
 
     # The baseline from the plan (part1), on the same validation split and test set.
     data = load("cifar10", data_dir)
@@ -60,27 +65,30 @@ def capstone(data_dir: str, device: str, options: dict) -> dict:
         fields["train_subset"] * (1 - plan.val_fraction))
 
     val_acc = {}
+    keep = ("test_acc", "test_acc_low", "test_acc_high", "val_acc", "params", "epochs_done",
+            "kept_epoch", "train_time_s", "onnx_max_prob_diff", "served_same_answer")
     with tempfile.TemporaryDirectory() as out:
         for name in models:
             settings = {**part2.Config.PRESETS["model"].get(name, {}), **fields, "model": name}
-            probe = part2.Config(**settings, data_dir=data_dir, device=device, out=out)
+            where = {"data_dir": data_dir, "device": device, "out": out}
+            probe = part2.Config(**settings, **where)
             epochs, epoch_s = epochs_for_budget(probe, budget_s, dev, n_train)
-            summary = part2.main(part2.Config(**{**settings, "epochs": epochs}, data_dir=data_dir, device=device,
-                                              out=out))
+            summary = part2.main(part2.Config(**{**settings, "epochs": epochs}, **where))
             val_acc[name] = summary["val_acc"]
-            keep = ("test_acc", "test_acc_low", "test_acc_high", "val_acc", "params", "epochs_done", "kept_epoch",
-                    "train_time_s", "onnx_max_prob_diff", "served_same_answer")
             result.update({f"{name}_{k}": summary[k] for k in keep if k in summary})
-            result.update({f"{name}_epochs_planned": epochs, f"{name}_probe_epoch_s": round(epoch_s, 1),
+            result.update({f"{name}_epochs_planned": epochs,
+                           f"{name}_probe_epoch_s": round(epoch_s, 1),
                            f"{name}_settings": settings})
     chosen = max(val_acc, key=val_acc.get)  # chosen on validation, never on test
     result["load_average_end"] = os.getloadavg()[0]
-    return {"metric": "test_acc", "value": result[f"{chosen}_test_acc"], "chosen_on_validation": chosen,
+    return {"metric": "test_acc", "value": result[f"{chosen}_test_acc"],
+            "chosen_on_validation": chosen,
             "over_baseline": result[f"{chosen}_test_acc"] - baseline["test_acc"], **result}
 
 
 ENTRIES = {
-    "cifar10_capstone": Benchmark(capstone, "Week 12 capstone on CIFAR-10 (JPEG copy): residual CNN vs ViT through "
-                                            "the whole pipeline at a training budget per model (CPU 240 s, GPU 60 s), "
-                                            "with the part1 baseline in the same run"),
+    "cifar10_capstone": Benchmark(
+        capstone, "Week 12 capstone on CIFAR-10 (JPEG copy): residual CNN vs ViT through the "
+                  "whole pipeline at a training budget per model (CPU 240 s, GPU 60 s), with the "
+                  "part1 baseline in the same run"),
 }

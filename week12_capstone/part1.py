@@ -10,8 +10,8 @@ Before training anything big, a plan answers four questions, each with a number:
                 implies on this CPU and on one GPU, checked against a short measured run
 
 All of it goes into plan.md (with a sample grid) in the run folder; summary.json has the numbers.
-The math written from scratch here (the Wilson interval, FLOP formulas) is checked in the tests
-against scipy and torch.utils.flop_counter.
+The math written from scratch (the FLOP formulas here, the Wilson interval in report.py, which
+Part 2's report uses too) is checked in the tests against torch.utils.flop_counter and scipy.
 
 Run: python week12_capstone/part1.py [--smoke] [--help]
      python week12_capstone/part1.py --data-dir ../shared/data --budget-minutes 5
@@ -34,13 +34,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.config import BaseConfig, Range
 from common.data import ImageData, load
 from common.device import pick_device, seed_everything
+from common.errors import ConfigError
 from common.loader import TensorLoader, normalizer, split
 from common.plots import plot_images
 from common.runner import launch
 from common.runs import Run
 from common.train import evaluate, fit
-
-Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+from week12_capstone import part2
+from week12_capstone.report import wilson_interval
 
 
 @dataclass
@@ -48,35 +49,13 @@ class Config(BaseConfig):
     """Week 12, Part 1: the capstone plan: scope, data audit, baseline, compute budget."""
 
     baseline_epochs: Annotated[int, Range(1)] = 5  # epochs of the softmax-regression baseline
-    batch_size: Annotated[int, Range(1)] = 256  # images per step, for the baseline and the timing probe
-    probe_steps: Annotated[int, Range(1, 1000)] = 4  # measured training steps per candidate (after one warm-up)
-    budget_minutes: Annotated[float, Range(0, 10_000, lo_open=True)] = 5.0  # training budget per model on this machine
-    gpu_tflops: Annotated[float, Range(0, 10_000, lo_open=True)] = 100.0  # sustained TFLOP/s assumed for one GPU
-    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # as in part2: held out for validation
+    batch_size: Annotated[int, Range(1)] = 256  # images per step: baseline and timing probe
+    probe_steps: Annotated[int, Range(1, 1000)] = 4  # timed training steps per model (+1 warm-up)
+    budget_minutes: Annotated[float, Range(0, 10_000, lo_open=True)] = 5.0  # training per model
+    gpu_tflops: Annotated[float, Range(0, 10_000, lo_open=True)] = 100.0  # assumed for one GPU
+    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # as in part2: held out
 
     SMOKE: ClassVar[dict] = {"baseline_epochs": 3, "batch_size": 32, "probe_steps": 1}
-
-
-# =========================================================================================
-#                       The success metric and its uncertainty
-# =========================================================================================
-def wilson_interval(k: np.ndarray, n: np.ndarray, z: float = Z_95) -> tuple[np.ndarray, np.ndarray]:
-    """The Wilson score interval for a proportion: k successes in n trials (elementwise).
-
-        p = k / n,   centre = (p + z^2 / 2n) / (1 + z^2 / n)
-        half-width  = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)
-
-    It inverts the normal test of p rather than putting a normal around p (the "Wald" interval
-    p +- z sqrt(p(1-p)/n)), so it stays inside [0, 1] and does not shrink to a point at p = 0 or 1.
-    10,000 test images at 80% accuracy: +-0.8 points. n = 0 gives the whole [0, 1].
-    """
-    k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    safe_n = np.maximum(n, 1)
-    p = k / safe_n
-    denominator = 1 + z**2 / safe_n
-    centre = (p + z**2 / (2 * safe_n)) / denominator
-    half = z / denominator * np.sqrt(p * (1 - p) / safe_n + z**2 / (4 * safe_n**2))
-    return np.where(n > 0, centre - half, 0.0), np.where(n > 0, centre + half, 1.0)
 
 
 # =========================================================================================
@@ -105,7 +84,8 @@ def audit(data: ImageData, val_fraction: float, seed: int) -> tuple[dict, dict[s
     with the same function and seed) / test."""
     x_train, y_train, x_val, y_val = split(data.x_train, data.y_train, val_fraction, seed)
     labels = {"train": y_train, "val": y_val, "test": data.y_test}
-    counts = {name: torch.bincount(y, minlength=data.num_classes).tolist() for name, y in labels.items()}
+    counts = {name: torch.bincount(y, minlength=data.num_classes).tolist()
+              for name, y in labels.items()}
     facts = {"n_train": len(y_train), "n_val": len(y_val), "n_test": len(data.y_test),
              "image_shape": list(data.x_train.shape[1:]), "class_counts": counts,
              "imbalance_train": max(counts["train"]) / max(min(counts["train"]), 1),
@@ -121,8 +101,9 @@ def sample_grid(data: ImageData, path, per_class: int = 8) -> None:
         members = torch.nonzero(data.y_train == k).squeeze(1)
         rows.append(members[torch.randperm(len(members), generator=g)[:per_class]])
     picks = torch.cat(rows)
-    plot_images(data.x_train[picks].numpy(), path, titles=[data.classes[int(data.y_train[i])] for i in picks],
-                ncols=per_class, title="training images, one row per class")
+    titles = [data.classes[int(data.y_train[i])] for i in picks]
+    plot_images(data.x_train[picks].numpy(), path, titles=titles, ncols=per_class,
+                title="training images, one row per class")
 
 
 # =========================================================================================
@@ -130,29 +111,31 @@ def sample_grid(data: ImageData, path, per_class: int = 8) -> None:
 # =========================================================================================
 def baseline_model(data: ImageData) -> nn.Module:
     """Softmax regression on the normalized pixels: one linear layer, 10 x 3072 weights. It
-    cannot see shapes, only colour statistics at fixed places: the floor any real model must clear."""
+    cannot see shapes, only colour statistics at fixed places: the floor a real model must clear."""
     c, h, w = data.x_train.shape[1:]
     return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, data.num_classes))
 
 
 def train_baseline(data: ImageData, arrays: dict, cfg: Config, device: torch.device) -> dict:
-    """Train the baseline with common.fit (AdamW, 5 epochs); validation accuracy, and the test
-    accuracy with its Wilson interval (the comparison number for the capstone's benchmark)."""
+    """Train the baseline with common.fit (the plain loop of every Part 2; AdamW, 5 epochs),
+    validating on the held-out validation split; then the test accuracy, once, with its Wilson
+    interval (the comparison number for the capstone's benchmark)."""
     seed_everything(cfg.seed)
     normalize = normalizer(data.mean, data.std)
-    train = TensorLoader(arrays["x_train"], arrays["y_train"], cfg.batch_size, shuffle=True, transform=normalize,
-                         device=device, seed=cfg.seed)
+    train = TensorLoader(arrays["x_train"], arrays["y_train"], cfg.batch_size, shuffle=True,
+                         transform=normalize, device=device, seed=cfg.seed)
     val = TensorLoader(arrays["x_val"], arrays["y_val"], 1024, transform=normalize, device=device)
-    test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
     model = baseline_model(data).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     start = time.perf_counter()
-    loop = fit(model, optimizer, train, val, cfg.baseline_epochs)
+    rows = fit(model, optimizer, train, val, cfg.baseline_epochs)  # validation: never the test set
     seconds = time.perf_counter() - start
-    test_acc = evaluate(model, test)["acc"]
-    low, high = wilson_interval(np.array(round(test_acc * len(data.y_test))), np.array(len(data.y_test)))
-    return {"val_acc": loop.last["val_acc"], "test_acc": test_acc, "test_acc_low": float(low),
-            "test_acc_high": float(high), "train_s": round(seconds, 2), "rows": loop.rows}
+    test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
+    test_acc = evaluate(model, test)["acc"]  # the test set, touched once, at the end
+    n_test = len(data.y_test)
+    low, high = wilson_interval(np.array(round(test_acc * n_test)), np.array(n_test))
+    return {"val_acc": rows[-1]["val_acc"], "test_acc": test_acc, "test_acc_low": float(low),
+            "test_acc_high": float(high), "train_s": round(seconds, 2), "rows": rows}
 
 
 # =========================================================================================
@@ -170,8 +153,9 @@ def conv_flops(h_out: int, w_out: int, c_in: int, c_out: int, kernel: int) -> in
     return 2 * h_out * w_out * c_out * c_in * kernel**2
 
 
-def vit_flops(image_size: int, channels: int, classes: int, patch: int, dim: int, depth: int, mlp_ratio: int) -> int:
-    """Forward FLOPs of part2's ViT per image (matrix products only, as FlopCounterMode counts):
+def vit_flops(image_size: int, channels: int, classes: int, patch: int, dim: int, depth: int,
+              mlp_ratio: int) -> int:
+    """Forward FLOPs of vit.py's ViT per image (matrix products only, as FlopCounterMode counts):
 
         patches    conv with kernel = stride = patch: L patches x (C p^2 -> dim)
         per block  qkv (T x dim -> 3 dim), scores Q K^T (T x T x dim), weights x V (T x T x dim),
@@ -181,7 +165,8 @@ def vit_flops(image_size: int, channels: int, classes: int, patch: int, dim: int
     side = math.ceil(image_size / patch)
     tokens = side * side + 1
     embed = conv_flops(side, side, channels, dim, patch)
-    attention = linear_flops(tokens, dim, 3 * dim) + 2 * (2 * tokens * tokens * dim) + linear_flops(tokens, dim, dim)
+    attention = (linear_flops(tokens, dim, 3 * dim) + 2 * (2 * tokens * tokens * dim)
+                 + linear_flops(tokens, dim, dim))
     mlp = linear_flops(tokens, dim, mlp_ratio * dim) + linear_flops(tokens, mlp_ratio * dim, dim)
     return embed + depth * (attention + mlp) + linear_flops(1, dim, classes)
 
@@ -249,25 +234,26 @@ def measured_step_s(model: nn.Module, batch_size: int, shape: tuple[int, ...], s
 def candidates(data: ImageData, smoke: bool) -> dict[str, tuple[nn.Module, int]]:
     """The two capstone models at part2's settings (its smoke sizes under --smoke), each with
     its FLOP count from the formulas above."""
-    from week12_capstone import part2
-
-    shape = tuple(data.x_train.shape[1:])
+    channels, size = data.x_train.shape[1], data.x_train.shape[2]
     out = {}
     for name in ("resnet", "vit"):
         settings = {"model": name, **part2.Config.PRESETS["model"].get(name, {}),
                     **(part2.Config.SMOKE if smoke else {})}
         p2 = part2.Config(**settings)
-        model = part2.make_model(p2, data)
         if name == "vit":
-            formula = vit_flops(shape[1], shape[0], data.num_classes, p2.patch, p2.dim, p2.depth, p2.mlp_ratio)
+            formula = vit_flops(size, channels, data.num_classes, p2.patch, p2.dim, p2.depth,
+                                p2.mlp_ratio)
         else:
-            formula = speednet_flops(shape[1], shape[0], data.num_classes, (p2.width, 2 * p2.width, 4 * p2.width))
-        out[name] = (model, formula)
-    out["baseline"] = (baseline_model(data), linear_flops(1, int(np.prod(shape)), data.num_classes))
+            widths = (p2.width, 2 * p2.width, 4 * p2.width)
+            formula = speednet_flops(size, channels, data.num_classes, widths)
+        out[name] = (part2.make_model(p2, data), formula)
+    pixels = int(np.prod(data.x_train.shape[1:]))
+    out["baseline"] = (baseline_model(data), linear_flops(1, pixels, data.num_classes))
     return out
 
 
-def compute_budget(data: ImageData, n_train: int, cfg: Config, device: torch.device) -> dict[str, dict]:
+def compute_budget(data: ImageData, n_train: int, cfg: Config,
+                   device: torch.device) -> dict[str, dict]:
     """Per candidate: parameters, forward FLOPs per image (formula and FlopCounterMode), the
     expected epoch time here (3x forward FLOPs per image for forward + backward, at the measured
     matmul rate: a lower bound) and on one GPU (at the assumed ``gpu_tflops``), the epoch time
@@ -280,62 +266,73 @@ def compute_budget(data: ImageData, n_train: int, cfg: Config, device: torch.dev
         epoch_flops = 3 * flops * n_train
         step_s = measured_step_s(model, cfg.batch_size, shape, cfg.probe_steps, device)
         measured_epoch_s = step_s * math.ceil(n_train / cfg.batch_size)
-        budget[name] = {"params": sum(p.numel() for p in model.parameters()), "flops_formula": formula,
-                        "flops_counted": flops, "expected_epoch_s_here": epoch_flops / rate,
+        budget[name] = {"params": sum(p.numel() for p in model.parameters()),
+                        "flops_formula": formula, "flops_counted": flops,
+                        "expected_epoch_s_here": epoch_flops / rate,
                         "expected_epoch_s_gpu": epoch_flops / (cfg.gpu_tflops * 1e12),
-                        "measured_epoch_s": measured_epoch_s, "utilization": epoch_flops / rate / measured_epoch_s,
+                        "measured_epoch_s": measured_epoch_s,
+                        "utilization": epoch_flops / rate / measured_epoch_s,
                         "epochs_in_budget": cfg.budget_minutes * 60 / measured_epoch_s}
-    budget["_device"] = {"matmul_gflops": rate / 1e9, "device": str(device), "load_average": os.getloadavg()[0],
-                         "threads": torch.get_num_threads()}
+    budget["_device"] = {"matmul_gflops": rate / 1e9, "device": str(device),
+                         "load_average": os.getloadavg()[0], "threads": torch.get_num_threads()}
     return budget
 
 
 # =========================================================================================
 #                                     The plan report
 # =========================================================================================
-def write_plan(path, cfg: Config, data: ImageData, facts: dict, baseline: dict, budget: dict) -> None:
-    device = budget["_device"]
-    counts = facts["class_counts"]
+def write_plan(path, cfg: Config, data: ImageData, facts: dict, baseline: dict,
+               budget: dict) -> None:
+    device, counts, b = budget["_device"], facts["class_counts"], baseline
+    duplicates = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in facts.items()
+                           if k.startswith(("dup_", "shared_")))
     lines = [
         "# Capstone plan: CIFAR-10, a small Vision Transformer vs a residual CNN", "",
         "## Scope and success metric",
-        "- Build: one command (`week12_capstone/part2.py`) that trains either model, evaluates it, exports it "
-        "to ONNX and serves it with the Week 10 service; `--smoke` runs the whole chain offline in seconds.",
-        "- Question: at a small, fixed CPU budget, does a ViT (no convolutional prior) get near a ResNet-style "
-        "CNN (Week 4's recipe)? Both must clearly beat the baseline below.",
-        "- Metric: test accuracy with a 95% Wilson interval, the test set touched once per model; model "
-        "selection (early stopping, schedules) on a validation split held out of the training set.",
-        f"- Budget: {cfg.budget_minutes:g} min of training per model on this machine ({device['device']}).", "",
+        "- Build: one command (`week12_capstone/part2.py`) that trains either model, evaluates "
+        "it, exports it to ONNX and serves it with the Week 10 service; `--smoke` runs the whole "
+        "chain offline in seconds.",
+        "- Question: at a small, fixed CPU budget, does a ViT (no convolutional prior) get near a "
+        "ResNet-style CNN (Week 4's recipe)? Both must clearly beat the baseline below.",
+        "- Metric: test accuracy with a 95% Wilson interval, the test set touched once per model; "
+        "model selection (early stopping, schedules) on a validation split held out of the "
+        "training set.",
+        f"- Budget: {cfg.budget_minutes:g} min of training per model on this machine "
+        f"({device['device']}).", "",
         f"## Data audit ({data.name})",
-        f"- Sizes: train {facts['n_train']}, validation {facts['n_val']}, test {facts['n_test']}; images "
-        f"{' x '.join(map(str, facts['image_shape']))} uint8.",
-        f"- Largest / smallest training class: {facts['imbalance_train']:.2f} (1.00 = balanced).", "",
-        "| class | train | val | test |", "|---|---:|---:|---:|",
+        f"- Sizes: train {facts['n_train']}, validation {facts['n_val']}, test "
+        f"{facts['n_test']}; images {' x '.join(map(str, facts['image_shape']))} uint8.",
+        f"- Largest / smallest training class: {facts['imbalance_train']:.2f} (1.00 = balanced).",
+        "", "| class | train | val | test |", "|---|---:|---:|---:|",
         *[f"| {c} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
           for i, c in enumerate(data.classes)], "",
-        "- Exact duplicates (SHA-1 of the pixels): "
-        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in facts.items() if k.startswith(("dup_", "shared_"))),
+        f"- Exact duplicates (SHA-1 of the pixels): {duplicates}",
         "", "![samples](samples.png)", "",
         "## Baseline: softmax regression on pixels",
-        f"- {cfg.baseline_epochs} epochs, {baseline['train_s']:.1f} s: validation accuracy {baseline['val_acc']:.2%}, "
-        f"test accuracy {baseline['test_acc']:.2%} (95% interval {baseline['test_acc_low']:.2%} to "
-        f"{baseline['test_acc_high']:.2%}). Chance is {1 / data.num_classes:.0%}.", "",
+        f"- {cfg.baseline_epochs} epochs, {b['train_s']:.1f} s: validation accuracy "
+        f"{b['val_acc']:.2%}, test accuracy {b['test_acc']:.2%} (95% interval "
+        f"{b['test_acc_low']:.2%} to {b['test_acc_high']:.2%}). "
+        f"Chance is {1 / data.num_classes:.0%}.", "",
         "## Compute budget",
-        f"- This device sustains {device['matmul_gflops']:.1f} GFLOP/s on a 1024 x 1024 float32 matmul "
-        f"({device['threads']} torch thread(s), load average {device['load_average']:.1f} while measuring: on a "
-        f"shared machine every time here moves with the load). One GPU is assumed at {cfg.gpu_tflops:g} TFLOP/s "
-        "(an assumption, not measured here; models this small are limited on a GPU by kernel launches and memory "
+        f"- This device sustains {device['matmul_gflops']:.1f} GFLOP/s on a 1024 x 1024 float32 "
+        f"matmul ({device['threads']} torch thread(s), load average "
+        f"{device['load_average']:.1f} while measuring: on a shared machine every time here moves "
+        f"with the load). One GPU is assumed at {cfg.gpu_tflops:g} TFLOP/s (an assumption, not "
+        "measured here; models this small are limited on a GPU by kernel launches and memory "
         "traffic more than by FLOPs, so read the GPU column as a lower bound).",
-        "- Expected epoch = 3 x forward FLOPs x training images / rate (a lower bound); measured = the median "
-        f"of {cfg.probe_steps} training steps at batch {cfg.batch_size} x steps per epoch.", "",
-        "| model | params | MFLOPs/image (formula / counted) | expected epoch here | measured epoch | "
-        "utilization | expected epoch, 1 GPU | epochs in budget |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, b in budget.items():
+        "- Expected epoch = 3 x forward FLOPs x training images / rate (a lower bound); measured "
+        f"= the median of {cfg.probe_steps} training steps at batch {cfg.batch_size} x steps per "
+        "epoch.", "",
+        "| model | params | MFLOPs/image (formula / counted) | expected epoch here | "
+        "measured epoch | utilization | expected epoch, 1 GPU | epochs in budget |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in budget.items():
         if name.startswith("_"):
             continue
-        lines.append(f"| {name} | {b['params']:,} | {b['flops_formula'] / 1e6:.2f} / {b['flops_counted'] / 1e6:.2f} | "
-                     f"{b['expected_epoch_s_here']:.1f} s | {b['measured_epoch_s']:.1f} s | {b['utilization']:.0%} | "
-                     f"{b['expected_epoch_s_gpu']:.3f} s | {b['epochs_in_budget']:.1f} |")
+        lines.append(f"| {name} | {m['params']:,} | {m['flops_formula'] / 1e6:.2f} / "
+                     f"{m['flops_counted'] / 1e6:.2f} | {m['expected_epoch_s_here']:.1f} s | "
+                     f"{m['measured_epoch_s']:.1f} s | {m['utilization']:.0%} | "
+                     f"{m['expected_epoch_s_gpu']:.3f} s | {m['epochs_in_budget']:.1f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -343,8 +340,11 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = load("cifar10", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    run = Run.start(cfg, __file__, device)
     facts, arrays = audit(data, cfg.val_fraction, cfg.seed)
+    if cfg.batch_size > facts["n_train"]:  # refused before Run.start writes anything
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {facts['n_train']} "
+                          "training images left after validation")
+    run = Run.start(cfg, __file__, device)
     sample_grid(data, run.path("samples.png"))
     baseline = train_baseline(data, arrays, cfg, device)
     for row in baseline.pop("rows"):
@@ -352,11 +352,12 @@ def main(cfg: Config) -> dict:
     budget = compute_budget(data, facts["n_train"], cfg, device)
     write_plan(run.path("plan.md"), cfg, data, facts, baseline, budget)
     print(run.path("plan.md").read_text())
-    per_model = {f"{key}_{name}": value for name, b in budget.items() if not name.startswith("_")
-                 for key, value in b.items()}
-    return run.finish(**{k: v for k, v in facts.items() if k != "class_counts"}, class_counts=facts["class_counts"],
-                       **{f"baseline_{k}": v for k, v in baseline.items()}, **per_model,
-                       matmul_gflops=budget["_device"]["matmul_gflops"])
+    per_model = {f"{key}_{name}": value for name, m in budget.items() if not name.startswith("_")
+                 for key, value in m.items()}
+    return run.finish(**{k: v for k, v in facts.items() if k != "class_counts"},
+                      class_counts=facts["class_counts"],
+                      **{f"baseline_{k}": v for k, v in baseline.items()}, **per_model,
+                      matmul_gflops=budget["_device"]["matmul_gflops"])
 
 
 if __name__ == "__main__":
