@@ -42,18 +42,23 @@ class ClassicNet(nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--data-dir", required=True, help="data root with MNIST/raw (torchvision layout)")
+    parser.add_argument("--data-dir", required=True,
+                        help="data root with MNIST/raw (torchvision layout)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    train = DataLoader(datasets.MNIST(args.data_dir, train=True, transform=to_tensor), batch_size=64, shuffle=True)
-    test = DataLoader(datasets.MNIST(args.data_dir, train=False, transform=to_tensor), batch_size=1000)
+    to_tensor = transforms.Compose([transforms.ToTensor(),
+                                    transforms.Normalize((0.1307,), (0.3081,))])
+    train = DataLoader(datasets.MNIST(args.data_dir, train=True, transform=to_tensor),
+                       batch_size=64, shuffle=True)
+    test = DataLoader(datasets.MNIST(args.data_dir, train=False, transform=to_tensor),
+                      batch_size=1000)
     model = ClassicNet().to(device)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)

@@ -1,7 +1,8 @@
 """Benchmarks: accuracy and time on real data (not run in CI, never a timed test).
 
     python benchmarks/run.py --list
-    python benchmarks/run.py NAME [--data-dir DIR] [--device auto] [--repeat 3] [--set key=value ...]
+    python benchmarks/run.py NAME [--data-dir DIR] [--device auto] [--repeat 3]
+                                  [--set key=value ...]
 
 Entries live in ``benchmarks/weekNN.py`` files, each with a dict ``ENTRIES`` of
 ``name -> Benchmark``. Every repeat runs in a fresh subprocess (so peak memory is per run);
@@ -30,7 +31,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BUSY_LOAD = float(os.environ.get("DL_LABS_BUSY_LOAD", 1.5))  # 1-minute load average; set for 2 cores
+# A 1-minute load average above this is a busy machine; set for 2 cores.
+BUSY_LOAD = float(os.environ.get("DL_LABS_BUSY_LOAD", 1.5))
 
 
 @dataclass
@@ -74,10 +76,13 @@ def _cpu_model() -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                             capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
                                capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        if out.returncode != 0:
+            return "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty else "")
     except OSError:
         return "unknown"
 
@@ -112,7 +117,8 @@ def config_options(options: dict, config_cls: type, default_threads: int = 0,
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = set(options) - known
     if unknown:
-        raise SystemExit(f"error: unknown option(s) {sorted(unknown)}; Config fields: {sorted(known)}")
+        raise SystemExit(f"error: unknown option(s) {sorted(unknown)}; "
+                         f"Config fields: {sorted(known)}")
     threads = int(extra.get("threads", default_threads))
     if threads > 0:
         torch.set_num_threads(threads)
@@ -125,12 +131,14 @@ def run_once(name: str, data_dir: str, device: str, options: dict) -> dict:
     t0, load_start = time.perf_counter(), os.getloadavg()[0]
     result = bench.run(data_dir, device, options)
     result["wall_s"] = round(time.perf_counter() - t0, 2)
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process's CPU time: steady when others load the machine
+    # This process's CPU time: steady when others load the machine.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
     result["load_start"], result["load_end"] = round(load_start, 2), round(os.getloadavg()[0], 2)
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    result["peak_rss_mib"] = round(peak / 2**20, 1)
     return result
 
 
@@ -140,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--data-dir", default="", help="data root holding the real data sets")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--repeat", type=int, default=1, help="runs (each a fresh process); the median is kept")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs (each a fresh process); the median is kept")
     parser.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                         help="an option for the entry (e.g. --set budget_s=60)")
     parser.add_argument("--once", metavar="JSON_OUT", help=argparse.SUPPRESS)
@@ -154,25 +163,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark {args.name!r}; run with --list to see them")
     options = parse_options(args.options)
     if args.once:  # child process: run and hand the result back through a file
-        Path(args.once).write_text(json.dumps(run_once(args.name, args.data_dir, args.device, options)))
+        result = run_once(args.name, args.data_dir, args.device, options)
+        Path(args.once).write_text(json.dumps(result))
         return 0
     load_before = os.getloadavg()[0]
     if load_before > BUSY_LOAD:
-        print(f"warning: load average {load_before:.2f} before the run (> {BUSY_LOAD}): wall times will be "
-              "inflated; wait for a quiet machine, or compare cpu_s", file=sys.stderr)
+        print(f"warning: load average {load_before:.2f} before the run (> {BUSY_LOAD}): "
+              "wall times will be inflated; wait for a quiet machine, or compare cpu_s",
+              file=sys.stderr)
     runs = []
     for i in range(max(args.repeat, 1)):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), args.name, "--data-dir", args.data_dir,
-                   "--device", args.device, "--once", str(out), *sum((["--set", o] for o in args.options), [])]
+            cmd = [sys.executable, str(Path(__file__).resolve()), args.name,
+                   "--data-dir", args.data_dir, "--device", args.device, "--once", str(out),
+                   *sum((["--set", o] for o in args.options), [])]
             child = subprocess.run(cmd)
             if child.returncode != 0:
-                print(f"error: benchmark {args.name} run {i + 1} failed (exit {child.returncode})", file=sys.stderr)
+                print(f"error: benchmark {args.name} run {i + 1} failed "
+                      f"(exit {child.returncode})", file=sys.stderr)
                 return child.returncode
             runs.append(json.loads(out.read_text()))
     bench = table[args.name]
     values = [r["value"] for r in runs]
+    command = argv if argv is not None else sys.argv[1:]
     record = {
         "name": args.name,
         "description": bench.description,
@@ -181,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": statistics.median(r["wall_s"] for r in runs),
         "cpu_s": statistics.median(r["cpu_s"] for r in runs),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-        # The 1-minute load average before and after: a figure measured on a busy machine is not a result.
+        # The 1-minute load average before and after: a figure measured on a busy machine is
+        # not a result.
         "load_start": round(load_before, 2),
         "load_end": round(os.getloadavg()[0], 2),
         "busy": max(load_before, *(r["load_end"] for r in runs)) > BUSY_LOAD,
         "repeats": len(runs),
         "runs": runs,
-        "command": "python benchmarks/run.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python benchmarks/run.py " + " ".join(command),
         "device": args.device,
         "hardware": hardware(),
         "git_commit": git_commit(),
@@ -202,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
           f"cpu={record['cpu_s']}s load={record['load_start']}->{record['load_end']} "
           f"peak_rss={record['peak_rss_mib']}MiB -> {RESULTS / (args.name + '.json')}")
     if record["busy"]:
-        print(f"warning: the machine was busy (load above {BUSY_LOAD}) during {args.name}: its wall time is "
-              "not a result; run it again alone", file=sys.stderr)
+        print(f"warning: the machine was busy (load above {BUSY_LOAD}) during {args.name}: "
+              "its wall time is not a result; run it again alone", file=sys.stderr)
     return 0
 
 

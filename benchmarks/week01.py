@@ -69,6 +69,7 @@ def gd_vs_closed_form(data_dir: str, device: str, options: dict) -> dict:
         results[f"{name}_max_abs_weight_diff"] = float(np.max(np.abs(params - exact)))
 
     test_mse = lambda w, b: mse_loss_and_grad(data.x_test, data.y_test, w, b)[0]  # noqa: E731
+    over_numpy = lambda name: round(results[f"{name}_gd_s"] / numpy_gd.seconds, 2)  # noqa: E731
     return {
         "metric": "gd_vs_closed_form_max_abs_weight_diff",
         "value": numpy_diff,
@@ -80,8 +81,8 @@ def gd_vs_closed_form(data_dir: str, device: str, options: dict) -> dict:
         **results,
         "closed_form_s": closed_form_s,
         "numpy_gd_over_closed_form_time": round(numpy_gd.seconds / closed_form_s, 1),
-        "torch_manual_over_numpy_time": round(results["torch_manual_gd_s"] / numpy_gd.seconds, 2),
-        "torch_autograd_over_numpy_time": round(results["torch_autograd_gd_s"] / numpy_gd.seconds, 2),
+        "torch_manual_over_numpy_time": over_numpy("torch_manual"),
+        "torch_autograd_over_numpy_time": over_numpy("torch_autograd"),
         "gd_test_mse": test_mse(numpy_gd.w, numpy_gd.b),
         "closed_form_test_mse": test_mse(w_exact, b_exact),
     }
@@ -90,7 +91,8 @@ def gd_vs_closed_form(data_dir: str, device: str, options: dict) -> dict:
 ENTRIES = {
     "week01_regression": Benchmark(
         gd_vs_closed_form,
-        "diabetes linear regression: GD (NumPy, torch by hand, torch autograd) vs closed form, error and time",
+        "diabetes linear regression: GD (NumPy, torch by hand, torch autograd) vs closed form, "
+        "error and time",
         higher_is_better=False,
     ),
 }

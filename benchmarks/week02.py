@@ -23,8 +23,9 @@ from week02_mlp.part2 import Config
 # Adam with a OneCycle schedule, batches of 512, random shifts of up to 1 pixel, and all 60k
 # training images (no validation hold-out: the benchmark reports the test set once, and nothing
 # is tuned on it by this entry).
-MNIST_MLP = dict(dataset="mnist", hidden=(1024, 1024), dropout=0.2, optimizer="adam", lr=1e-3, schedule="onecycle",
-                 epochs=12, batch_size=512, shift=1, label_smoothing=0.0, val_fraction=0.0)
+MNIST_MLP = dict(dataset="mnist", hidden=(1024, 1024), dropout=0.2, optimizer="adam", lr=1e-3,
+                 schedule="onecycle", epochs=12, batch_size=512, shift=1, label_smoothing=0.0,
+                 val_fraction=0.0)
 
 
 def mnist_mlp(data_dir: str, device: str, options: dict) -> dict:
@@ -64,10 +65,12 @@ def mnist_mlp(data_dir: str, device: str, options: dict) -> dict:
             # the number of epochs is the best estimate of the training time on a quiet machine.
             "fastest_epoch_s": round(min(epoch_times), 3),
             "quiet_train_estimate_s": round(min(epoch_times) * cfg.epochs, 1),
-            "params": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in model.parameters()),
+            "torch_threads": torch.get_num_threads(),
             "cpu_bf16": isinstance(model, CpuBFloat16), "config": cfg.to_dict()}
 
 
 ENTRIES = {
-    "mnist_mlp": Benchmark(mnist_mlp, "Week 2 MLP on MNIST: test accuracy (target >= 0.985 in < 60 s on 2 CPU cores)"),
+    "mnist_mlp": Benchmark(mnist_mlp, "Week 2 MLP on MNIST: test accuracy "
+                                      "(target >= 0.985 in < 60 s on 2 CPU cores)"),
 }

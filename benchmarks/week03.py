@@ -35,10 +35,10 @@ from week03_cnn import part2 as week3
 ROOT = Path(__file__).resolve().parents[1]
 
 # The settings measured in week03_cnn/README.md.
-MNIST = dict(dataset="mnist", epochs=1, batch_size=128, lr=8e-3, width=16, blocks=3, head_pool=3, batch_norm=True,
-             dropout=0.0, augment=False, val_fraction=0.0)
-CIFAR10 = dict(dataset="cifar10", epochs=14, batch_size=128, lr=4e-3, width=32, blocks=4, batch_norm=True,
-               dropout=0.1, augment=True, val_fraction=0.0)
+MNIST = dict(dataset="mnist", epochs=1, batch_size=128, lr=8e-3, width=16, blocks=3, head_pool=3,
+             batch_norm=True, dropout=0.0, augment=False, val_fraction=0.0)
+CIFAR10 = dict(dataset="cifar10", epochs=14, batch_size=128, lr=4e-3, width=32, blocks=4,
+               batch_norm=True, dropout=0.1, augment=True, val_fraction=0.0)
 
 
 def train_fast(settings: dict, data_dir: str, device: str) -> dict:
@@ -57,16 +57,17 @@ def train_fast(settings: dict, data_dir: str, device: str) -> dict:
     train, val, test = week3.make_loaders(cfg, data, dev)
     model = fast_model(week3.make_model(cfg, data), dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, epochs=cfg.epochs, steps_per_epoch=len(train),
-                                                    pct_start=0.25)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, epochs=cfg.epochs,
+                                                    steps_per_epoch=len(train), pct_start=0.25)
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         train.set_epoch(epoch)
         week3.train_one_epoch(model, train, optimizer, scheduler, dev)
     train_s = time.perf_counter() - t0
     logits, targets = predict(model, test)
-    return {"test_acc": (logits.argmax(1) == targets).float().mean().item(), "train_s": round(train_s, 2),
-            "epochs": cfg.epochs, "params": sum(p.numel() for p in model.parameters()),
+    return {"test_acc": (logits.argmax(1) == targets).float().mean().item(),
+            "train_s": round(train_s, 2), "epochs": cfg.epochs,
+            "params": sum(p.numel() for p in model.parameters()),
             "bf16": isinstance(model, CpuBFloat16), "threads": torch.get_num_threads()}
 
 
@@ -94,8 +95,8 @@ def mnist_vs_classic(data_dir: str, device: str, options: dict) -> dict:
     fields, extra = config_options(options, week3.Config)
     threads = int(extra.get("threads", 0))
     settings = {**MNIST, **fields}
-    classic, classic_wall = _timed([sys.executable, "benchmarks/classic_mnist.py", "--data-dir", data_dir,
-                                    "--threads", str(threads)], threads)
+    classic, classic_wall = _timed([sys.executable, "benchmarks/classic_mnist.py",
+                                    "--data-dir", data_dir, "--threads", str(threads)], threads)
     ours, ours_wall = _timed([sys.executable, "-m", "benchmarks.week03", "mnist", data_dir, device,
                               json.dumps(settings), str(threads)], threads)
     return {"metric": "test_acc", "value": ours["test_acc"], "wall_s_ours": ours_wall,
@@ -113,13 +114,16 @@ def cifar10(data_dir: str, device: str, options: dict) -> dict:
 
 
 ENTRIES = {
-    "mnist_cnn": Benchmark(mnist_vs_classic, "Week 3 CNN on MNIST vs the classic PyTorch recipe, whole processes "
-                                             "timed in the same run (goal: >= 0.99 and >= 3x faster)"),
-    "cifar10_cnn": Benchmark(cifar10, "Week 3 CNN on CIFAR-10 (JPEG copy), 14 epochs: test accuracy"),
+    "mnist_cnn": Benchmark(mnist_vs_classic,
+                           "Week 3 CNN on MNIST vs the classic PyTorch recipe, whole processes "
+                           "timed in the same run (goal: >= 0.99 and >= 3x faster)"),
+    "cifar10_cnn": Benchmark(cifar10,
+                             "Week 3 CNN on CIFAR-10 (JPEG copy), 14 epochs: test accuracy"),
 }
 
 
-if __name__ == "__main__":  # python -m benchmarks.week03 mnist DATA_DIR DEVICE SETTINGS_JSON THREADS
+# python -m benchmarks.week03 mnist DATA_DIR DEVICE SETTINGS_JSON THREADS
+if __name__ == "__main__":
     _, _, data_dir_arg, device_arg, settings_json, threads_arg = sys.argv
     if int(threads_arg) > 0:
         torch.set_num_threads(int(threads_arg))

@@ -24,7 +24,8 @@ from common.io import atomic_write
 
 FORMAT = "dl-labs-checkpoint/1"
 # Entries every checkpoint has, and their types: anything else is a damaged or foreign file.
-REQUIRED = {"format": str, "model_class": str, "model": dict, "epoch": int, "config": dict, "extra": dict}
+REQUIRED = {"format": str, "model_class": str, "model": dict, "epoch": int, "config": dict,
+            "extra": dict}
 
 
 def save_checkpoint(
@@ -64,7 +65,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if ("cuda" in state and torch.cuda.is_available()
+            and len(state["cuda"]) == torch.cuda.device_count()):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -82,44 +84,59 @@ def _plain(value: Any) -> Any:
 def _reason(e: BaseException) -> str:
     """Why torch could not load a file, in words that fit a damaged checkpoint."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if text.startswith("Weights only load failed"):  # torch's long advice does not apply to damaged files
+    if text.startswith("Weights only load failed"):  # torch's long advice does not fit damage
         text = "not a plain tensors-and-numbers PyTorch file"
     elif isinstance(e, (EOFError, OSError)):  # e.g. "[Errno 22] Invalid argument" from a cut zip
         text = f"cut short or damaged: {text}"
-    elif isinstance(e, KeyError) or len(text) < 8:  # e.g. KeyError('101') for a text file: says nothing
+    elif isinstance(e, KeyError) or len(text) < 8:  # e.g. KeyError('101') for a text file
         text = f"unreadable: {type(e).__name__} {text}"
     return one_line(ValueError(text), width=140)
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Load and validate a checkpoint file; every failure is a one-line CheckpointError."""
+# torch.save's format before PyTorch 1.6 (torch.load still reads it) pickles this number first.
+LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def read_checkpoint(path: str | Path, instead: str = "start without --resume") -> dict:
+    """Load and validate a checkpoint file; every failure is a one-line CheckpointError.
+    ``instead``: the advice after "use another checkpoint or" (the script's own flag)."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass the checkpoint.pt file inside a run folder")
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint.pt file in a run folder")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (runs are under --out)")
+        raise CheckpointError(f"checkpoint {path} does not exist; "
+                              "check the path (runs are under --out)")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); use another checkpoint or start without --resume")
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); "
+                              f"use another checkpoint or {instead}")
     try:
-        with zipfile.ZipFile(path) as archive:  # torch.load does not check the CRCs: flipped bytes load silently
-            bad = archive.testzip()
-        if bad is not None:
-            raise ValueError(f"{bad} fails its checksum")
+        # torch.load does not check the CRCs: flipped bytes would load silently.
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"{bad} fails its checksum")
+        else:  # torch's legacy format (before 1.6, often a .th file): no CRCs; torch.load reads it
+            with path.open("rb") as f:
+                if LEGACY_MAGIC not in f.read(32):
+                    raise ValueError("cut short, or neither torch.save's zip format nor the legacy")
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, text, pickles with code: all are "not a checkpoint"
+    except Exception as e:  # cut zip, random bytes, text, pickles with code: "not a checkpoint"
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a PyTorch file ({_reason(e)}); "
-            "use another checkpoint or start without --resume"
+            f"use another checkpoint or {instead}"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a checkpoint written by these labs (no '{FORMAT}' marker); "
-            "to use a bare state_dict, call model.load_state_dict(torch.load(path, weights_only=True))"
+            "to use a bare state_dict, call "
+            "model.load_state_dict(torch.load(path, weights_only=True))"
         )
     for key, kind in REQUIRED.items():
-        if not isinstance(payload.get(key), kind) or (kind is int and isinstance(payload[key], bool)):
-            raise CheckpointError(f"checkpoint {path} is damaged (its '{key}' entry is missing or not a "
-                                  f"{kind.__name__}); use another checkpoint or start without --resume")
+        value = payload.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"checkpoint {path} is damaged (its '{key}' entry is missing or "
+                                  f"not a {kind.__name__}); use another checkpoint or {instead}")
     if not all(isinstance(v, torch.Tensor) for v in payload["model"].values()):
         raise CheckpointError(f"checkpoint {path} is damaged (its weights are not all tensors)")
     return payload
@@ -143,7 +160,8 @@ def load_checkpoint(
     expected = type(model).__name__
     if payload["model_class"] != expected:
         raise CheckpointError(
-            f"{path} holds a {payload['model_class']}, not a {expected}; pass a checkpoint of this model"
+            f"{path} holds a {payload['model_class']}, not a {expected}; "
+            "pass a checkpoint of this model"
         )
     try:
         model.load_state_dict(payload["model"])
@@ -162,8 +180,9 @@ def load_checkpoint(
         if restore_rng and isinstance(payload.get("rng"), dict) and "cpu" in payload["rng"]:
             set_rng_state(payload["rng"])
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
-        raise CheckpointError(f"{path}: its optimizer or scheduler state does not fit this run ({_reason(e)}); "
-                              "use the same settings as the run that saved it") from None
+        raise CheckpointError(
+            f"{path}: its optimizer or scheduler state does not fit this run ({_reason(e)}); "
+            "use the same settings as the run that saved it") from None
     return payload
 
 
@@ -182,8 +201,9 @@ def restore_scheduler(scheduler: Any, state: dict) -> None:
         scheduler.load_state_dict(state)
         return
     steps = int(state.get("last_epoch", 0))
-    for group in scheduler.optimizer.param_groups:  # replay from the plan's start, not from the saved
-        if "initial_lr" in group:                    # (already decayed) learning rate
+    # Replay from the plan's start, not from the saved (already decayed) learning rate.
+    for group in scheduler.optimizer.param_groups:
+        if "initial_lr" in group:
             group["lr"] = group["initial_lr"]
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore")

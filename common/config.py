@@ -50,7 +50,7 @@ from common.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-    """Allowed values of a number field: ``lo <= value <= hi`` (either end may be open or absent)."""
+    """Allowed values of a number field: ``lo <= value <= hi`` (either end open or absent)."""
 
     lo: float | None = None
     hi: float | None = None
@@ -68,7 +68,8 @@ class Range:
     def contains(self, value: float) -> bool:
         if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
             return False
-        return not (self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)))
+        above = self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))
+        return not above
 
 
 def _number_text(value: float | None) -> str:
@@ -82,15 +83,16 @@ def _number_text(value: float | None) -> str:
 class BaseConfig:
     """The flags every script has. A script's Config subclasses this and adds its own."""
 
-    smoke: bool = False  # tiny offline data (synthetic twins; bundled sets stay real), few steps: seconds
-    seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # seeds Python, NumPy and torch so CPU runs repeat
+    smoke: bool = False  # few steps, tiny offline data (synthetic twins; bundled sets stay real)
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # seeds Python, NumPy and torch: CPU runs repeat
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     data_dir: str = ""  # data root; empty: $DL_LABS_DATA, else ~/.cache/dl-labs/data
     out: str = "runs"  # runs are written to OUT/weekNN/script/timestamp/
 
-    SMOKE: ClassVar[dict[str, Any]] = {}  # field values of the --smoke preset (a script sets its own)
-    PRESETS: ClassVar[dict[str, dict[Any, dict[str, Any]]]] = {}  # field -> its value -> preset values
-    UNUSED: ClassVar[tuple[str, ...]] = ()  # common fields this script ignores (e.g. "device"): no flag for them
+    SMOKE: ClassVar[dict[str, Any]] = {}  # the --smoke preset's values (a script sets its own)
+    PRESETS: ClassVar[dict[str, dict[Any, dict[str, Any]]]] = {}  # field -> value -> preset values
+    # Common fields this script ignores (e.g. "device"): no flag for them.
+    UNUSED: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -104,14 +106,15 @@ class BaseConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists), ready for YAML, JSON and checkpoints."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 @dataclasses.dataclass
 class ResumableConfig(BaseConfig):
     """The Config of a script that trains a model and can continue an interrupted run."""
 
-    resume: str = ""  # checkpoint.pt of an earlier run of this script to continue (its settings are kept)
+    resume: str = ""  # this script's checkpoint.pt to continue from (its settings are kept)
 
     # What may differ from the checkpoint's settings when resuming (e.g. --epochs to train on).
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("epochs", "device", "data_dir", "resume")
@@ -146,7 +149,7 @@ def _item_type(kind: Any) -> Any | None:
 
 
 def _convert_one(kind: Any, value: Any, bounds: Range | None) -> Any:
-    """Convert ``value`` (text from a flag, or a YAML/Python value) to ``kind``; ValueError says why."""
+    """Convert ``value`` (flag text, or a YAML/Python value) to ``kind``; ValueError says why."""
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -157,14 +160,15 @@ def _convert_one(kind: Any, value: Any, bounds: Range | None) -> Any:
             raise ValueError(f"must be one of {choices}, got {value!r}")
         return value
     if kind in (int, float):
+        expected = f"expected {'an int' if kind is int else 'a float'}, got {value!r}"
         if isinstance(value, bool):
-            raise ValueError(f"expected {'an int' if kind is int else 'a float'}, got {value!r}")
+            raise ValueError(expected)
         try:
             number = kind(value) if kind is float or isinstance(value, (int, str)) else None
             if number is None:  # a float given for an int field: only whole numbers pass
                 raise ValueError
         except (ValueError, TypeError, OverflowError):
-            raise ValueError(f"expected {'an int' if kind is int else 'a float'}, got {value!r}") from None
+            raise ValueError(expected) from None
         if kind is float and not math.isfinite(number):
             raise ValueError(f"must be a finite number, got {value!r}")
         if bounds is not None and not bounds.contains(number):
@@ -176,7 +180,8 @@ def _convert_one(kind: Any, value: Any, bounds: Range | None) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"expected text, got {value!r}")
         return value
-    raise TypeError(f"unsupported Config field type {kind!r} (use int, float, str, bool, Literal, tuple[X, ...])")
+    raise TypeError(f"unsupported Config field type {kind!r} "
+                    "(use int, float, str, bool, Literal, tuple[X, ...])")
 
 
 def _checked(cls: type, name: str, value: Any) -> Any:
@@ -255,8 +260,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     how presets know what they may fill in."""
     parser = OneLineErrorParser(description=description or (cls.__doc__ or "").strip() or None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.yaml",
-                        help="YAML file of Config fields (a run's own config.yaml works too); flags win over it")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of Config fields "
+                        "(a run's own config.yaml works too); flags win over it")
     comments = field_comments(cls)
     hints = _hints(cls)
     for f in fields(cls):
@@ -274,10 +279,12 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         elif typing.get_origin(kind) is Literal:
             choices = list(typing.get_args(kind))
             kwargs["choices"] = choices
-            if not all(isinstance(c, str) for c in choices):  # Literal[1, 2]: the text "2" means the number 2
-                kwargs["type"] = lambda text, choices=choices: next((c for c in choices if str(c) == text), text)
+            if not all(isinstance(c, str) for c in choices):  # Literal[1, 2]: the text "2" is 2
+                kwargs["type"] = lambda text, choices=choices: next(
+                    (c for c in choices if str(c) == text), text)
         elif item is not None:
-            kwargs.update(nargs="*", type=_cli_type(item, bounds, f.name), metavar=item.__name__.upper())
+            kwargs.update(nargs="*", type=_cli_type(item, bounds, f.name),
+                          metavar=item.__name__.upper())
         elif kind in (int, float):
             kwargs.update(type=_cli_type(kind, bounds, f.name), metavar=kind.__name__.upper())
         elif kind is str:
@@ -288,7 +295,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
-RUN_FILE_KEYS = {"script", "started", "config", "environment", "resumed_from"}  # what Run.start writes
+# What Run.start writes.
+RUN_FILE_KEYS = {"script", "started", "config", "environment", "resumed_from"}
 
 
 def _from_yaml(cls: type, path: str) -> dict[str, Any]:
@@ -299,19 +307,22 @@ def _from_yaml(cls: type, path: str) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of Config fields, got {type(data).__name__}")
+        raise ConfigError(f"--config {path}: expected a mapping of Config fields, "
+                          f"got {type(data).__name__}")
     if isinstance(data.get("config"), dict) and set(data) <= RUN_FILE_KEYS:  # a run's config.yaml
-        data = {k: v for k, v in data["config"].items() if k != "resume"}  # replaying a run is not resuming it
+        data = {k: v for k, v in data["config"].items() if k != "resume"}  # a replay, not a resume
     known = {f.name for f in fields(cls)}
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ConfigError(f"--config {path}: unknown field {key!r} (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"--config {path}: unknown field {key!r} "
+                              f"(known: {', '.join(sorted(known))})")
         try:
             values[name] = _checked(cls, name, value)
         except ConfigError as e:
-            raise ConfigError(f"--config {path}: field {name!r}: {str(e).split(' ', 1)[1]}") from None
+            why = str(e).split(" ", 1)[1]
+            raise ConfigError(f"--config {path}: field {name!r}: {why}") from None
     return values
 
 
@@ -331,7 +342,7 @@ def resolve(cls: type, argv: list[str] | None = None, description: str | None = 
     explicit = vars(parser.parse_args(argv))
     try:
         config_file = explicit.pop("config", None)
-        explicit = {k: _checked(cls, k, v) for k, v in explicit.items()}  # flag lists -> tuple fields
+        explicit = {k: _checked(cls, k, v) for k, v in explicit.items()}  # flag lists -> tuples
         from_file = _from_yaml(cls, config_file) if config_file else {}
         said = {**from_file, **explicit}  # what the user chose, one way or the other
         defaults = cls()
@@ -341,9 +352,9 @@ def resolve(cls: type, argv: list[str] | None = None, description: str | None = 
             values.update(_resumed_settings(cls, said, script))
             notes.append(f"resuming {said['resume']} with its own settings")
         else:
-            for field_name, table in cls.PRESETS.items():
-                chosen = said.get(field_name, values[field_name])
-                notes += _apply(values, table.get(chosen, {}), said, f"{field_name}={chosen} preset")
+            for name, table in cls.PRESETS.items():
+                chosen = said.get(name, values[name])
+                notes += _apply(values, table.get(chosen, {}), said, f"{name}={chosen} preset")
             if said.get("smoke", values["smoke"]):
                 notes += _apply(values, cls.SMOKE, said, "--smoke preset")
         values.update(said)
@@ -355,7 +366,7 @@ def resolve(cls: type, argv: list[str] | None = None, description: str | None = 
 
 
 def _apply(values: dict, preset: dict, said: dict, label: str) -> list[str]:
-    """Put ``preset`` into ``values`` except where the user said otherwise; a note of what changed."""
+    """Put ``preset`` into ``values`` except where the user said otherwise; notes what changed."""
     applied = {k: v for k, v in preset.items() if k not in said and values.get(k) != v}
     values.update(applied)
     return [f"{label}: " + " ".join(f"{k}={v}" for k, v in applied.items())] if applied else []
@@ -372,11 +383,11 @@ def _resumed_settings(cls: type, said: dict, script: str) -> dict[str, Any]:
     except CheckpointError as e:
         raise ConfigError(f"--resume: {e}") from None
     if script and payload.get("script") and payload["script"] != script:
-        raise ConfigError(f"--resume: {said['resume']} was written by {payload['script']}, not {script}; "
-                          "resume it with that script, or pass a checkpoint of this one")
+        raise ConfigError(f"--resume: {said['resume']} was written by {payload['script']}, "
+                          f"not {script}; resume with that script or pass a checkpoint of this one")
     if "epochs" in said and isinstance(said["epochs"], int) and said["epochs"] < payload["epoch"]:
         raise ConfigError(f"--epochs {said['epochs']}: the run being resumed has already trained "
-                          f"{payload['epoch']} epochs; pass more to train on, or leave --epochs out")
+                          f"{payload['epoch']} epochs; pass more to go on, or leave --epochs out")
     saved = payload["config"]
     known = {f.name for f in fields(cls)}
     settings = {}
@@ -386,15 +397,17 @@ def _resumed_settings(cls: type, said: dict, script: str) -> dict[str, Any]:
         try:
             settings[name] = _checked(cls, name, value)
         except ConfigError:
-            raise ConfigError(f"--resume {said['resume']}: its saved {name}={value!r} is not valid for this script")\
-                from None
+            raise ConfigError(f"--resume {said['resume']}: its saved {name}={value!r} "
+                              "is not valid for this script") from None
     may_change = getattr(cls, "RESUME_MAY_CHANGE", ())
     for name, value in said.items():
         if name in settings and name not in may_change and settings[name] != value:
-            said_it = (_flag(name) if value else "--no-" + name.replace("_", "-")) if isinstance(value, bool) \
-                else f"{_flag(name)} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
-            raise ConfigError(f"{said_it} differs from the run being resumed ({name}={settings[name]}); "
-                              f"a resumed run keeps its settings (only {', '.join(map(_flag, may_change))} may change)")
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+            said_it = f"{_flag(name)} {shown}" if not isinstance(value, bool) else (
+                _flag(name) if value else "--no-" + name.replace("_", "-"))
+            raise ConfigError(f"{said_it} differs from the run being resumed ({name}="
+                              f"{settings[name]}); a resumed run keeps its settings (only "
+                              f"{', '.join(map(_flag, may_change))} may change)")
     return settings
 
 
@@ -423,4 +436,5 @@ def parse_config(cls: type, argv: list[str] | None = None, description: str | No
     return resolve(cls, argv, description).config
 
 
-__all__ = ["BaseConfig", "ResumableConfig", "Range", "parse_config", "resolve", "build_parser", "check_out"]
+__all__ = ["BaseConfig", "ResumableConfig", "Range", "parse_config", "resolve", "build_parser",
+           "check_out"]

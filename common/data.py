@@ -37,13 +37,16 @@ from common.twins import synthetic_images, synthetic_tabular
 # Real data sets
 # ----------------------------------------------------------------------------------------
 MNIST_CLASSES = [str(d) for d in range(10)]
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck"]
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                   "bag", "boot"]
 
 Damage = tuple[Path, str]  # a file and what is wrong with it ("is truncated (...)")
 
 
-def _torchvision(cls, name: str, root: Path, train: bool, find_damage: Callable[[Path, bool], Damage | None]):
+def _torchvision(cls, name: str, root: Path, train: bool,
+                 find_damage: Callable[[Path, bool], Damage | None]):
     """Open a torchvision data set, downloading it if needed, with a timeout and clear errors.
 
     torchvision reports a damaged file with whatever its reader tripped on (an assert, a
@@ -55,19 +58,21 @@ def _torchvision(cls, name: str, root: Path, train: bool, find_damage: Callable[
     try:
         return cls(root=str(root), train=train, download=False)
     except Exception as e:  # torchvision raises anything from RuntimeError to AssertionError
-        if not (isinstance(e, RuntimeError) and "not found" in str(e)):  # the files are there but do not read
+        # Anything but "not found": the files are there but do not read.
+        if not (isinstance(e, RuntimeError) and "not found" in str(e)):
             damage = find_damage(root, train)
             if damage:
                 raise damaged(name, f"{damage[0].name} {damage[1]}", damage[0].parent) from None
-            raise damaged(name, f"the {split} files could not be read ({one_line(e)})", folder) from None
+            why = f"the {split} files could not be read ({one_line(e)})"
+            raise damaged(name, why, folder) from None
     try:
         with fetching(name, root):
             return cls(root=str(root), train=train, download=True)
     except DataUnavailable:
         damage = find_damage(root, train)  # e.g. a CIFAR batch file whose checksum is wrong
         if damage:
-            raise damaged(name, f"{damage[0].name} {damage[1]}, and no good copy could be downloaded",
-                           damage[0].parent) from None
+            why = f"{damage[0].name} {damage[1]}, and no good copy could be downloaded"
+            raise damaged(name, why, damage[0].parent) from None
         raise
 
 
@@ -82,19 +87,23 @@ def _idx_problem(path: Path, ndim: int) -> str | None:
     if len(header) < header_size:
         return f"is truncated ({size} bytes, shorter than its {header_size}-byte header)"
     if header[:4] != bytes([0, 0, 0x08, ndim]):
-        return f"is not an MNIST idx file of {ndim}-d uint8 data (it starts with {header[:4].hex()})"
-    expected = header_size + int(np.prod([int.from_bytes(header[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]))
+        return (f"is not an MNIST idx file of {ndim}-d uint8 data "
+                f"(it starts with {header[:4].hex()})")
+    dims = [int.from_bytes(header[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
+    expected = header_size + int(np.prod(dims))
     if size != expected:
-        return f"is {'truncated' if size < expected else 'too long'} ({size:,} bytes, expected {expected:,})"
+        return (f"is {'truncated' if size < expected else 'too long'} "
+                f"({size:,} bytes, expected {expected:,})")
     return None
 
 
 def _idx_damage(cls) -> Callable[[Path, bool], Damage | None]:
     def find(root: Path, train: bool) -> Damage | None:
         folder, prefix = root / cls.__name__ / "raw", "train" if train else "t10k"
-        files = ((folder / f"{prefix}-images-idx3-ubyte", 3), (folder / f"{prefix}-labels-idx1-ubyte", 1))
+        files = ((folder / f"{prefix}-images-idx3-ubyte", 3),
+                 (folder / f"{prefix}-labels-idx1-ubyte", 1))
         present = [path for path, _ in files if path.is_file()]
-        if present and len(present) < len(files):  # half a data set: name what is missing, do not download
+        if present and len(present) < len(files):  # half a set: name what is missing, no download
             missing = next(path for path, _ in files if not path.is_file())
             return missing, "is missing (the other file of the pair is there)"
         for path, ndim in files:
@@ -133,8 +142,8 @@ def _mnist_like(cls, name: str, classes: list[str]):
         test = _torchvision(cls, name, root, False, find_damage)
         x_train, x_test = train.data.unsqueeze(1), test.data.unsqueeze(1)
         mean, std = channel_stats(x_train)
-        return ImageData(x_train, train.targets.long(), x_test, test.targets.long(), classes, mean, std, name,
-                         source=str(root / cls.__name__ / "raw"))
+        return ImageData(x_train, train.targets.long(), x_test, test.targets.long(), classes,
+                         mean, std, name, source=str(root / cls.__name__ / "raw"))
 
     return load_real
 
@@ -178,9 +187,12 @@ def _decode_cifar10_jpg(source: Path) -> dict[str, torch.Tensor]:
                 raise ValueError(f"no {split}/<class>/*.jpg images")
             if len({im.shape for im in images[split]}) > 1:
                 raise ValueError(f"{split} images of different sizes")
-    except (OSError, EOFError, ValueError, tarfile.TarError, zlib.error) as e:  # PIL's errors are OSErrors
-        raise damaged("cifar10", f"could not decode {member} ({one_line(e)})", source, JPG_DAMAGED) from None
-    blob = {f"x_{s}": torch.from_numpy(np.stack(images[s])).permute(0, 3, 1, 2).contiguous() for s in images}
+    # PIL's errors are OSErrors.
+    except (OSError, EOFError, ValueError, tarfile.TarError, zlib.error) as e:
+        why = f"could not decode {member} ({one_line(e)})"
+        raise damaged("cifar10", why, source, JPG_DAMAGED) from None
+    blob = {f"x_{s}": torch.from_numpy(np.stack(images[s])).permute(0, 3, 1, 2).contiguous()
+            for s in images}
     blob.update({f"y_{s}": torch.tensor(labels[s], dtype=torch.long) for s in labels})
     return blob
 
@@ -207,8 +219,8 @@ def _cifar10_jpg(source: Path) -> ImageData:
             print(f"warning: could not keep the decoded copy in {cache} ({e.strerror or e}); "
                   "set DL_LABS_CACHE to a writable folder to skip decoding next time")
     mean, std = channel_stats(blob["x_train"])
-    return ImageData(blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"], CIFAR10_CLASSES,
-                     mean, std, "cifar10", source=str(source))
+    return ImageData(blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"],
+                     CIFAR10_CLASSES, mean, std, "cifar10", source=str(source))
 
 
 def _cifar10(root: Path) -> ImageData:
@@ -226,8 +238,8 @@ def _cifar10(root: Path) -> ImageData:
     x_test = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
     mean, std = channel_stats(x_train)
     return ImageData(x_train, torch.tensor(train.targets, dtype=torch.long), x_test,
-                     torch.tensor(test.targets, dtype=torch.long), CIFAR10_CLASSES, mean, std, "cifar10",
-                     source=str(root / CIFAR10.base_folder))
+                     torch.tensor(test.targets, dtype=torch.long), CIFAR10_CLASSES, mean, std,
+                     "cifar10", source=str(root / CIFAR10.base_folder))
 
 
 def _sklearn(loader_name: str, test_fraction: float = 0.2) -> Callable[[Path], TabularData]:
@@ -245,8 +257,10 @@ def _sklearn(loader_name: str, test_fraction: float = 0.2) -> Callable[[Path], T
         n_test = int(round(test_fraction * len(x)))
         test, train = perm[:n_test], perm[n_test:]
         classes = [str(c) for c in bunch.target_names] if is_classification else []
-        return TabularData(x[train], y[train], x[test], y[test], classes, [str(f) for f in bunch.feature_names],
-                           loader_name.removeprefix("load_"), source=f"sklearn.datasets.{loader_name}")
+        features = [str(f) for f in bunch.feature_names]
+        return TabularData(x[train], y[train], x[test], y[test], classes, features,
+                           loader_name.removeprefix("load_"),
+                           source=f"sklearn.datasets.{loader_name}")
 
     return load_real
 
@@ -275,8 +289,8 @@ def _tabular_twin(name: str, num_features: int, num_classes: int):
         x, y = synthetic_tabular(n_train + n_test, num_features, num_classes, seed)
         classes = [f"class{i}" for i in range(num_classes)]
         return TabularData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes,
-                           [f"x{i}" for i in range(num_features)], f"{name} (synthetic twin)", synthetic=True,
-                           source="common.twins")
+                           [f"x{i}" for i in range(num_features)], f"{name} (synthetic twin)",
+                           synthetic=True, source="common.twins")
 
     return make
 
@@ -312,7 +326,8 @@ REGISTRY: dict[str, Entry] = {
     "cifar10": Entry(_cifar10, _image_twin("cifar10", 3, 32, CIFAR10_CLASSES)),
     "iris": Entry(_sklearn("load_iris"), _tabular_twin("iris", 4, 3), bundled=True),
     "wine": Entry(_sklearn("load_wine"), _tabular_twin("wine", 13, 3), bundled=True),
-    "breast_cancer": Entry(_sklearn("load_breast_cancer"), _tabular_twin("breast_cancer", 30, 2), bundled=True),
+    "breast_cancer": Entry(_sklearn("load_breast_cancer"), _tabular_twin("breast_cancer", 30, 2),
+                           bundled=True),
     "diabetes": Entry(_sklearn("load_diabetes"), _tabular_twin("diabetes", 10, 0), bundled=True),
     "digits": Entry(_sklearn("load_digits"), _tabular_twin("digits", 64, 10), bundled=True),
     "hymenoptera": _image_folder_set("hymenoptera"),  # ants vs bees (common.imagefolder)
@@ -320,8 +335,8 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
-def load(name: str, data_dir: str | Path | None = None, smoke: bool = False, synthetic: bool = False,
-         n_synthetic: int = 512, seed: int = 0) -> ImageData | TabularData:
+def load(name: str, data_dir: str | Path | None = None, smoke: bool = False,
+         synthetic: bool = False, n_synthetic: int = 512, seed: int = 0) -> ImageData | TabularData:
     """Load a data set from the registry, and check it (see ``validate``).
 
     ``smoke`` gives the tiny synthetic twin (bundled sets, already offline and small, stay
@@ -335,7 +350,8 @@ def load(name: str, data_dir: str | Path | None = None, smoke: bool = False, syn
     if synthetic or (smoke and not entry.bundled):
         data, remedy = entry.make_twin(n_synthetic, seed), "a bug in common/twins.py"
     elif entry.bundled:
-        data, remedy = entry.load_real(data_root(data_dir)), "scikit-learn's bundled copy is damaged: reinstall it"
+        data = entry.load_real(data_root(data_dir))
+        remedy = "scikit-learn's bundled copy is damaged: reinstall it"
     else:
         data, remedy = entry.load_real(checked_root(name, data_dir)), DAMAGED
     validate(name, data, remedy)

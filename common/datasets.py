@@ -23,7 +23,7 @@ class ImageData:
     name: str = ""
     synthetic: bool = False
     source: str = ""  # where it was read from (a folder or file), for messages
-    x_val: torch.Tensor | None = None  # a validation split of its own, where the set has one (flowers102)
+    x_val: torch.Tensor | None = None  # its own validation split, if the set has one (flowers102)
     y_val: torch.Tensor | None = None
 
     @property
@@ -74,7 +74,8 @@ def validate(name: str, data: ImageData | TabularData, remedy: str = DAMAGED) ->
         raise damaged(name, what, data.source or "memory", remedy)
 
     image = isinstance(data, ImageData)
-    for split, x, y in (("training", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+    splits = (("training", data.x_train, data.y_train), ("test", data.x_test, data.y_test))
+    for split, x, y in splits:
         if len(x) != len(y):
             fail(f"the {split} set has {len(x)} inputs but {len(y)} labels")
         if len(x) == 0:
@@ -82,9 +83,11 @@ def validate(name: str, data: ImageData | TabularData, remedy: str = DAMAGED) ->
         if image and (x.dtype != torch.uint8 or x.ndim != 4):
             fail(f"{split} images must be uint8 (N, C, H, W), found {x.dtype} {tuple(x.shape)}")
         if image and x.shape[1:] != data.x_train.shape[1:]:
-            fail(f"{split} images are {tuple(x.shape[1:])} but training images {tuple(data.x_train.shape[1:])}")
+            fail(f"{split} images are {tuple(x.shape[1:])} "
+                 f"but training images {tuple(data.x_train.shape[1:])}")
         if not image and (x.dtype != torch.float32 or x.ndim != 2 or not torch.isfinite(x).all()):
-            fail(f"{split} features must be finite float32 (N, D), found {x.dtype} {tuple(x.shape)}")
+            fail(f"{split} features must be finite float32 (N, D), "
+                 f"found {x.dtype} {tuple(x.shape)}")
         if y.ndim != 1:
             fail(f"{split} labels must be one per row (N,), found shape {tuple(y.shape)}")
         if data.classes:

@@ -22,11 +22,11 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         from common.errors import ConfigError
 
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+        raise ConfigError("--device cuda, but no CUDA GPU is visible; use --device auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         from common.errors import ConfigError
 
-        raise ConfigError("--device mps was asked for but MPS is not available; use --device auto or cpu")
+        raise ConfigError("--device mps, but MPS is not available; use --device auto or cpu")
     return torch.device(name)
 
 

@@ -25,21 +25,26 @@ from pathlib import Path
 from common.errors import DataError, DataUnavailable, LabError, one_line
 
 DOWNLOAD_TIMEOUT_S = 30
-WAYS_ON = "pass --data-dir PATH to a folder that has it, or run with --smoke to use its synthetic twin"
-DAMAGED = "the files are damaged: delete them to download again (or pass --data-dir PATH to a good copy, or --smoke)"
+WAYS_ON = ("pass --data-dir PATH to a folder that has it, "
+           "or run with --smoke to use its synthetic twin")
+DAMAGED = ("the files are damaged: delete them to download again "
+           "(or pass --data-dir PATH to a good copy, or --smoke)")
 
 
 def data_root(data_dir: str | Path | None = None) -> Path:
     """Where real data sets live: the argument, else $DL_LABS_DATA, else a cache folder."""
-    where, text = ("--data-dir", data_dir) if data_dir else ("$DL_LABS_DATA", os.environ.get("DL_LABS_DATA"))
+    where, text = ("--data-dir", data_dir) if data_dir else (
+        "$DL_LABS_DATA", os.environ.get("DL_LABS_DATA"))
     if not text:
         return Path.home() / ".cache" / "dl-labs" / "data"
     try:
         root = Path(text).expanduser()
     except RuntimeError:  # "~nosuchuser/x"
-        raise DataUnavailable(f"{where} {text}: no such user's home folder; pass a plain path") from None
+        raise DataUnavailable(
+            f"{where} {text}: no such user's home folder; pass a plain path") from None
     if root.exists() and not root.is_dir():
-        raise DataUnavailable(f"{where} {text} is a file; it must name the folder that holds the data sets")
+        raise DataUnavailable(
+            f"{where} {text} is a file; it must name the folder that holds the data sets")
     return root
 
 
@@ -86,7 +91,8 @@ def _remove_empty_new_folders(root: Path, before: tuple[Path | None, set[Path]])
     """After a failed download, remove the folders it created if they hold no file (a partly
     downloaded file is kept)."""
     top, entries = before
-    created = [top] if top is not None else [p for p in root.iterdir() if p not in entries] if root.is_dir() else []
+    created = [top] if top is not None else (
+        [p for p in root.iterdir() if p not in entries] if root.is_dir() else [])
     for folder in created:
         if folder.is_dir() and not folder.is_symlink() and all(
                 p.is_dir() and not p.is_symlink() for p in folder.rglob("*")):
@@ -130,7 +136,8 @@ def download(url: str, target: Path, checksum: str = "", algorithm: str = "sha25
     (the publisher's, when there is one) matches. Call it inside ``fetching``."""
     part = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as f:
+        with (urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
+              open(part, "wb") as f):
             while block := response.read(1 << 20):
                 f.write(block)
         if checksum and file_digest(part, algorithm) != checksum:

@@ -10,7 +10,8 @@ import textwrap
 
 def one_line(e: BaseException, width: int = 200) -> str:
     """An exception as one short line, cut at a word boundary (library errors span several)."""
-    return textwrap.shorten(" ".join(str(e).split()) or type(e).__name__, width=width, placeholder=" ...")
+    text = " ".join(str(e).split()) or type(e).__name__
+    return textwrap.shorten(text, width=width, placeholder=" ...")
 
 
 class LabError(Exception):

@@ -10,7 +10,8 @@ Every image is resized so that its shorter side is ``size`` and cut to the centr
 ``size x size`` square, then all of them are stacked into one uint8 tensor and kept in
 ``common.data.cache_root()``: the next run loads one file instead of decoding hundreds of
 JPEGs. Training then batches by indexing (``common.loader.TensorLoader``), with the random
-part of the usual ``RandomResizedCrop`` done on whole batches (``common.augment.random_resized_crop``).
+part of the usual ``RandomResizedCrop`` done on whole batches
+(``common.augment.random_resized_crop``).
 
 Sets (``IMAGE_FOLDERS``):
 
@@ -49,7 +50,8 @@ HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 HYMENOPTERA_CLASSES = ["ants", "bees"]
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZE = 224
-FOLDER_WAYS_ON = "pass --data-dir PATH to a folder with train/<class>/*.jpg (and val/ or test/), or run with --smoke"
+FOLDER_WAYS_ON = ("pass --data-dir PATH to a folder with train/<class>/*.jpg (and val/ or test/), "
+                  "or run with --smoke")
 
 
 def resize_center_crop(image, size: int) -> np.ndarray:
@@ -70,7 +72,9 @@ def _members(source: Path) -> Iterator[tuple[str, callable]]:
     """(path inside the source, a function returning its bytes) for every image file, sorted by
     path so the order (and so the tensors) are the same on every machine."""
     if source.is_dir():
-        for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        paths = (p for p in source.rglob("*")
+                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        for path in sorted(paths):
             yield str(path.relative_to(source)), path.read_bytes
     elif zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as archive:
@@ -82,8 +86,9 @@ def _members(source: Path) -> Iterator[tuple[str, callable]]:
                     yield name, lambda name=name: archive.read(name)
     else:
         with tarfile.open(source) as tar:
-            infos = sorted((i for i in tar.getmembers() if i.isfile() and Path(i.name).suffix.lower()
-                            in IMAGE_EXTENSIONS), key=lambda i: i.name)
+            infos = sorted((i for i in tar.getmembers()
+                            if i.isfile() and Path(i.name).suffix.lower() in IMAGE_EXTENSIONS),
+                           key=lambda i: i.name)
             for info in infos:
                 yield info.name, lambda info=info: tar.extractfile(info).read()
 
@@ -109,7 +114,8 @@ def decode_folder(source: Path, size: int) -> dict:
     if not found:
         raise ValueError("no images in <split>/<class>/ folders")
     if "" in found and len(found) > 1:
-        raise ValueError(f"images both in split folders ({', '.join(s for s in found if s)}) and outside them")
+        splits = ", ".join(s for s in found if s)
+        raise ValueError(f"images both in split folders ({splits}) and outside them")
     if found.keys() - {""} and "train" not in found:
         raise ValueError(f"split folders {sorted(found)} but no train/")
     classes = sorted({cls for items in found.values() for cls, _ in items})
@@ -117,20 +123,21 @@ def decode_folder(source: Path, size: int) -> dict:
         raise ValueError(f"one class folder only ({classes[0]}); a classifier needs two or more")
     blob: dict = {"classes": classes}
     for split, items in found.items():
-        x = torch.from_numpy(np.stack([image for _, image in items])).permute(0, 3, 1, 2).contiguous()
+        x = torch.from_numpy(np.stack([image for _, image in items]))  # (N, H, W, 3)
+        x = x.permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
         y = torch.tensor([classes.index(cls) for cls, _ in items], dtype=torch.long)
         blob[split or "all"] = (x, y)
     return blob
 
 
 def _signature(source: Path) -> str:
-    """A short hash of what is on disk (names, sizes, times): the cache is redone when it changes."""
+    """A short hash of what is on disk (names, sizes, times): a change redoes the cache."""
     h = hashlib.sha256()
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
     for path in files:
         stat = path.stat()
-        h.update(f"{path.relative_to(source) if path != source else path.name}:{stat.st_size}:{int(stat.st_mtime)}"
-                 .encode())
+        shown = path.relative_to(source) if path != source else path.name
+        h.update(f"{shown}:{stat.st_size}:{int(stat.st_mtime)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -142,15 +149,17 @@ def cached_decode(name: str, source: Path, size: int, cache_key: str = "") -> di
     if cache.exists():
         try:
             blob = torch.load(cache, weights_only=True)
-            return {k: tuple(v) if isinstance(v, list) and k != "classes" else v for k, v in blob.items()}
+            return {k: tuple(v) if isinstance(v, list) and k != "classes" else v
+                    for k, v in blob.items()}
         except Exception as e:  # our own cache: decode again rather than fail
             print(f"the cache {cache} does not load ({one_line(e)}); decoding again", flush=True)
     print(f"decoding {source} once at {size}x{size} into {cache} ...", flush=True)
     try:
         blob = decode_folder(source, size)
     except (OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
-        raise DataError(f"{name}: could not read the images in {source} ({one_line(e)}); replace the damaged "
-                        f"files or archive (or pass --data-dir PATH to a good copy, or --smoke)") from None
+        raise DataError(f"{name}: could not read the images in {source} ({one_line(e)}); "
+                        "replace the damaged files or archive "
+                        "(or pass --data-dir PATH to a good copy, or --smoke)") from None
     try:
         atomic_write(cache, lambda tmp: torch.save(blob, tmp))
     except OSError as e:  # a read-only cache folder: carry on, decode again next time
@@ -167,15 +176,16 @@ def _image_data(name: str, blob: dict, source: Path):
         x, y = blob["all"]
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
         n_test = max(1, round(0.2 * len(x)))
-        blob = {**blob, "train": (x[perm[n_test:]], y[perm[n_test:]]), "test": (x[perm[:n_test]], y[perm[:n_test]])}
+        blob = {**blob, "train": (x[perm[n_test:]], y[perm[n_test:]]),
+                "test": (x[perm[:n_test]], y[perm[:n_test]])}
     test_split = "test" if "test" in blob else "val" if "val" in blob else None
     if test_split is None:
         raise DataError(f"{name}: {source} has train/ but neither val/ nor test/; {FOLDER_WAYS_ON}")
     (x_train, y_train), (x_test, y_test) = blob["train"], blob[test_split]
     x_val, y_val = blob["val"] if test_split == "test" and "val" in blob else (None, None)
     mean, std = channel_stats(x_train)
-    return ImageData(x_train, y_train, x_test, y_test, list(blob["classes"]), mean, std, name, source=str(source),
-                     x_val=x_val, y_val=y_val)
+    return ImageData(x_train, y_train, x_test, y_test, list(blob["classes"]), mean, std, name,
+                     source=str(source), x_val=x_val, y_val=y_val)
 
 
 def hymenoptera(root: Path, size: int = DEFAULT_SIZE):
@@ -192,13 +202,14 @@ def hymenoptera(root: Path, size: int = DEFAULT_SIZE):
             source = download(HYMENOPTERA_URL, root / Path(HYMENOPTERA_URL).name)
     data = _image_data("hymenoptera", cached_decode("hymenoptera", source, size), source)
     if data.classes != HYMENOPTERA_CLASSES:
-        raise DataError(f"hymenoptera: {source} has classes {data.classes}, expected {HYMENOPTERA_CLASSES}; "
-                        "pass --data-dir PATH to the original hymenoptera_data (or use --dataset folder)")
+        raise DataError(f"hymenoptera: {source} has classes {data.classes}, "
+                        f"expected {HYMENOPTERA_CLASSES}; pass --data-dir PATH to the original "
+                        "hymenoptera_data (or use --dataset folder)")
     return data
 
 
 def flowers102(root: Path, size: int = DEFAULT_SIZE):
-    """Oxford Flowers-102 through torchvision (its archive and checksums), decoded once at ``size``."""
+    """Oxford Flowers-102 via torchvision (its archive and checksums), decoded once at ``size``."""
     from torchvision.datasets import Flowers102
 
     from common.io import atomic_write
@@ -218,7 +229,8 @@ def flowers102(root: Path, size: int = DEFAULT_SIZE):
         try:
             blob = torch.load(cache_file, weights_only=True)
         except Exception as e:
-            print(f"the cache {cache_file} does not load ({one_line(e)}); decoding again", flush=True)
+            print(f"the cache {cache_file} does not load ({one_line(e)}); decoding again",
+                  flush=True)
     if blob is None:
         from PIL import Image
 
@@ -231,8 +243,9 @@ def flowers102(root: Path, size: int = DEFAULT_SIZE):
                     with Image.open(path) as image:
                         images.append(resize_center_crop(image, size))
                 except OSError as e:
-                    raise DataError(f"flowers102: could not decode {path} ({one_line(e)}); delete {folder} to "
-                                    "download it again (or pass --data-dir PATH, or --smoke)") from None
+                    raise DataError(f"flowers102: could not decode {path} ({one_line(e)}); "
+                                    f"delete {folder} to download it again "
+                                    "(or pass --data-dir PATH, or --smoke)") from None
             blob[f"x_{split}"] = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
             blob[f"y_{split}"] = torch.tensor(ds._labels, dtype=torch.long)
         try:
@@ -241,17 +254,20 @@ def flowers102(root: Path, size: int = DEFAULT_SIZE):
             print(f"warning: could not keep the decoded copy in {cache_file} ({e.strerror or e})")
     classes = list(getattr(splits["train"], "classes", None) or [str(i) for i in range(102)])
     mean, std = channel_stats(blob["x_train"])
-    return ImageData(blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"], classes, mean, std,
-                     "flowers102", source=str(folder), x_val=blob["x_val"], y_val=blob["y_val"])
+    return ImageData(blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"], classes,
+                     mean, std, "flowers102", source=str(folder), x_val=blob["x_val"],
+                     y_val=blob["y_val"])
 
 
 def image_folder(folder: Path, size: int = DEFAULT_SIZE):
     """Any ImageFolder: ``folder`` itself holds train/ and val/ or test/ (or class folders)."""
-    return _image_data("folder", cached_decode("folder", folder, size, cache_key=f"folder-{folder.name}"), folder)
+    blob = cached_decode("folder", folder, size, cache_key=f"folder-{folder.name}")
+    return _image_data("folder", blob, folder)
 
 
+# The loader and the twin's classes (flowers102's twin: 10 shapes/textures).
 IMAGE_FOLDERS = {"hymenoptera": (hymenoptera, HYMENOPTERA_CLASSES),
-                 "flowers102": (flowers102, [f"class{i}" for i in range(10)]),  # the twin: 10 shapes/textures
+                 "flowers102": (flowers102, [f"class{i}" for i in range(10)]),
                  "folder": (image_folder, ["class0", "class1"])}
 
 
@@ -267,23 +283,28 @@ def twin(name: str, size: int, n_train: int = 200, seed: int = 0):
                      f"{name} (synthetic twin)", synthetic=True, source="common.twins")
 
 
-def load_images(name: str, data_dir: str | Path | None = None, size: int = DEFAULT_SIZE, smoke: bool = False,
-                synthetic: bool = False, n_synthetic: int = 200, seed: int = 0):
+def load_images(name: str, data_dir: str | Path | None = None, size: int = DEFAULT_SIZE,
+                smoke: bool = False, synthetic: bool = False, n_synthetic: int = 200,
+                seed: int = 0):
     """An image-folder set decoded at ``size`` x ``size`` (see the module docstring), checked
-    by ``common.data.validate``. ``smoke``/``synthetic``: the twin, with ``n_synthetic`` training images."""
+    by ``common.data.validate``. ``smoke``/``synthetic``: the twin, with ``n_synthetic``
+    training images."""
 
     if name not in IMAGE_FOLDERS:
-        raise DataUnavailable(f"unknown image-folder set {name!r}; known: {', '.join(IMAGE_FOLDERS)}")
+        raise DataUnavailable(f"unknown image-folder set {name!r}; "
+                              f"known: {', '.join(IMAGE_FOLDERS)}")
     if smoke or synthetic:
         data = twin(name, size, n_synthetic, seed)
     elif name == "folder":
         if not data_dir:
-            raise DataUnavailable(f"--dataset folder reads the ImageFolder named by --data-dir; {FOLDER_WAYS_ON}")
+            raise DataUnavailable("--dataset folder reads the ImageFolder named by --data-dir; "
+                                  f"{FOLDER_WAYS_ON}")
         data = image_folder(checked_root(name, data_dir), size)
     else:
         data = IMAGE_FOLDERS[name][0](checked_root(name, data_dir), size)
     validate(name, data, DAMAGED)
-    if data.x_val is not None and (data.x_val.shape[1:] != data.x_train.shape[1:] or len(data.x_val) != len(data.y_val)
-                                   or not len(data.x_val)):
-        raise DataError(f"{name}: the validation split in {data.source} is empty or does not match the training images")
+    if data.x_val is not None and (data.x_val.shape[1:] != data.x_train.shape[1:]
+                                   or len(data.x_val) != len(data.y_val) or not len(data.x_val)):
+        raise DataError(f"{name}: the validation split in {data.source} is empty or does not "
+                        "match the training images")
     return data

@@ -1,7 +1,9 @@
-"""Atomic file writes: a crash or Ctrl-C mid-write never leaves a half-written file."""
+"""File plumbing: atomic writes (a crash or Ctrl-C mid-write never leaves a half-written file)
+and a file's SHA-256."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -33,3 +35,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (the hex digest)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

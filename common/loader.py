@@ -74,8 +74,8 @@ class TensorLoader:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 augment: Augment | None = None, transform: Transform | None = None, drop_last: bool = False,
-                 device: torch.device | str | None = None, seed: int = 0):
+                 augment: Augment | None = None, transform: Transform | None = None,
+                 drop_last: bool = False, device: torch.device | str | None = None, seed: int = 0):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
         if batch_size < 1:
@@ -108,7 +108,8 @@ class TensorLoader:
                 idx = order[i * b:(i + 1) * b]
                 xb, yb = self.x[idx], self.y[idx]
             if self.augment is not None:
-                xb = self.augment(xb, torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, epoch, i)))
+                g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, epoch, i))
+                xb = self.augment(xb, g)
             if self.transform is not None:
                 xb = self.transform(xb)
             yield xb, yb

@@ -15,23 +15,27 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-RTOL, ATOL = 1e-10, 1e-12  # float64 parity: near float64 rounding (DESIGN.md 7); looser needs a reason at the call site
+# float64 parity: near float64 rounding (DESIGN.md 7); looser needs a reason at the call site
+RTOL, ATOL = 1e-10, 1e-12
 
 
-def torch_reference(fn: Callable[..., torch.Tensor], *arrays: np.ndarray, upstream: np.ndarray | None = None,
-                    ) -> tuple[np.ndarray, list[np.ndarray]]:
+def torch_reference(fn: Callable[..., torch.Tensor], *arrays: np.ndarray,
+                    upstream: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Run ``fn`` on float64 tensors made from ``arrays``; return its output and the gradient
     of ``sum(output * upstream)`` with respect to each input (``upstream`` defaults to ones,
     i.e. the gradient of ``output.sum()``)."""
     tensors = [torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=True) for a in arrays]
     out = fn(*tensors)
-    g = torch.ones_like(out) if upstream is None else torch.tensor(np.asarray(upstream, dtype=np.float64))
+    g = torch.ones_like(out)
+    if upstream is not None:
+        g = torch.tensor(np.asarray(upstream, dtype=np.float64))
     out.backward(g)
     grads = [t.grad.numpy() if t.grad is not None else np.zeros(t.shape) for t in tensors]
     return out.detach().numpy(), grads
 
 
-def numerical_grad(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def numerical_grad(f: Callable[[np.ndarray], float], x: np.ndarray,
+                   eps: float = 1e-6) -> np.ndarray:
     """Central finite differences: df/dx_i ~ (f(x + eps e_i) - f(x - eps e_i)) / (2 eps).
 
     Error O(eps^2) from the Taylor series, plus rounding O(1e-16 / eps): eps = 1e-6 balances
@@ -53,12 +57,15 @@ def numerical_grad(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float =
 def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     """max |a - e| / max(|a| + |e|, tiny): the number a gradient check reports."""
     actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    return float(np.max(np.abs(actual - expected) / np.maximum(np.abs(actual) + np.abs(expected), 1e-12)))
+    scale = np.maximum(np.abs(actual) + np.abs(expected), 1e-12)
+    return float(np.max(np.abs(actual - expected) / scale))
 
 
-def assert_close(actual, expected, what: str = "value", rtol: float = RTOL, atol: float = ATOL) -> None:
+def assert_close(actual, expected, what: str = "value", rtol: float = RTOL,
+                 atol: float = ATOL) -> None:
     """``np.testing.assert_allclose`` with the shapes checked first and a readable name."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {actual.shape} != expected {expected.shape}")
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=f"{what} differs from PyTorch")
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol,
+                               err_msg=f"{what} differs from PyTorch")

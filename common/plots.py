@@ -21,8 +21,8 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_curves(curves: dict[str, Sequence], path: str | Path, xlabel: str = "epoch", ylabel: str = "",
-                title: str = "", logy: bool = False) -> Path:
+def plot_curves(curves: dict[str, Sequence], path: str | Path, xlabel: str = "epoch",
+                ylabel: str = "", title: str = "", logy: bool = False) -> Path:
     """One line per entry. A value is either a list of y values (x = 1, 2, ...) or of (x, y)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, values in curves.items():
@@ -57,7 +57,8 @@ def plot_history(rows: list[dict], path: str | Path, title: str = "") -> Path:
     return save(fig, path)
 
 
-def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> Path:
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | Path,
+                   title: str = "") -> Path:
     """A confusion matrix, rows = true class, columns = predicted, counts written in cells."""
     matrix = np.asarray(matrix)
     n = len(classes)
@@ -103,4 +104,5 @@ def plot_images(images, path: str | Path, titles: Sequence[str] | None = None, n
 def confusion_matrix(true, pred, num_classes: int) -> np.ndarray:
     """Counts of (true, predicted) pairs, computed with one bincount."""
     true, pred = np.asarray(true), np.asarray(pred)
-    return np.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+    counts = np.bincount(true * num_classes + pred, minlength=num_classes**2)
+    return counts.reshape(num_classes, num_classes)

@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 
 def progress(items: Iterable[T], desc: str = "", every_s: float = 30.0) -> Iterator[T]:
-    """Yield ``items``; show a bar on a terminal, else print ``desc: i/n`` every ``every_s`` seconds."""
+    """Yield ``items``: a bar on a terminal, else print ``desc: i/n`` every ``every_s`` seconds."""
     if sys.stderr.isatty():
         yield from tqdm(items, desc=desc, leave=False)
         return

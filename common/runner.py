@@ -77,9 +77,11 @@ def finished_run(cfg) -> dict | None:
     except (OSError, ValueError):
         return None  # no summary (e.g. stopped during the final evaluation): finish the run
     why = "stopped early" if stopped else "finished its epochs"
-    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in summary.items()
                      if not isinstance(v, (dict, list)) and k != "run_dir")
-    print(f"nothing to do: the run in {summary_path.parent} {why} at epoch {done}. Its summary: {shown}")
+    print(f"nothing to do: the run in {summary_path.parent} {why} at epoch {done}. "
+          f"Its summary: {shown}")
     if not stopped:
         print(f"(to train on, pass --epochs with more than {done})")
     return summary

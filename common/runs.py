@@ -46,7 +46,8 @@ class Run:
 
     current: Run | None = None  # the run in progress: Ctrl-C's message names its checkpoint
 
-    def __init__(self, directory: Path, out: Path, week: str, script: str, config: dict, device: torch.device):
+    def __init__(self, directory: Path, out: Path, week: str, script: str, config: dict,
+                 device: torch.device):
         self.dir, self.out, self.week, self.script = directory, out, week, script
         self.config, self.device = config, device
         self.rows: list[dict[str, Any]] = []
@@ -71,9 +72,11 @@ class Run:
             from common.errors import CheckpointError
 
             payload = read_checkpoint(resume)
-            if payload.get("script") and payload["script"] != f"{week}/{script}":  # before touching its folder
-                raise CheckpointError(f"{resume} was written by {payload['script']}, not {week}/{script}; "
-                                      "resume it with that script, or pass a checkpoint of this one")
+            # Checked before touching its folder.
+            if payload.get("script") and payload["script"] != f"{week}/{script}":
+                raise CheckpointError(f"{resume} was written by {payload['script']}, not "
+                                      f"{week}/{script}; resume it with that script, "
+                                      "or pass a checkpoint of this one")
             directory = Path(resume).parent
             resolved = directory.resolve()
             # <out>/<week>/<script>/<stamp>/checkpoint.pt: the index is <out>'s; a checkpoint moved
@@ -128,7 +131,8 @@ class Run:
         """What Ctrl-C / SIGTERM prints: where the last checkpoint is and how to go on.
         ``resuming``: the checkpoint being resumed, still intact if we stopped before training."""
         run = Run.current
-        checkpoints = sorted(run.dir.glob("*checkpoint.pt"), key=lambda p: p.stat().st_mtime) if run else []
+        checkpoints = sorted(run.dir.glob("*checkpoint.pt"),
+                             key=lambda p: p.stat().st_mtime) if run else []
         if not checkpoints and resuming:
             return f"stopped; {resuming} is unchanged (continue with --resume {resuming})"
         if not checkpoints:
@@ -156,7 +160,8 @@ class Run:
         print(f"resumed from {resume} after epoch {payload['epoch']}")
         return {**payload["extra"], "epoch": payload["epoch"]}
 
-    def save_checkpoint(self, model, optimizer=None, scheduler=None, epoch: int = 0, **extra: Any) -> Path:
+    def save_checkpoint(self, model, optimizer=None, scheduler=None, epoch: int = 0,
+                        **extra: Any) -> Path:
         """``checkpoint.pt`` in this run's folder, with the config, the script's name and the
         metrics rows so far (a resumed run rewrites metrics.csv from them)."""
         from common.checkpoint import save_checkpoint
@@ -167,7 +172,8 @@ class Run:
                                config=self.config, script=self.name, rows=rows,
                                wall_time_s=round(time.perf_counter() - self.started, 3), **extra)
 
-    def write_comparison(self, summaries: dict[str, dict], metrics: list[str], column: str = "variant") -> str:
+    def write_comparison(self, summaries: dict[str, dict], metrics: list[str],
+                         column: str = "variant") -> str:
         """One model per key of ``summaries`` (a schedule, a mode, a setting...), compared in a
         table (``compare_table``): printed and written to ``comparison.txt``."""
         entries = [{"week": self.week, "script": self.script, "dir": name, "summary": summary,
@@ -196,7 +202,8 @@ class Run:
             with open(path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(row)
             return
-        self.columns[:] = list(dict.fromkeys([*self.columns, *row]))  # in place: shared with sub() views
+        # In place: the list is shared with sub() views.
+        self.columns[:] = list(dict.fromkeys([*self.columns, *row]))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns)
         writer.writeheader()
@@ -209,11 +216,11 @@ class Run:
     def finish(self, **summary: Any) -> dict:
         """Write summary.json, add the run to the index, and return the summary."""
         summary = {k: _scalar(v) for k, v in summary.items()}
-        summary.update(wall_time_s=round(time.perf_counter() - self.started, 3), device=str(self.device),
-                       run_dir=str(self.dir))
+        summary.update(wall_time_s=round(time.perf_counter() - self.started, 3),
+                       device=str(self.device), run_dir=str(self.dir))
         atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        entry = {"week": self.week, "script": self.script, "dir": str(self.dir.resolve()), "config": self.config,
-                 "summary": summary}
+        entry = {"week": self.week, "script": self.script, "dir": str(self.dir.resolve()),
+                 "config": self.config, "summary": summary}
         with open(self.out / "index.jsonl", "a") as index:
             index.write(json.dumps(entry) + "\n")
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if k != "run_dir")
@@ -253,10 +260,11 @@ def read_index(out: str | Path, script: str | None = None) -> list[dict]:
             entries.append(json.loads(line)) if line.strip() else None
         except json.JSONDecodeError:  # a line cut short by a killed process: skip it, say so
             print(f"warning: {index} line {number} is damaged; skipped", file=sys.stderr)
-    # A resumed run that finished again (e.g. trained on to more epochs) is one run: keep its last line.
+    # A resumed run that finished again (e.g. trained on) is one run: keep its last line.
     entries = list({str(Path(e["dir"]).resolve()): e for e in entries}.values())
     if script:
-        entries = [e for e in entries if f"{e['week']}/{e['script']}" == script or e["script"] == script]
+        entries = [e for e in entries
+                   if f"{e['week']}/{e['script']}" == script or e["script"] == script]
     return entries
 
 
@@ -269,7 +277,8 @@ def compare_table(entries: list[dict], metrics: list[str] | None = None) -> str:
                and k not in ("out", "data_dir")]
     if metrics is None:
         metrics = [k for k in dict.fromkeys(k for e in entries for k in e["summary"])
-                   if k not in ("run_dir", "device") and isinstance(entries[-1]["summary"].get(k), (int, float))]
+                   if k not in ("run_dir", "device")
+                   and isinstance(entries[-1]["summary"].get(k), (int, float))]
     header = ["run", *varying, *metrics]
     rows = [[f"{e['week']}/{e['script']}/{Path(e['dir']).name}",
              *(_fmt(e["config"].get(k)) for k in varying),
@@ -279,7 +288,8 @@ def compare_table(entries: list[dict], metrics: list[str] | None = None) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def compare_plot(entries: list[dict], metric: str, path: str | Path, x: str = "epoch") -> Path | None:
+def compare_plot(entries: list[dict], metric: str, path: str | Path,
+                 x: str = "epoch") -> Path | None:
     """Plot ``metric`` against ``x`` from each run's metrics.csv on one figure."""
     from common.plots import plot_curves
 
@@ -293,8 +303,9 @@ def compare_plot(entries: list[dict], metric: str, path: str | Path, x: str = "e
                 continue
             # One line per model: a run that trained several (e.g. one per schedule) has a column
             # naming it, and joining their rows would draw one zig-zag through all of them.
-            label = " ".join(filter(None, [Path(e["dir"]).name, e["script"], row.get("schedule") or row.get("variant")
-                                           or row.get("optimizer") or row.get("model")]))
+            model = (row.get("schedule") or row.get("variant") or row.get("optimizer")
+                     or row.get("model"))
+            label = " ".join(filter(None, [Path(e["dir"]).name, e["script"], model]))
             curves.setdefault(label, []).append((float(row[x]), float(row[metric])))
     if not curves:
         return None
@@ -312,11 +323,15 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Compare runs from the run index (the experiment log).")
-    parser.add_argument("--out", default="runs", help="the --out folder the runs wrote to (default: runs)")
+    parser = argparse.ArgumentParser(
+        description="Compare runs from the run index (the experiment log).")
+    parser.add_argument("--out", default="runs",
+                        help="the --out folder the runs wrote to (default: runs)")
     parser.add_argument("--script", help="only runs of this script, e.g. week02/optimizers")
-    parser.add_argument("--last", type=_positive, default=20, help="show the last N runs (default: 20)")
-    parser.add_argument("--plot", metavar="METRIC", help="also plot this metrics.csv column for each run")
+    parser.add_argument("--last", type=_positive, default=20,
+                        help="show the last N runs (default: 20)")
+    parser.add_argument("--plot", metavar="METRIC",
+                        help="also plot this metrics.csv column for each run")
     args = parser.parse_args(argv)
     entries = read_index(args.out, args.script)[-args.last:]
     print(compare_table(entries))

@@ -34,8 +34,8 @@ def check_finite(loss: torch.Tensor | float, epoch: int) -> None:
     the last one on disk is the last good epoch."""
     value = float(loss)
     if value != value or value in (float("inf"), float("-inf")):
-        raise NonFiniteLoss(f"loss became {value} in epoch {epoch}; stopped, keeping the last checkpoint "
-                            "(if any). Try a smaller --lr, or check the data for NaNs")
+        raise NonFiniteLoss(f"loss became {value} in epoch {epoch}; stopped, keeping the last "
+                            "checkpoint (if any). Try a smaller --lr, or check the data for NaNs")
 
 
 def accuracy_count(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
@@ -91,7 +91,8 @@ def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optim
         correct = correct + right if right is not None else correct
         seen += len(x)
     if seen == 0:
-        raise ValueError("train_epoch got no batches (is the training set smaller than one batch with drop_last?)")
+        raise ValueError("train_epoch got no batches "
+                         "(is the training set smaller than one batch with drop_last?)")
     metrics = {"loss": (total_loss / seen).item()}
     if y.dtype == torch.long:  # classification: accuracy means something
         metrics["acc"] = (correct / seen).item()
@@ -107,7 +108,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Batches, val:
     for epoch in range(1, epochs + 1):
         if hasattr(train, "set_epoch"):
             train.set_epoch(epoch)
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_epoch(model, train, optimizer, scheduler).items()}}
+        metrics = train_epoch(model, train, optimizer, scheduler)
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in metrics.items()}}
         check_finite(row["train_loss"], epoch)
         if val is not None:
             row.update({f"val_{k}": v for k, v in evaluate(model, val).items()})

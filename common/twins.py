@@ -23,7 +23,8 @@ def synthetic_images(n: int, channels: int = 1, size: int = 28, num_classes: int
     model must learn shape and texture, not a pixel lookup. All vectorized: no Python loop.
     """
     if not 2 <= num_classes <= 2 * len(SHAPES):
-        raise ValueError(f"synthetic_images supports 2..{2 * len(SHAPES)} classes, got {num_classes}")
+        raise ValueError(f"synthetic_images supports 2..{2 * len(SHAPES)} classes, "
+                         f"got {num_classes}")
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % num_classes  # balanced classes, then shuffled
     y = y[torch.randperm(n, generator=g)]
@@ -45,7 +46,8 @@ def synthetic_images(n: int, channels: int = 1, size: int = 28, num_classes: int
     ], dim=1).float()  # (n, 5, H, W)
     mask = masks[torch.arange(n), y % len(SHAPES)]
     theta, freq = uniform(0, math.pi, 1, 1), uniform(2.5, 4.0, 1, 1)
-    stripes = (torch.sin(freq * math.pi * (dx * torch.cos(theta) + dy * torch.sin(theta))) > 0).float()
+    along = dx * torch.cos(theta) + dy * torch.sin(theta)  # distance along the stripe normal
+    stripes = (torch.sin(freq * math.pi * along) > 0).float()
     striped = (y >= len(SHAPES)).float().view(n, 1, 1)
     texture = striped * (0.25 + 0.75 * stripes) + (1 - striped)
     if channels == 1:

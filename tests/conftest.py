@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,9 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
 def run_script(script: Path | str, *args: str, tmp_path: Path, cwd: Path | None = None,
                timeout: float = 180) -> subprocess.CompletedProcess:
     """Run ``python script args`` offline, capturing text output."""
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd or tmp_path, env=offline_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd or tmp_path,
+                          env=offline_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def pytest_configure(config):
@@ -59,14 +61,18 @@ def run_lab(main, config_cls, argv: list[str]) -> dict:
 class CtrlC:
     """Ctrl-C (KeyboardInterrupt) right after optimizer step ``at_step`` of this process (every
     optimizer's steps counted, 0: never), before the loop's ``scheduler.step()``; ``steps``
-    counts the steps it saw. The resume tests interrupt a lab with it, then check ``--resume``."""
+    counts the steps it saw. The resume tests interrupt a lab with it, then check ``--resume``.
+    ``sigterm``: send this process a real SIGTERM instead, as ``kill`` would (only for a lab run
+    through ``launch``/``run_lab``, whose handler turns it into ``Terminated``)."""
 
-    def __init__(self, at_step: int = 0):
-        self.at_step, self.steps = at_step, 0
+    def __init__(self, at_step: int = 0, sigterm: bool = False):
+        self.at_step, self.sigterm, self.steps = at_step, sigterm, 0
 
     def __call__(self, optimizer, args, kwargs) -> None:
         self.steps += 1
-        if self.steps == self.at_step:
+        if self.steps == self.at_step and self.sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif self.steps == self.at_step:
             raise KeyboardInterrupt
 
 
@@ -79,11 +85,11 @@ def ctrl_c():
 
     handles = []
 
-    def install(at_step: int = 0) -> CtrlC:
+    def install(at_step: int = 0, sigterm: bool = False) -> CtrlC:
         for handle in handles:  # one at a time: a new one replaces the last
             handle.remove()
         handles.clear()
-        hook = CtrlC(at_step)
+        hook = CtrlC(at_step, sigterm)
         handles.append(register_optimizer_step_post_hook(hook))
         return hook
 

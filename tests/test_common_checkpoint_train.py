@@ -1,4 +1,5 @@
-"""common.checkpoint and common.train: round trip, exact resume, damaged files, NaN guard, Ctrl-C, SIGTERM."""
+"""common.checkpoint and common.train: round trip, exact resume, damaged files, NaN guard,
+Ctrl-C, SIGTERM."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def setup(seed=0):
 
 
 def lab(tmp_path, *argv: str) -> dict:
-    """Run tests/tiny_lab.py in this process as its command line would; the summary or the exit code."""
+    """Run tests/tiny_lab.py in this process as its command line would; the summary or the exit
+    code."""
     return run_lab(tiny_lab.main, tiny_lab.Config, ["--out", str(tmp_path), *argv])
 
 
@@ -66,7 +68,8 @@ def test_round_trip_restores_model_optimizer_scheduler_epoch_config_and_rng(tmp_
         train_epoch(model, train, opt)
         sched.step()
     rng = torch.get_rng_state()
-    path = save_checkpoint(tmp_path / "c.pt", model, opt, sched, epoch=2, config={"lr": 0.1, "p": tmp_path})
+    path = save_checkpoint(tmp_path / "c.pt", model, opt, sched, epoch=2,
+                           config={"lr": 0.1, "p": tmp_path})
     expected_draw = torch.rand(3)
     model2 = Tiny()
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
@@ -76,8 +79,10 @@ def test_round_trip_restores_model_optimizer_scheduler_epoch_config_and_rng(tmp_
     assert payload["epoch"] == 2 and payload["config"] == {"lr": 0.1, "p": str(tmp_path)}
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
-    assert opt2.state_dict()["state"][0]["momentum_buffer"].equal(opt.state_dict()["state"][0]["momentum_buffer"])
-    assert sched2.last_epoch == sched.last_epoch and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    buffer = opt.state_dict()["state"][0]["momentum_buffer"]
+    assert opt2.state_dict()["state"][0]["momentum_buffer"].equal(buffer)
+    assert sched2.last_epoch == sched.last_epoch
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     assert torch.equal(torch.get_rng_state(), rng) and torch.equal(torch.rand(3), expected_draw)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"], "the atomic write leaves no temp file"
 
@@ -97,8 +102,8 @@ def test_missing_corrupt_and_foreign_files_give_clear_errors(tmp_path):
 def damaged_files(good: bytes, seed: int = 0):
     """Truncations at many offsets, random bytes, text, flipped bytes, zips with wrong members."""
     rng = random.Random(seed)
-    for cut in sorted({0, 1, 6, 100, 300, 1000, 5000, len(good) // 2, len(good) - 1} | {rng.randrange(len(good))
-                                                                                         for _ in range(12)}):
+    random_cuts = {rng.randrange(len(good)) for _ in range(12)}
+    for cut in sorted({0, 1, 6, 100, 300, 1000, 5000, len(good) // 2, len(good) - 1} | random_cuts):
         if cut < len(good):
             yield f"truncated at {cut}", good[:cut]
     for n in (6, 64, 4096):
@@ -123,7 +128,8 @@ def damaged_files(good: bytes, seed: int = 0):
 def test_fuzz_every_damaged_file_is_a_checkpoint_error_with_a_readable_reason(tmp_path):
     model = Tiny()
     opt = torch.optim.Adam(model.parameters())
-    good = save_checkpoint(tmp_path / "good.pt", model, opt, epoch=3, config={"lr": 1e-3}).read_bytes()
+    good = save_checkpoint(tmp_path / "good.pt", model, opt, epoch=3,
+                           config={"lr": 1e-3}).read_bytes()
     loaded = 0
     for name, data in damaged_files(good):
         path = tmp_path / "bad.pt"
@@ -134,8 +140,9 @@ def test_fuzz_every_damaged_file_is_a_checkpoint_error_with_a_readable_reason(tm
         except CheckpointError as e:
             message = str(e)
             assert "\n" not in message and str(path) in message, f"{name}: {message!r}"
-            assert message.rstrip().endswith(("without --resume", "...)", "labs", "this run", "model")) or \
-                ")" in message, f"{name}: reason cut badly: {message!r}"
+            endings = ("without --resume", "...)", "labs", "this run", "model")
+            assert message.rstrip().endswith(endings) or ")" in message, \
+                f"{name}: reason cut badly: {message!r}"
     assert loaded <= 10, "almost every damaged file must be refused"
 
 
@@ -170,11 +177,13 @@ def test_loss_falls_and_accuracy_beats_chance():
     assert rows[-1]["val_acc"] > 0.8
     metrics = evaluate(model, val)
     outputs, targets = predict(model, val)
-    assert outputs.shape == (96, 3) and (outputs.argmax(1) == targets).sum().item() / 96 == metrics["acc"]
+    assert outputs.shape == (96, 3)
+    assert (outputs.argmax(1) == targets).sum().item() / 96 == metrics["acc"]
 
 
 def test_evaluate_and_predict_switch_to_eval_mode():
-    """Dropout on during evaluation would give noisy, lower numbers; BN would use batch statistics."""
+    """Dropout on during evaluation would give noisy, lower numbers; BN would use batch
+    statistics."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Dropout(0.9), nn.Linear(64, 3))
     x, y = tiny_lab.blobs(96)
@@ -183,14 +192,16 @@ def test_evaluate_and_predict_switch_to_eval_mode():
     first, second = predict(model, batches)[0], predict(model, batches)[0]
     assert torch.equal(first, second) and not model.training
     model.train()
-    assert evaluate(model, batches)["loss"] == pytest.approx(nn.functional.cross_entropy(model.eval()(x), y).item())
+    loss = evaluate(model, batches)["loss"]
+    assert loss == pytest.approx(nn.functional.cross_entropy(model.eval()(x), y).item())
 
 
 def test_check_finite_passes_numbers_and_stops_nan_and_inf():
     check_finite(torch.tensor(3.0), 1)
     check_finite(0.0, 1)
+    message = r"loss became .* in epoch 4; stopped, keeping the last checkpoint"
     for bad in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(NonFiniteLoss, match=r"loss became .* in epoch 4; stopped, keeping the last checkpoint"):
+        with pytest.raises(NonFiniteLoss, match=message):
             check_finite(torch.tensor(bad), 4)
 
 
@@ -212,7 +223,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ca
         assert lab(tmp_path, "--epochs", "3", "--schedule", "none") == {"exit": 1}
     finally:
         handle.remove()
-    assert "loss became nan in epoch 2; stopped, keeping the last checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss became nan in epoch 2; stopped, keeping the last checkpoint" in err
     payload = read_checkpoint(checkpoint_of(tmp_path))
     assert payload["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in payload["model"].values())
@@ -221,10 +233,12 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ca
 def test_a_run_writes_metrics_and_checkpoint(tmp_path):
     summary = lab(tmp_path, "--epochs", "2")
     run_dir = checkpoint_of(tmp_path).parent
-    assert (run_dir / "metrics.csv").read_text().startswith("epoch,train_loss,train_acc,val_loss,val_acc,lr")
+    header = "epoch,train_loss,train_acc,val_loss,val_acc,lr"
+    assert (run_dir / "metrics.csv").read_text().startswith(header)
     assert summary["epochs_done"] == 2 and summary["val_acc"] > 0.6
     payload = read_checkpoint(run_dir / "checkpoint.pt")
-    assert payload["script"] == "tests/tiny_lab" and [r["epoch"] for r in payload["extra"]["rows"]] == [1, 2]
+    assert payload["script"] == "tests/tiny_lab"
+    assert [r["epoch"] for r in payload["extra"]["rows"]] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,8 +251,8 @@ def test_a_run_writes_metrics_and_checkpoint(tmp_path):
     ("step", 0, 14),        # per-epoch schedule (a callback)
     ("none", 1, 8),         # early stopping (a callback with state)
 ])
-def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, schedule, patience, stop_at, capsys,
-                                                                   ctrl_c):
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, schedule, patience,
+                                                                   stop_at, capsys, ctrl_c):
     args = ["--schedule", schedule, "--patience", str(patience), "--epochs", "4"]
     straight = lab(tmp_path / "straight", *args)
     ctrl_c(stop_at)
@@ -253,18 +267,23 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, sched
     steps = ctrl_c(0)
     resumed = lab(tmp_path / "cut", "--resume", str(checkpoint))
     done = (stop_at - 1) // 6 * 6  # the steps of the epochs in the checkpoint
-    assert steps.steps == straight["epochs_done"] * 6 - done, "the resumed run trains only what was left"
+    assert steps.steps == straight["epochs_done"] * 6 - done, \
+        "the resumed run trains only what was left"
     assert resumed["run_dir"] == str(checkpoint.parent), "a resumed run continues its own folder"
     for name, value in final_weights(straight).items():
         assert torch.equal(value, final_weights(resumed)[name]), name
     assert resumed["epochs_done"] == straight["epochs_done"]
     rows = (checkpoint.parent / "metrics.csv").read_text().splitlines()
-    straight_rows = (checkpoint_of(tmp_path / "straight").parent / "metrics.csv").read_text().splitlines()
-    strip_time = lambda lines: [",".join(line.split(",")[:-1]) for line in lines]  # noqa: E731 (epoch_time_s)
-    assert strip_time(rows) == strip_time(straight_rows), "metrics.csv holds every epoch once, as uninterrupted"
+    straight_csv = checkpoint_of(tmp_path / "straight").parent / "metrics.csv"
+    straight_rows = straight_csv.read_text().splitlines()
+    # The last column, epoch_time_s, differs between any two runs.
+    strip_time = lambda lines: [",".join(line.split(",")[:-1]) for line in lines]  # noqa: E731
+    assert strip_time(rows) == strip_time(straight_rows), \
+        "metrics.csv holds every epoch once, as uninterrupted"
     from common.runs import read_index
 
-    assert [e["dir"] for e in read_index(tmp_path / "cut")] == [str(checkpoint.parent)], "one run in the log"
+    assert [e["dir"] for e in read_index(tmp_path / "cut")] == [str(checkpoint.parent)], \
+        "one run in the log"
 
 
 def test_resume_of_a_finished_run_says_nothing_to_do_and_can_train_on(tmp_path, capsys):
@@ -275,10 +294,13 @@ def test_resume_of_a_finished_run_says_nothing_to_do_and_can_train_on(tmp_path, 
     out = capsys.readouterr().out
     assert "nothing to do" in out and "finished its epochs at epoch 2" in out and "--epochs" in out
     assert again["epochs_done"] == 2
-    more = lab(tmp_path, "--resume", str(checkpoint), "--epochs", "4")  # OneCycle planned for 2 epochs
+    # The run's OneCycle was planned for 2 epochs.
+    more = lab(tmp_path, "--resume", str(checkpoint), "--epochs", "4")
     assert more["epochs_done"] == 4
-    lrs = [float(line.split(",")[5]) for line in (checkpoint.parent / "metrics.csv").read_text().splitlines()[1:]]
-    assert len(lrs) == 4 and lrs[3] < lrs[2], "the schedule was stretched to the new total and anneals again"
+    lines = (checkpoint.parent / "metrics.csv").read_text().splitlines()[1:]
+    lrs = [float(line.split(",")[5]) for line in lines]
+    assert len(lrs) == 4 and lrs[3] < lrs[2], \
+        "the schedule was stretched to the new total and anneals again"
     from common.runs import read_index
 
     assert len(read_index(tmp_path)) == 1
@@ -303,14 +325,14 @@ def test_resume_refuses_changed_settings_and_foreign_checkpoints(tmp_path, capsy
 
 
 def test_sigterm_saves_and_exits_with_one_line(tmp_path):
-    result = run_script(ROOT / "tests" / "tiny_lab.py", "--out", str(tmp_path / "runs"), "--signal-at", "15",
-                        tmp_path=tmp_path)
+    result = run_script(ROOT / "tests" / "tiny_lab.py", "--out", str(tmp_path / "runs"),
+                        "--signal-at", "15", tmp_path=tmp_path)
     assert result.returncode == 143, result.stderr
     assert result.stderr.startswith("terminated: stopped; the checkpoint of epoch 2") and \
         result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     (checkpoint,) = (tmp_path / "runs").glob("*/tiny_lab/*/checkpoint.pt")
-    resumed = run_script(ROOT / "tests" / "tiny_lab.py", "--resume", str(checkpoint), "--signal-at", "0",
-                         tmp_path=tmp_path)
+    resumed = run_script(ROOT / "tests" / "tiny_lab.py", "--resume", str(checkpoint),
+                         "--signal-at", "0", tmp_path=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((checkpoint.parent / "summary.json").read_text())["epochs_done"] == 4
 

@@ -1,4 +1,5 @@
-"""common.config: a dataclass becomes a CLI with ranges, list fields, presets, YAML configs, one-line errors."""
+"""common.config: a dataclass becomes a CLI with ranges, list fields, presets, YAML configs,
+one-line errors."""
 
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ class Config(BaseConfig):
 
 
 def test_defaults_and_flags():
-    cfg = parse_config(Config, ["--epochs", "3", "--lr", "0.5", "--optimizer", "adam", "--nesterov"])
+    cfg = parse_config(Config, ["--epochs", "3", "--lr", "0.5", "--optimizer", "adam",
+                                "--nesterov"])
     assert (cfg.epochs, cfg.lr, cfg.optimizer, cfg.nesterov) == (3, 0.5, "adam", True)
     assert parse_config(Config, []) == Config()
-    assert parse_config(Config, ["--smoke", "--data-dir", "/x", "--out", "o", "--seed", "7"]).seed == 7
+    argv = ["--smoke", "--data-dir", "/x", "--out", "o", "--seed", "7"]
+    assert parse_config(Config, argv).seed == 7
 
 
 def test_help_lists_every_field_with_comment_and_default(capsys):
@@ -47,10 +50,12 @@ def test_help_lists_every_field_with_comment_and_default(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for flag, help_text in [("--epochs", "passes over the training data (default: 5; >= 1)"),
-                            ("--lr", "step size (default: 0.1; > 0)"), ("--optimizer", "(default: sgd)"),
+                            ("--lr", "step size (default: 0.1; > 0)"),
+                            ("--optimizer", "(default: sgd)"),
                             ("--nesterov", "(default: False)"), ("--smoke", "(default: False)"),
-                            ("--seed", "(default: 0; in [0, 4294967295])"), ("--device", "(default: auto)"),
-                            ("--data-dir", "data root"), ("--out", "(default: runs)"), ("--config", "YAML")]:
+                            ("--seed", "(default: 0; in [0, 4294967295])"),
+                            ("--device", "(default: auto)"), ("--data-dir", "data root"),
+                            ("--out", "(default: runs)"), ("--config", "YAML")]:
         assert flag in text and help_text in text, f"{flag}: {help_text!r} missing from --help"
 
 
@@ -89,7 +94,8 @@ def test_yaml_config_and_flags_win(tmp_path):
 
 def test_yaml_written_by_a_run_is_accepted(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text("script: week01/part1\nconfig:\n  epochs: 9\n  lr: 0.3\nenvironment:\n  torch: x\n")
+    path.write_text("script: week01/part1\nconfig:\n  epochs: 9\n  lr: 0.3\n"
+                    "environment:\n  torch: x\n")
     assert parse_config(Config, ["--config", str(path)]).epochs == 9
 
 
@@ -129,7 +135,8 @@ def test_list_fields_from_flags_yaml_and_empty(tmp_path):
     assert parse_config(Config, ["--hidden"]).hidden == ()
     (tmp_path / "c.yaml").write_text("hidden: [4, 5]\n")
     assert parse_config(Config, ["--config", str(tmp_path / "c.yaml")]).hidden == (4, 5)
-    assert Config(hidden=[3]).to_dict()["hidden"] == [3], "lists in YAML/JSON, tuples in the dataclass"
+    assert Config(hidden=[3]).to_dict()["hidden"] == [3], \
+        "lists in YAML/JSON, tuples in the dataclass"
 
 
 def test_ranges_hold_for_defaults_and_direct_construction_too():
@@ -149,7 +156,7 @@ def test_ranges_hold_for_defaults_and_direct_construction_too():
     (["--smoke"], "", 1),                                         # smoke preset > default
     (["--smoke"], "epochs: 7\n", 7),                              # --config file > smoke preset
     (["--smoke", "--epochs", "3"], "epochs: 7\n", 3),              # explicit flag > file
-    (["--epochs", "3"], "smoke: true\n", 3),                      # smoke from the file, flag still wins
+    (["--epochs", "3"], "smoke: true\n", 3),                      # smoke from the file, flag wins
     (["--dataset", "iris"], "", 30),                              # data-set preset > default
     (["--dataset", "iris", "--smoke"], "", 1),                    # smoke > data-set preset
     (["--dataset", "iris", "--epochs", "2"], "", 2),              # explicit > data-set preset
@@ -253,15 +260,17 @@ def build_help(cls, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_out_with_a_tilde_is_the_home_folder_and_an_unknown_user_is_one_line(tmp_path, monkeypatch, capsys):
+def test_out_with_a_tilde_is_the_home_folder_and_an_unknown_user_is_one_line(tmp_path, monkeypatch,
+                                                                              capsys):
     import torch
 
     from common.runs import Run
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    run = Run.start(parse_config(Config, ["--out", "~/runs"]), "/x/week01_regression/demo.py", torch.device("cpu"),
-                     quiet=True)
-    assert run.dir.is_relative_to(tmp_path / "runs"), "a quoted ~ must not create a folder named '~'"
+    run = Run.start(parse_config(Config, ["--out", "~/runs"]), "/x/week01_regression/demo.py",
+                    torch.device("cpu"), quiet=True)
+    assert run.dir.is_relative_to(tmp_path / "runs"), \
+        "a quoted ~ must not create a folder named '~'"
     with pytest.raises(SystemExit):
         parse_config(Config, ["--out", "~nosuchuser_xyz/runs"])
     assert "no such user's home folder" in capsys.readouterr().err

@@ -67,13 +67,15 @@ def tiny_mnist(tmp_path) -> Path:
 
 def test_mnist_from_disk_loads_and_is_validated(offline, tiny_mnist):
     data = load("mnist", tiny_mnist)
-    assert not data.synthetic and data.x_train.shape == (30, 1, 28, 28) and data.y_test.tolist() == list(range(10))
+    assert not data.synthetic and data.x_train.shape == (30, 1, 28, 28)
+    assert data.y_test.tolist() == list(range(10))
     write_idx(tiny_mnist / "MNIST" / "raw" / "train-labels-idx1-ubyte", [3] * 10 + [12] + [3] * 19)
     with pytest.raises(DataError) as info:
         load("mnist", tiny_mnist)
     message = str(info.value)
     assert message.startswith("mnist: ") and "training labels must be in 0..9, found 12" in message
-    assert str(tiny_mnist / "MNIST" / "raw") in message and "delete" in message and "\n" not in message
+    assert str(tiny_mnist / "MNIST" / "raw") in message and "delete" in message
+    assert "\n" not in message
 
 
 def test_truncated_mnist_file_is_reported_as_damaged_naming_the_file(offline, tiny_mnist):
@@ -82,14 +84,15 @@ def test_truncated_mnist_file_is_reported_as_damaged_naming_the_file(offline, ti
     with pytest.raises(DataError) as info:
         load("mnist", tiny_mnist)
     message = str(info.value)
-    assert "train-images-idx3-ubyte is truncated (5,000 bytes" in message and str(images.parent) in message
+    assert "train-images-idx3-ubyte is truncated (5,000 bytes" in message
+    assert str(images.parent) in message
     assert "could not be downloaded" not in message and "\n" not in message
 
 
 def test_damaged_cifar_batch_offline_is_named(offline, tmp_path):
     folder = tmp_path / "data" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+    for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"):
         (folder / name).write_bytes(b"not a pickle")
     with pytest.raises(DataError, match=r"^cifar10: data_batch_1 is damaged .*checksum") as info:
         load("cifar10", tmp_path / "data")
@@ -251,23 +254,27 @@ def test_translate_never_mirrors_but_crop_flip_does():
 
 
 def same_batches(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb)
+                                    for (xa, ya), (xb, yb) in zip(a, b))
 
 
 def test_loader_batches_are_a_function_of_seed_and_epoch():
     """What exact resume needs: the batches of epoch e, augmentation included, do not depend on
     what the loader did before; set_epoch(e) on a fresh loader replays them."""
-    x = torch.randint(0, 256, (24, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 256, (24, 1, 6, 6), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0))
     y = torch.arange(24)
 
     def make(seed=7):
-        return TensorLoader(x, y, 5, shuffle=True, augment=crop_flip(2), transform=lambda b: b.float(), seed=seed)
+        return TensorLoader(x, y, 5, shuffle=True, augment=crop_flip(2),
+                            transform=lambda b: b.float(), seed=seed)
 
     assert make().epoch == 1
     loader = make()
     through = [list(loader) for _ in range(4)]  # epochs 1..4, never calling set_epoch
     again = make()
-    assert same_batches([list(again) for _ in range(3)][2], through[2])  # a fresh loader repeats the sequence
+    # A fresh loader repeats the sequence.
+    assert same_batches([list(again) for _ in range(3)][2], through[2])
     skipped = make()
     skipped.set_epoch(3)
     assert same_batches(list(skipped), through[2])  # straight to epoch 3 == iterated through 1..3
@@ -285,8 +292,9 @@ def test_loader_batches_are_a_function_of_seed_and_epoch():
 
 
 def test_each_batch_of_an_epoch_gets_its_own_augmentation():
-    x = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).repeat(16, 1, 1, 1)  # 16 copies of one image
-    batches = [xb for xb, _ in TensorLoader(x, torch.zeros(16, dtype=torch.long), 4, augment=translate(2))]
+    x = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).repeat(16, 1, 1, 1)  # one image x16
+    loader = TensorLoader(x, torch.zeros(16, dtype=torch.long), 4, augment=translate(2))
+    batches = [xb for xb, _ in loader]
     assert len({tuple(b.flatten().tolist()) for b in batches}) == 4
 
 
@@ -303,7 +311,8 @@ def test_augment_runs_before_transform():
         return xb.float() * 10
 
     x = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
-    (out, _), = TensorLoader(x, torch.zeros(4, dtype=torch.long), 4, augment=augment, transform=transform)
+    (out, _), = TensorLoader(x, torch.zeros(4, dtype=torch.long), 4, augment=augment,
+                             transform=transform)
     assert calls == [("augment", torch.uint8), ("transform", torch.uint8)]
     assert torch.equal(out, torch.full((4, 1, 2, 2), 10.0))
 
@@ -314,7 +323,8 @@ def test_device_and_seeds():
         with pytest.raises(LabError, match="no CUDA GPU"):
             pick_device("cuda")
     with autocast(torch.device("cpu")):
-        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32  # no autocast on CPU
+        # No autocast on the CPU.
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
     seed_everything(3)
     a = (torch.rand(3), np.random.rand(3))
     seed_everything(3)
@@ -351,7 +361,8 @@ def test_benchmark_runner_lists_entries_and_rejects_unknown(capsys):
 def test_benchmark_result_records_cpu_time_and_the_load_around_it(monkeypatch):
     from benchmarks import run as bench
 
-    fake = bench.Benchmark(lambda data_dir, device, options: {"metric": "m", "value": sum(range(10**5))}, "fake")
+    fake = bench.Benchmark(
+        lambda data_dir, device, options: {"metric": "m", "value": sum(range(10**5))}, "fake")
     monkeypatch.setattr(bench, "entries", lambda: {"fake": fake})
     loads = iter([(0.4, 0, 0), (2.5, 0, 0)])
     monkeypatch.setattr(bench.os, "getloadavg", lambda: next(loads))
@@ -404,10 +415,12 @@ def test_download_keeps_a_file_only_when_its_checksum_matches(tmp_path):
     source.write_bytes(b"the original bytes")
     good = hashlib.sha256(b"the original bytes").hexdigest()
     root = tmp_path / "new" / "root"
-    expected = r"^demo is not in .*root and could not be downloaded \(the download's sha256 is not 0+\).*--smoke"
+    expected = (r"^demo is not in .*root and could not be downloaded "
+                r"\(the download's sha256 is not 0+\).*--smoke")
     with pytest.raises(DataUnavailable, match=expected), fetching("demo", root):
         download(source.as_uri(), root / "archive.bin", "0" * 64)
     assert not (tmp_path / "new").exists(), "a failed download leaves no folder behind"
     with fetching("demo", root):
         kept = download(source.as_uri(), root / "archive.bin", good)
-    assert kept.read_bytes() == b"the original bytes" and sorted(p.name for p in root.iterdir()) == ["archive.bin"]
+    assert kept.read_bytes() == b"the original bytes"
+    assert sorted(p.name for p in root.iterdir()) == ["archive.bin"]

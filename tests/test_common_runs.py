@@ -40,7 +40,8 @@ def test_run_folder_has_config_metrics_and_summary(tmp_path):
     run.log(epoch=1, loss=torch.tensor(2.5))
     run.log(epoch=2, loss=np.float64(1.5), acc=0.75)  # a new column appears later
     rows = list(csv.DictReader((run.dir / "metrics.csv").open()))
-    assert rows == [{"epoch": "1", "loss": "2.5", "acc": ""}, {"epoch": "2", "loss": "1.5", "acc": "0.75"}]
+    assert rows == [{"epoch": "1", "loss": "2.5", "acc": ""},
+                    {"epoch": "2", "loss": "1.5", "acc": "0.75"}]
     assert run.history("loss") == [2.5, 1.5]
     summary = run.finish(test_acc=0.9)
     on_disk = json.loads((run.dir / "summary.json").read_text())
@@ -62,7 +63,8 @@ def test_index_and_comparison_table_and_plot(tmp_path, capsys):
     assert [e["config"]["lr"] for e in entries] == [0.1, 0.01]
     table = compare_table(entries)
     header = table.splitlines()[0].split()
-    assert header[:2] == ["run", "lr"] and "val_acc" in header and "seed" not in header  # only what differs
+    # Only the config fields that differ between the runs.
+    assert header[:2] == ["run", "lr"] and "val_acc" in header and "seed" not in header
     assert "0.01" in table and "0.7" in table
     png = compare_plot(entries, "val_acc", tmp_path / "cmp.png")
     assert png.stat().st_size > 1000
@@ -72,11 +74,13 @@ def test_index_and_comparison_table_and_plot(tmp_path, capsys):
 
 
 def test_plots_write_pngs(tmp_path):
-    assert plot_curves({"a": [3, 2, 1], "b": [(1, 2), (2, 1)]}, tmp_path / "c.png", logy=True).stat().st_size > 0
+    curves = {"a": [3, 2, 1], "b": [(1, 2), (2, 1)]}
+    assert plot_curves(curves, tmp_path / "c.png", logy=True).stat().st_size > 0
     rows = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.5, "val_acc": 0.4},
             {"epoch": 2, "train_loss": 0.5, "val_loss": 0.9, "train_acc": 0.8, "val_acc": 0.6}]
     assert plot_history(rows, tmp_path / "h.png").exists()
-    assert plot_images(np.random.rand(5, 3, 8, 8), tmp_path / "i.png", titles=list("abcde")).exists()
+    assert plot_images(np.random.rand(5, 3, 8, 8), tmp_path / "i.png",
+                       titles=list("abcde")).exists()
     assert plot_confusion(np.eye(3) * 5, ["x", "y", "z"], tmp_path / "m.png").exists()
     assert not list(Path(tmp_path).glob(".*tmp")), "atomic writes leave no temp files"
 
@@ -114,25 +118,29 @@ def test_compare_plot_draws_one_line_per_model_of_a_run(tmp_path, monkeypatch):
             view.log(epoch=epoch, val_acc=0.5 + 0.1 * epoch)
     run.finish(acc=0.7)
     drawn = {}
-    monkeypatch.setattr(common.plots, "plot_curves", lambda curves, path, **kw: drawn.update(curves) or path)
+    monkeypatch.setattr(common.plots, "plot_curves",
+                        lambda curves, path, **kw: drawn.update(curves) or path)
     compare_plot(read_index(tmp_path), "val_acc", tmp_path / "p.png")
     assert sorted(label.split()[-1] for label in drawn) == ["cosine", "step"]
     assert all(len(points) == 2 for points in drawn.values())
 
 
 def test_write_comparison_prints_and_saves_one_row_per_model(tmp_path, capsys):
-    run = Run.start(BaseConfig(out=str(tmp_path)), "/x/week04_regularization/part2.py", torch.device("cpu"),
-                    quiet=True)
+    run = Run.start(BaseConfig(out=str(tmp_path)), "/x/week04_regularization/part2.py",
+                    torch.device("cpu"), quiet=True)
     table = run.write_comparison({"cosine": {"val_loss": 1.25, "test_acc": 0.5},
-                                  "step": {"val_loss": 1.5, "test_acc": 0.25}}, ["val_loss"], column="schedule")
+                                  "step": {"val_loss": 1.5, "test_acc": 0.25}}, ["val_loss"],
+                                 column="schedule")
     lines = table.splitlines()
     assert lines[0].split() == ["run", "schedule", "val_loss"] and len(lines) == 4
     assert lines[2].split()[1:] == ["cosine", "1.25"] and lines[3].split()[1:] == ["step", "1.5"]
-    assert (run.dir / "comparison.txt").read_text() == table + "\n" and table in capsys.readouterr().out
+    assert (run.dir / "comparison.txt").read_text() == table + "\n"
+    assert table in capsys.readouterr().out
 
 
 def test_log_shows_a_row_on_one_line_only_when_asked(tmp_path, capsys):
-    run = Run.start(BaseConfig(out=str(tmp_path)), "/x/week03_cnn/part2.py", torch.device("cpu"), quiet=True)
+    run = Run.start(BaseConfig(out=str(tmp_path)), "/x/week03_cnn/part2.py", torch.device("cpu"),
+                    quiet=True)
     run.log(epoch=1, train_loss=0.5)
     assert capsys.readouterr().out == ""
     run.log(show=True, epoch=2, train_loss=0.123456, per_class={"a": 1})

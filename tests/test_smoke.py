@@ -19,7 +19,8 @@ import pytest
 
 from tests.conftest import ROOT, run_script
 
-SCRIPTS = sorted(p for p in ROOT.glob("week[0-9][0-9]_*/*.py") if 'if __name__ == "__main__"' in p.read_text())
+SCRIPTS = sorted(p for p in ROOT.glob("week[0-9][0-9]_*/*.py")
+                 if 'if __name__ == "__main__"' in p.read_text())
 
 
 def outcome_checks() -> dict[str, object]:
@@ -36,7 +37,8 @@ def outcome_checks() -> dict[str, object]:
 def test_scripts_are_discovered_and_each_has_an_outcome_check():
     assert len(SCRIPTS) >= 3, "expected at least Week 1's scripts"
     checks = outcome_checks()
-    missing = [f"{p.parent.name}/{p.name}" for p in SCRIPTS if f"{p.parent.name}/{p.name}" not in checks]
+    missing = [name for name in (f"{p.parent.name}/{p.name}" for p in SCRIPTS)
+               if name not in checks]
     assert not missing, f"scripts without an entry in their week's SMOKE_OUTCOMES: {missing}"
 
 
@@ -56,9 +58,11 @@ def numbers(value, key=""):
 def test_smoke_run(script, tmp_path):
     out = tmp_path / "runs"
     config = importlib.import_module(f"{script.parent.name}.{script.stem}").Config
-    device = [] if "device" in config.UNUSED else ["--device", "cpu"]  # scripts without the flag run on the CPU
+    # Scripts without the flag run on the CPU.
+    device = [] if "device" in config.UNUSED else ["--device", "cpu"]
     result = run_script(script, "--smoke", "--out", str(out), *device, tmp_path=tmp_path)
-    assert result.returncode == 0, f"{script.name} --smoke failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, \
+        f"{script.name} --smoke failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr
     summaries = list(out.glob("*/*/*/summary.json"))
     assert len(summaries) == 1, f"expected one run folder with summary.json, found {summaries}"
@@ -66,9 +70,11 @@ def test_smoke_run(script, tmp_path):
     assert summary["wall_time_s"] > 0 and summary["device"] == "cpu"
     run_dir = summaries[0].parent
     assert (run_dir / "config.yaml").exists()
-    assert (run_dir / "metrics.csv").exists() or any(run_dir.glob("*.png")), "a run should log metrics or plots"
-    allowed_nan = set(summary.get("allowed_nan", []))  # e.g. a variant the script reports as diverged
-    bad = [k for k, v in numbers(summary) if not math.isfinite(v) and k.split(".")[0] not in allowed_nan]
+    metrics = run_dir / "metrics.csv"
+    assert metrics.exists() or any(run_dir.glob("*.png")), "a run should log metrics or plots"
+    allowed_nan = set(summary.get("allowed_nan", []))  # e.g. a variant reported as diverged
+    bad = [k for k, v in numbers(summary)
+           if not math.isfinite(v) and k.split(".")[0] not in allowed_nan]
     assert not bad, f"non-finite figures in summary.json: {bad}"
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open())) if (run_dir / "metrics.csv").exists() else []
+    rows = list(csv.DictReader(metrics.open())) if metrics.exists() else []
     outcome_checks()[f"{script.parent.name}/{script.name}"](summary, rows)

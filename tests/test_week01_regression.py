@@ -46,8 +46,10 @@ def falls(values: list[float], factor: float) -> None:
 
 def check_part1(summary: dict, rows: list[dict]) -> None:
     # Hand-derived gradients vs central differences: truncation + rounding ~1e-7 at worst.
-    assert summary["grad_check_mse_rel_error"] < 1e-6 and summary["grad_check_bce_rel_error"] < 1e-6, summary
-    # GD lands on the closed form (6000 smoke steps: ~2e-7 on weights up to ~30), with its test error.
+    assert summary["grad_check_mse_rel_error"] < 1e-6, summary
+    assert summary["grad_check_bce_rel_error"] < 1e-6, summary
+    # GD lands on the closed form (6000 smoke steps: ~2e-7 on weights up to ~30), with its test
+    # error.
     assert summary["gd_vs_closed_form_max_abs_weight_diff"] < 1e-5, summary
     assert summary["gd_test_mse"] == pytest.approx(summary["closed_form_test_mse"], rel=1e-6)
     assert summary["ridge_gd_vs_closed_form_max_abs_diff"] < 1e-6, summary
@@ -66,9 +68,12 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
 
 
 def check_part2(summary: dict, rows: list[dict]) -> None:
-    assert summary["poly_grad_autograd"] == pytest.approx(summary["poly_grad_manual"], rel=1e-12, abs=1e-12)
-    assert summary["poly_grad_accumulated"] == 2 * summary["poly_grad_autograd"], "backward adds into .grad"
-    assert summary["linear_grad_max_abs_diff"] < 1e-10, summary  # float64, gradients ~100: rounding only
+    assert summary["poly_grad_autograd"] == pytest.approx(summary["poly_grad_manual"], rel=1e-12,
+                                                          abs=1e-12)
+    assert summary["poly_grad_accumulated"] == 2 * summary["poly_grad_autograd"], \
+        "backward adds into .grad"
+    # float64, gradients ~100: rounding only.
+    assert summary["linear_grad_max_abs_diff"] < 1e-10, summary
     falls(column(rows, "linear_train_mse"), 0.5)
     falls(column(rows, "logistic_train_bce"), 0.5)
     # Minibatch SGD with a constant step jitters around the least-squares minimum (up to ~30% above
@@ -76,13 +81,14 @@ def check_part2(summary: dict, rows: list[dict]) -> None:
     assert summary["linear_test_mse"] < 1.5 * summary["closed_form_test_mse"], summary
     assert summary["logistic_test_acc"] > max(0.9, summary["logistic_majority_acc"] + 0.2), summary
     assert summary["bce_with_logits_loss_z40"] == pytest.approx(40.0)
-    assert summary["bce_after_sigmoid_loss_z40"] == pytest.approx(100.0)  # log(0), clamped by BCELoss
+    assert summary["bce_after_sigmoid_loss_z40"] == pytest.approx(100.0)  # log(0), clamped
 
 
 def check_manual_vs_autograd(summary: dict, rows: list[dict]) -> None:
     assert summary["dtype"] == "float64"
     # The same float64 arithmetic in three codes: parameters (up to ~30) agree to rounding.
-    assert summary["max_abs_diff_torch_by_hand"] < 1e-10 and summary["max_abs_diff_autograd"] < 1e-10, summary
+    assert summary["max_abs_diff_torch_by_hand"] < 1e-10, summary
+    assert summary["max_abs_diff_autograd"] < 1e-10, summary
     losses = column(rows, "loss")
     falls(losses, 0.2)
     assert losses[-1] == pytest.approx(summary["final_loss"])
@@ -102,7 +108,8 @@ SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2,
 def smoke_config(module, tmp_path: Path, *flags: str):
     """The config a ``--smoke`` run gets (presets are applied by parsing, not by the dataclass)."""
     device = [] if "device" in module.Config.UNUSED else ["--device", "cpu"]
-    return parse_config(module.Config, ["--smoke", "--out", str(tmp_path / "runs"), *device, *flags])
+    return parse_config(module.Config,
+                        ["--smoke", "--out", str(tmp_path / "runs"), *device, *flags])
 
 
 def metrics_rows(summary: dict) -> list[dict]:
@@ -163,21 +170,24 @@ def test_logistic_gradient_matches_finite_differences_and_autograd(l2, zero_bias
     X, y, b = with_zeros_and_ties(X, y, b, zero_bias)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     check_gradients(lambda w, b: part1.logistic_loss_and_grad(X, y, w, b, l2),
-                    lambda w, b: F.binary_cross_entropy_with_logits(Xt @ w + b, yt) + l2 * (w * w).sum(), w, b)
+                    lambda w, b: (F.binary_cross_entropy_with_logits(Xt @ w + b, yt)
+                                  + l2 * (w * w).sum()), w, b)
 
 
 def test_logistic_loss_is_stable_for_extreme_logits():
     X, y, w, b = classification_problem()
-    w_huge = 1e4 * w  # logits in the tens of thousands: exp(z) would overflow, sigmoid would round to 0/1
+    # Logits in the tens of thousands: exp(z) would overflow, sigmoid would round to 0/1.
+    w_huge = 1e4 * w
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow or divide-by-zero warning allowed
         loss, grad_w, _ = part1.logistic_loss_and_grad(X, y, w_huge, b)
         p = part1.sigmoid(np.array([-1e4, -30.0, 0.0, 30.0, 1e4]))
-    expected = F.binary_cross_entropy_with_logits(torch.from_numpy(X @ w_huge + b), torch.from_numpy(y)).item()
+    expected = F.binary_cross_entropy_with_logits(torch.from_numpy(X @ w_huge + b),
+                                                  torch.from_numpy(y)).item()
     assert np.isfinite(loss) and np.all(np.isfinite(grad_w))
     assert loss == pytest.approx(expected, rel=1e-12)
-    assert_close(p, torch.sigmoid(torch.tensor([-1e4, -30.0, 0.0, 30.0, 1e4], dtype=torch.float64)).numpy(),
-                 "sigmoid", rtol=1e-12, atol=0)
+    z = torch.tensor([-1e4, -30.0, 0.0, 30.0, 1e4], dtype=torch.float64)
+    assert_close(p, torch.sigmoid(z).numpy(), "sigmoid", rtol=1e-12, atol=0)
 
 
 def test_gradient_check_helper_reports_small_error_for_right_and_large_for_wrong_gradient():
@@ -203,15 +213,16 @@ def diabetes():
 def test_features_are_standardized_with_training_statistics(diabetes):
     assert_close(diabetes.x_train.mean(axis=0), np.zeros(10), "train mean", atol=1e-12)
     assert_close(diabetes.x_train.std(axis=0), np.ones(10), "train std", atol=1e-12)
-    assert not np.allclose(diabetes.x_test.mean(axis=0), 0, atol=1e-3)  # test set: train statistics, not its own
+    # The test set is scaled with the training statistics, not its own.
+    assert not np.allclose(diabetes.x_test.mean(axis=0), 0, atol=1e-3)
 
 
 def test_gradient_descent_converges_to_the_closed_form(diabetes):
     descent = part1.train_linear(diabetes.x_train, diabetes.y_train, lr=0.2, steps=10000)
     w, b = part1.closed_form(diabetes.x_train, diabetes.y_train)
     assert not descent.diverged
-    # Iterative, not exact: 10000 steps bring GD to ~1e-12 of the closed form here (weights up to ~30);
-    # 1e-9 leaves room for another BLAS's rounding.
+    # Iterative, not exact: 10000 steps bring GD to ~1e-12 of the closed form here (weights up
+    # to ~30); 1e-9 leaves room for another BLAS's rounding.
     assert np.max(np.abs(descent.w - w)) < 1e-9 and abs(descent.b - b) < 1e-9
     assert descent.losses[-1] < descent.losses[0] / 5
 
@@ -229,7 +240,8 @@ def test_ridge_closed_form_matches_gradient_descent_with_l2(l2):
     X, y, _, _ = regression_problem(n=50, d=6)
     w_exact, b_exact = part1.closed_form(X, y, l2)
     descent = part1.train_linear(X, y, lr=0.5 * part1.max_stable_lr(X, l2), steps=5000, l2=l2)
-    # Iterative: GD ends within ~1e-15 of the exact ridge solution here; 1e-10 allows for rounding elsewhere.
+    # Iterative: GD ends within ~1e-15 of the exact ridge solution here; 1e-10 allows for
+    # rounding elsewhere.
     assert np.max(np.abs(descent.w - w_exact)) < 1e-10 and abs(descent.b - b_exact) < 1e-10
     # The penalty shrinks the weights compared with plain least squares.
     assert np.linalg.norm(w_exact) < np.linalg.norm(part1.closed_form(X, y)[0])
@@ -250,7 +262,8 @@ def test_logistic_regression_beats_chance_on_breast_cancer():
     descent = part1.train_logistic(data.x_train, data.y_train, lr=0.5, steps=500, l2=1e-3)
     majority = max(data.y_test.mean(), 1 - data.y_test.mean())
     assert part1.accuracy(data.x_test, data.y_test, descent.w, descent.b) > max(0.9, majority + 0.2)
-    assert descent.losses[0] == pytest.approx(np.log(2))  # w = 0 predicts p = 0.5 for everyone: BCE = log 2
+    # w = 0 predicts p = 0.5 for everyone: BCE = log 2.
+    assert descent.losses[0] == pytest.approx(np.log(2))
     assert descent.losses[-1] < 0.2
 
 
@@ -267,9 +280,10 @@ def test_learning_rate_study_flags_too_small_good_and_diverging(diabetes):
     assert 0.2 < bound < 0.3  # 2 / lambda_max of the Hessian (2/n) A^T A on standardized diabetes
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # divergence is detected, not an overflow warning or a crash
-        results = part1.learning_rate_study(diabetes.x_train, diabetes.y_train,
-                                            [0.002, 0.1, 0.95 * bound, 1.05 * bound, 10.0], steps=1000)
-    assert [r["status"] for r in results] == ["too slow", "converged", "converged", "diverged", "diverged"]
+        lrs = [0.002, 0.1, 0.95 * bound, 1.05 * bound, 10.0]
+        results = part1.learning_rate_study(diabetes.x_train, diabetes.y_train, lrs, steps=1000)
+    assert [r["status"] for r in results] == ["too slow", "converged", "converged", "diverged",
+                                              "diverged"]
     assert results[-1]["steps"] < 20 and all(np.isfinite(r["losses"]).all() for r in results)
 
 
@@ -294,17 +308,21 @@ def test_part1_main_smoke_summary(tmp_path):
     assert 2000 < summary["closed_form_test_mse"] < 4500  # predicting the mean gives ~6000 here
     assert summary["lr_study"] == "0.002: too slow, 0.1: converged, 0.3: diverged"
     run_dir = Path(summary["run_dir"])
-    for name in ("gd_convergence.png", "lr_study.png", "loss_landscape.png", "overfitting.png", "ridge_path.png"):
+    for name in ("gd_convergence.png", "lr_study.png", "loss_landscape.png", "overfitting.png",
+                 "ridge_path.png"):
         assert (run_dir / name).stat().st_size > 0, name
-    assert json.loads((run_dir / "summary.json").read_text())["logistic_test_acc"] == summary["logistic_test_acc"]
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["logistic_test_acc"] == summary["logistic_test_acc"]
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lr", "0.3"], "linear regression diverged at step 23 with --lr 0.3; stable step sizes are below 0.2455"),
-    (["--logistic-lr", "1e300"], "logistic regression diverged at step 1 with --logistic-lr 1e+300"),
+    (["--lr", "0.3"], "linear regression diverged at step 23 with --lr 0.3; "
+                      "stable step sizes are below 0.2455"),
+    (["--logistic-lr", "1e300"], "logistic regression diverged at step 1 "
+                                 "with --logistic-lr 1e+300"),
     # Here the penalty, not the data, overshoots: w <- w (1 - 2 lr l2) grows when lr * l2 > 1.
-    (["--logistic-l2", "10"], "with --logistic-lr 0.5 and --logistic-l2 10; the penalty alone needs "
-                              "--logistic-lr x --logistic-l2 < 1"),
+    (["--logistic-l2", "10"], "with --logistic-lr 0.5 and --logistic-l2 10; the penalty alone "
+                              "needs --logistic-lr x --logistic-l2 < 1"),
 ])
 def test_part1_step_size_too_large_stops_before_the_run_folder(flags, message, tmp_path):
     with pytest.raises(LabError, match=re.escape(message)):
@@ -377,7 +395,8 @@ def test_manual_vs_autograd_refuses_a_diverging_step_before_the_run_folder(tmp_p
 
 
 def test_pipeline_loss_falls_towards_least_squares(tmp_path, capsys):
-    summary = pipeline.main(parse_config(pipeline.Config, ["--out", str(tmp_path), "--device", "cpu", "--steps", "60"]))
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--steps", "60"]
+    summary = pipeline.main(parse_config(pipeline.Config, argv))
     assert summary["final_loss"] < summary["first_loss"] / 10
     assert summary["final_loss"] < 1.01 * summary["least_squares_loss"]
     assert summary["final_w"] == pytest.approx(summary["least_squares_w"], abs=0.05)
@@ -388,7 +407,8 @@ def test_pipeline_loss_falls_towards_least_squares(tmp_path, capsys):
 
 def test_pipeline_stops_when_the_loss_overflows(tmp_path):
     with pytest.raises(NonFiniteLoss, match="--lr 1e\\+06 is too large"):
-        pipeline.main(parse_config(pipeline.Config, ["--out", str(tmp_path), "--device", "cpu", "--lr", "1e6"]))
+        argv = ["--out", str(tmp_path), "--device", "cpu", "--lr", "1e6"]
+        pipeline.main(parse_config(pipeline.Config, argv))
 
 
 # ----------------------------------------------------------------------------------------
@@ -426,7 +446,8 @@ def test_help_lists_every_field_with_its_default(module, capsys):
     (part1, ["--study-lrs"], "--study-lrs needs at least one learning rate"),
     (part1, ["--max-degree", "0"], "argument --max-degree: must be in [1, 30]"),
     (part1, ["--poly-train", "1"], "argument --poly-train: must be in [2, 100000]"),
-    (part1, ["--l2", "1e308"], "argument --l2: must be in [0, 1000000]"),  # was a LinAlgError traceback
+    # --l2 1e308 was a LinAlgError traceback.
+    (part1, ["--l2", "1e308"], "argument --l2: must be in [0, 1000000]"),
     (part1, ["--logistic-l2", "1e308"], "argument --logistic-l2: must be in [0, 1000000]"),
     (part2, ["--batch-size", "0"], "argument --batch-size: must be >= 1, got '0'"),
     (part2, ["--epochs", "2.5"], "argument --epochs: expected an int, got '2.5'"),
@@ -453,7 +474,8 @@ def test_silly_values_fail_in_parsing_with_one_line_and_exit_2(module, argv, mes
 
 
 def test_negative_x_and_list_flags_parse():
-    assert parse_config(part2.Config, ["--x", "-1"]).x == -1.0  # a point on the axis: negatives are fine
+    # A point on the axis: negatives are fine.
+    assert parse_config(part2.Config, ["--x", "-1"]).x == -1.0
     assert parse_config(part2.Config, ["--x", "-0.5"]).x == -0.5
     assert parse_config(part1.Config, ["--study-lrs", "0.01", "0.2"]).study_lrs == (0.01, 0.2)
 

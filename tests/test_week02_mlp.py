@@ -30,19 +30,21 @@ def test_linear_forward_and_backward_match_torch():
     layer.b = RNG.normal(size=3)
     out = layer.forward(x)
     dx = layer.backward(upstream)
-    expected, (ex, eW, eb) = torch_reference(lambda x, W, b: x @ W + b, x, layer.W, layer.b, upstream=upstream)
+    expected, (ex, eW, eb) = torch_reference(lambda x, W, b: x @ W + b, x, layer.W, layer.b,
+                                             upstream=upstream)
     assert_close(out, expected, "Linear forward")
     assert_close(dx, ex, "Linear dL/dx")
     assert_close(layer.dW, eW, "Linear dL/dW")
     assert_close(layer.db, eb, "Linear dL/db")
 
 
-@pytest.mark.parametrize("name, torch_fn", [("relu", torch.relu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh)])
+@pytest.mark.parametrize("name, torch_fn", [("relu", torch.relu), ("sigmoid", torch.sigmoid),
+                                            ("tanh", torch.tanh)])
 def test_activation_forward_and_backward_match_torch(name, torch_fn):
     # Large magnitudes: the sigmoid must not overflow at -800 nor lose its gradient. Exact zeros
     # (0.0 and -0.0): ReLU's gradient there is 0 by PyTorch's convention (x > 0, not x >= 0).
-    x = np.concatenate([RNG.normal(size=(4, 8)) * 3, [[-800.0, -30.0, -1e-3, 0.0, -0.0, 1e-3, 30.0, 800.0]],
-                        np.zeros((1, 8))])
+    x = np.concatenate([RNG.normal(size=(4, 8)) * 3,
+                        [[-800.0, -30.0, -1e-3, 0.0, -0.0, 1e-3, 30.0, 800.0]], np.zeros((1, 8))])
     upstream = RNG.normal(size=x.shape)
     layer = part1.ACTIVATIONS[name]()
     with np.errstate(over="raise"):
@@ -58,7 +60,8 @@ def test_softmax_cross_entropy_matches_torch_and_is_stable():
     logits[0] += 1000.0  # naive exp() would overflow to inf here; log-sum-exp must not
     logits[1, 3] = -1000.0
     logits[2] = 0.0  # all logits equal: softmax is exactly uniform
-    logits[3, [2, 7]] = logits[3].max() + 1.0  # a tie for the largest logit (the row max used for stability)
+    # A tie for the largest logit (the row max used for stability).
+    logits[3, [2, 7]] = logits[3].max() + 1.0
     logits[4] = 1000.0  # equal and large
     labels = RNG.integers(0, 10, size=8)
     labels[3] = 7  # the label on one of the tied maxima
@@ -118,7 +121,8 @@ def test_gradient_check_against_finite_differences():
     ("he", 2 / 1000),
 ])
 def test_init_variance_matches_formula(scheme, variance):
-    W = part1.init_weights(scheme, 1000, 500, np.random.default_rng(0))  # 500k draws: ~0.3% sampling error
+    # 500k draws: ~0.3% sampling error.
+    W = part1.init_weights(scheme, 1000, 500, np.random.default_rng(0))
     assert W.shape == (1000, 500)
     assert abs(W.mean()) < 0.01 * math.sqrt(variance)
     assert W.var() == pytest.approx(variance, rel=0.03)
@@ -132,7 +136,8 @@ def test_zeros_init_is_zero_and_stays_symmetric():
         net.backward()
         net.sgd_step(0.5)
     assert all(part1.distinct_units(layer.W) == 1 for layer in net.linears[:-1])
-    assert not net.linears[0].W.any(), "zero weights into a ReLU get exactly zero gradient: they never move"
+    assert not net.linears[0].W.any(), \
+        "zero weights into a ReLU get exactly zero gradient: they never move"
 
 
 def _deep_relu_activation_stds(init: str) -> list[float]:
@@ -144,15 +149,19 @@ def _deep_relu_activation_stds(init: str) -> list[float]:
 def test_he_init_keeps_relu_activations_steady_while_small_normal_shrinks_them():
     he = _deep_relu_activation_stds("he")
     small = _deep_relu_activation_stds("small")
-    assert 0.5 < he[-1] / he[0] < 2.0, f"He init: std went from {he[0]:.3g} to {he[-1]:.3g} over 10 layers"
-    assert small[-1] / small[0] < 1e-6, f"small N(0, 0.01^2): std only went from {small[0]:.3g} to {small[-1]:.3g}"
+    assert 0.5 < he[-1] / he[0] < 2.0, \
+        f"He init: std went from {he[0]:.3g} to {he[-1]:.3g} over 10 layers"
+    assert small[-1] / small[0] < 1e-6, \
+        f"small N(0, 0.01^2): std only went from {small[0]:.3g} to {small[-1]:.3g}"
 
 
 def test_deep_sigmoid_net_gradient_vanishes_towards_the_input():
     net = part1.MLP([64] + [64] * 10 + [10], activation="sigmoid", init="xavier", seed=0)
     rng = np.random.default_rng(2)
-    _, grad_std = part1.layer_statistics(net, rng.normal(size=(256, 64)), rng.integers(0, 10, size=256))
-    assert grad_std[0] / grad_std[-1] < 1e-2, f"first/last layer gradient std ratio {grad_std[0] / grad_std[-1]:.2g}"
+    _, grad_std = part1.layer_statistics(net, rng.normal(size=(256, 64)),
+                                         rng.integers(0, 10, size=256))
+    ratio = grad_std[0] / grad_std[-1]
+    assert ratio < 1e-2, f"first/last layer gradient std ratio {ratio:.2g}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,7 +178,8 @@ def test_numpy_mlp_learns_digits():
     digits = part1.load_digits("", seed=0)  # bundled with scikit-learn: offline
     net = part1.MLP([64, 64, 10], activation="relu", init="he", seed=0)
     rng = np.random.default_rng(0)
-    losses = [part1.train_epoch(net, digits.x_train, digits.y_train, 0.05, 32, rng) for _ in range(4)]
+    losses = [part1.train_epoch(net, digits.x_train, digits.y_train, 0.05, 32, rng)
+              for _ in range(4)]
     assert losses[-1] < 0.5 * losses[0], f"loss did not fall enough: {losses}"
     assert part1.accuracy(net, digits.x_test, digits.y_test) > 0.85  # chance is 0.10
 
@@ -189,7 +199,8 @@ def test_train_one_epoch_is_the_plain_sgd_loop_with_a_per_batch_schedule():
     w, b = model.weight.detach().clone(), model.bias.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    metrics = part2.train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, scheduler)
+    metrics = part2.train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer,
+                                    scheduler)
     losses, lr = [], 0.5
     for xb, yb in batches:
         w_, b_ = w.clone().requires_grad_(), b.clone().requires_grad_()
@@ -209,14 +220,17 @@ def test_predict_and_evaluate_switch_dropout_off():
     batches = [(x[:20], y[:20]), (x[20:], y[20:])]
     model.train()
     first, second = part2.predict(model, batches)[0], part2.predict(model, batches)[0]
-    assert torch.equal(first, second) and not model.training, "predict must run in eval mode (dropout off)"
+    assert torch.equal(first, second) and not model.training, \
+        "predict must run in eval mode (dropout off)"
     assert torch.allclose(first, model(x))
     model.train()
-    assert part2.evaluate(model, batches)["loss"] == pytest.approx(F.cross_entropy(model.eval()(x), y).item())
+    loss = part2.evaluate(model, batches)["loss"]
+    assert loss == pytest.approx(F.cross_entropy(model.eval()(x), y).item())
 
 
 def test_momentum_optimizer_has_momentum_and_sgd_has_none():
-    """On loss = w (gradient 1): SGD moves lr per step; momentum v <- mu v + g moves lr, then lr (1 + mu)."""
+    """On loss = w (gradient 1): SGD moves lr per step; momentum v <- mu v + g moves lr, then
+    lr (1 + mu)."""
     for name, mu, second_step in [("sgd", 0.0, 0.1), ("momentum", 0.9, 0.19)]:
         w = torch.nn.Parameter(torch.tensor(1.0))
         optimizer = part2.make_optimizer(name, [w], lr=0.1, momentum=0.9)
@@ -227,14 +241,16 @@ def test_momentum_optimizer_has_momentum_and_sgd_has_none():
             w.backward()
             optimizer.step()
             positions.append(w.item())
-        assert 1.0 - positions[0] == pytest.approx(0.1) and positions[0] - positions[1] == pytest.approx(second_step)
+        assert 1.0 - positions[0] == pytest.approx(0.1)
+        assert positions[0] - positions[1] == pytest.approx(second_step)
 
 
 def test_mlp_shapes_he_init_and_no_hidden_layer():
     model = part2.MLP(784, (64, 32), 10)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(784, 64), (64, 32), (32, 10)]
-    assert linears[0].weight.std().item() == pytest.approx(math.sqrt(2 / 784), rel=0.05)  # He: Var = 2 / fan_in
+    # He: Var = 2 / fan_in.
+    assert linears[0].weight.std().item() == pytest.approx(math.sqrt(2 / 784), rel=0.05)
     assert not any(m.bias.any() for m in linears)
     assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
     softmax_regression = part2.MLP(4, (), 3)
@@ -246,12 +262,13 @@ def test_iris_preset_fills_what_the_user_did_not_say():
     assert (cfg.hidden, cfg.batch_size, cfg.lr, cfg.epochs) == ((16,), 16, 1e-2, 7)
     assert parse_config(part2.Config, []) == part2.Config()  # MNIST: the Config defaults as written
     smoke = parse_config(part2.Config, ["--smoke", "--batch-size", "8"])
-    assert (smoke.epochs, smoke.batch_size, smoke.hidden) == (part2.Config.SMOKE["epochs"], 8, (1024, 1024))
+    assert (smoke.epochs, smoke.batch_size, smoke.hidden) == (part2.Config.SMOKE["epochs"], 8,
+                                                              (1024, 1024))
 
 
 def test_part2_mlp_learns_iris(offline):
-    summary = part2.main(parse_config(part2.Config, ["--dataset", "iris", "--out", str(offline / "runs"),
-                                                     "--device", "cpu"]))
+    argv = ["--dataset", "iris", "--out", str(offline / "runs"), "--device", "cpu"]
+    summary = part2.main(parse_config(part2.Config, argv))
     assert summary["test_acc"] >= 0.8, summary  # 3 classes: chance is 0.33
     assert summary["last_train_loss"] < 0.5 * summary["first_train_loss"]
 
@@ -264,7 +281,8 @@ def test_part2_mlp_learns_iris(offline):
     (["--seed", "12345678901234567890"], "--seed: must be in [0, 4294967295]"),
     (["--hidden", "0"], "--hidden: must be in [1, 8192]"),
     (["--lr", "0"], "--lr: must be in (0, 1000000]"),
-    (["--lr", "1e308"], "--lr: must be in (0, 1000000]"),  # above float32's range: a torch traceback before
+    # Above float32's range: a torch traceback before.
+    (["--lr", "1e308"], "--lr: must be in (0, 1000000]"),
     (["--momentum", "1"], "--momentum: must be in (0, 1)"),
     (["--val-fraction", "0.9"], "--val-fraction: must be in [0, 0.5]"),
     (["--batch-size", "0"], "--batch-size: must be >= 1"),
@@ -291,8 +309,8 @@ def test_part2_without_mnist_offline_says_what_to_do(offline):
 # ----------------------------------------------------------------------------------------
 # Part 2: Ctrl-C at any step, then the printed --resume, ends with the uninterrupted weights
 # ----------------------------------------------------------------------------------------
-TINY = ["--smoke", "--hidden", "32", "--epochs", "3", "--device", "cpu"]  # 15 steps per epoch on the twin
-STEPS_PER_EPOCH = 15
+TINY = ["--smoke", "--hidden", "32", "--epochs", "3", "--device", "cpu"]
+STEPS_PER_EPOCH = 15  # TINY's steps per epoch on the twin
 
 
 def lab(out, *argv: str) -> dict:
@@ -343,8 +361,8 @@ def straight_run(tmp_path_factory):
     2 * STEPS_PER_EPOCH,       # the last step of epoch 2, before its checkpoint
     3 * STEPS_PER_EPOCH,       # the very last step of the run
 ])
-def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, capsys, straight_run,
-                                                                 stop_at):
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, capsys,
+                                                                 straight_run, stop_at):
     ctrl_c_after_step(monkeypatch, stop_at)
     assert lab(tmp_path, *TINY) == {"exit": 130}
     err = capsys.readouterr().err
@@ -368,14 +386,17 @@ def test_resume_of_a_finished_run_says_nothing_to_do_and_can_train_on(tmp_path, 
     capsys.readouterr()
     again = lab(tmp_path, "--resume", str(checkpoint))
     out = capsys.readouterr().out
-    assert "nothing to do" in out and "finished its epochs at epoch 3" in out and again["epochs"] == 3
+    assert "nothing to do" in out and "finished its epochs at epoch 3" in out
+    assert again["epochs"] == 3
     more = lab(tmp_path, "--resume", str(checkpoint), "--epochs", "5")
     assert more["epochs"] == 5 and more["run_dir"] == str(checkpoint.parent)
     rows = (checkpoint.parent / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4, 5]
     lrs = [float(r.split(",")[5]) for r in rows]
-    assert lrs[3] > lrs[2] and lrs[4] < lrs[3], "OneCycle was stretched to 5 epochs: back up, then annealing"
-    assert any(not torch.equal(v, weights(checkpoint)[k]) for k, v in before.items()), "it trained on"
+    assert lrs[3] > lrs[2] and lrs[4] < lrs[3], \
+        "OneCycle was stretched to 5 epochs: back up, then annealing"
+    assert any(not torch.equal(v, weights(checkpoint)[k]) for k, v in before.items()), \
+        "it trained on"
     # The summary counts the training time of all 5 epochs, not only of the 2 this process trained.
     epoch_times = [float(r.split(",")[-1]) for r in rows]
     assert more["train_time_s"] == round(sum(epoch_times), 2), (more["train_time_s"], epoch_times)
@@ -387,23 +408,27 @@ def test_resume_refuses_another_scripts_checkpoint_and_touches_nothing(tmp_path,
     foreign_dir = tmp_path / "runs" / "week03" / "part2" / "20260101-000000"
     foreign_dir.mkdir(parents=True)
     (foreign_dir / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
-    week03_config = {"dataset": "mnist", "epochs": 4, "batch_size": 32, "lr": 2e-3, "dropout": 0.1, "width": 16,
-                     "smoke": True}  # the fields Week 3's CNN lab saves (those part2 lacks are ignored)
+    # The fields Week 3's CNN lab saves (those part2 lacks are ignored).
+    week03_config = {"dataset": "mnist", "epochs": 4, "batch_size": 32, "lr": 2e-3,
+                     "dropout": 0.1, "width": 16, "smoke": True}
     foreign = save_checkpoint(foreign_dir / "checkpoint.pt", part2.MLP(784, (32,), 10), epoch=1,
-                              config=week03_config, script="week03/part2", rows=[{"epoch": 1, "loss": 0.5}])
+                              config=week03_config, script="week03/part2",
+                              rows=[{"epoch": 1, "loss": 0.5}])
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert lab(tmp_path / "out", "--resume", str(foreign), "--device", "cpu", "--smoke") == {"exit": 2}
+    argv = ["--resume", str(foreign), "--device", "cpu", "--smoke"]
+    assert lab(tmp_path / "out", *argv) == {"exit": 2}
     assert "written by week03/part2, not week02/part2" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert after == before, "a refused --resume must not write into the other run's folder (or anywhere)"
+    assert after == before, \
+        "a refused --resume must not write into the other run's folder (or anywhere)"
 
 
 # ----------------------------------------------------------------------------------------
 # Self-work scripts
 # ----------------------------------------------------------------------------------------
 def test_fold_splits_test_every_row_once_and_never_train_on_it():
-    labels = torch.tensor([0] * 50 + [1] * 50 + [2] * 50)[torch.randperm(150, generator=torch.Generator()
-                                                                           .manual_seed(0))]
+    order = torch.randperm(150, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 50 + [1] * 50 + [2] * 50)[order]
     rounds = iris_cv.fold_splits(labels, k=5, seed=0)
     assert len(rounds) == 5
     tested = torch.cat([test for _, test in rounds]).sort().values
@@ -423,23 +448,26 @@ def test_iris_cv_trains_each_model_on_everything_but_its_test_rows(monkeypatch, 
         return 1.0
 
     monkeypatch.setattr(iris_cv, "held_out_accuracy", record)
-    iris_cv.main(parse_config(iris_cv.Config, ["--folds", "5", "--splits", "2", "--out", str(offline / "runs")]))
+    argv = ["--folds", "5", "--splits", "2", "--out", str(offline / "runs")]
+    iris_cv.main(parse_config(iris_cv.Config, argv))
     rows = lambda x: Counter(map(tuple, x.tolist()))  # noqa: E731  (Iris has duplicate flowers)
     x_tr, x_te = calls[0]
     everything = rows(x_tr) + rows(x_te)
     assert sum(everything.values()) == 150
     for x_tr, x_te in calls:
-        assert rows(x_tr) + rows(x_te) == everything and len(x_te) == 30, "train + test = all 150, once each"
+        assert rows(x_tr) + rows(x_te) == everything and len(x_te) == 30, \
+            "train + test = all 150, once each"
     cv_tested = sum((rows(x_te) for _, x_te in calls[:5]), Counter())
     assert cv_tested == everything, "the 5 CV rounds test every flower exactly once"
 
 
 def test_sweep_marks_a_divergent_run_instead_of_crashing(offline):
     data = sweep.load_subset(parse_config(sweep.Config, ["--smoke"]))
-    cfg = part2.Config(hidden=(32,), epochs=1, batch_size=64, optimizer="sgd", lr=1e6, schedule="constant",
-                       dropout=0.0, device="cpu")
+    cfg = part2.Config(hidden=(32,), epochs=1, batch_size=64, optimizer="sgd", lr=1e6,
+                       schedule="constant", dropout=0.0, device="cpu")
     cell = sweep.sweep_cell(cfg, data, torch.device("cpu"))
-    assert cell.verdict == "nan" and math.isnan(cell.val_acc), "a learning rate of 1e6 must overflow the loss"
+    assert cell.verdict == "nan" and math.isnan(cell.val_acc), \
+        "a learning rate of 1e6 must overflow the loss"
     assert math.isfinite(cell.initial_val_loss)
 
 
@@ -481,7 +509,8 @@ def check_part1(summary, rows):
     loss_falls(rows)
     assert summary["test_acc"] > 0.5, summary  # 10 digits: chance is 0.10
     assert summary["gradient_check_error"] < 1e-6
-    assert summary["sigmoid_first_over_last_grad"] < 1e-2, "the deep sigmoid net's gradient should vanish"
+    assert summary["sigmoid_first_over_last_grad"] < 1e-2, \
+        "the deep sigmoid net's gradient should vanish"
 
 
 def check_part2(summary, rows):

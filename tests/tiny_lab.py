@@ -27,10 +27,10 @@ class Config(ResumableConfig):
 
     epochs: Annotated[int, Range(1)] = 4  # passes over the data
     lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # peak learning rate
-    schedule: Literal["onecycle", "step", "none"] = "onecycle"  # onecycle: per batch; step: per epoch
-    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.3  # dropout probability (draws random numbers)
-    patience: Annotated[int, Range(0)] = 0  # stop after this many epochs without a lower val loss (0: off)
-    signal_at: Annotated[int, Range(0)] = 0  # send this process SIGTERM after this optimizer step (0: never)
+    schedule: Literal["onecycle", "step", "none"] = "onecycle"  # onecycle per batch; step per epoch
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.3  # dropout p (draws random numbers)
+    patience: Annotated[int, Range(0)] = 0  # stop after N epochs without a lower val loss (0: off)
+    signal_at: Annotated[int, Range(0)] = 0  # send SIGTERM after this optimizer step (0: never)
     SMOKE: ClassVar[dict] = {"epochs": 2}
     RESUME_MAY_CHANGE: ClassVar[tuple] = (*ResumableConfig.RESUME_MAY_CHANGE, "signal_at")
 
@@ -38,7 +38,8 @@ class Config(ResumableConfig):
 class Net(nn.Module):
     def __init__(self, dropout: float):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3))
+        self.layers = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(dropout),
+                                    nn.Linear(16, 3))
 
     def forward(self, x):
         return self.layers(x)
@@ -80,12 +81,14 @@ def main(cfg: Config) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = None
     if cfg.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * len(train))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr,
+                                                        total_steps=cfg.epochs * len(train))
     elif cfg.schedule == "step":
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     run = Run.start(cfg, __file__, torch.device("cpu"), quiet=True)
     state = run.restore(model, optimizer, scheduler)
-    step, best, best_epoch = state.get("step", 0), state.get("best", math.inf), state.get("best_epoch", 0)
+    step, best = state.get("step", 0), state.get("best", math.inf)
+    best_epoch = state.get("best_epoch", 0)
     stopped = state.get("stopped", False)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if stopped:
@@ -93,7 +96,8 @@ def main(cfg: Config) -> dict:
         train.set_epoch(epoch)  # the batches an uninterrupted run would see in this epoch
         row, step = train_one_epoch(model, train, optimizer, scheduler, cfg, step)
         check_finite(row["train_loss"], epoch)
-        row.update({f"val_{k}": v for k, v in evaluate(model, val).items()}, lr=optimizer.param_groups[0]["lr"])
+        row.update({f"val_{k}": v for k, v in evaluate(model, val).items()},
+                   lr=optimizer.param_groups[0]["lr"])
         if cfg.schedule == "step":
             scheduler.step()  # per epoch
         if row["val_loss"] < best:

@@ -35,9 +35,9 @@ from week01_regression.part2 import manual_mse_grads
 class Config(BaseConfig):
     """Week 1 self-work: manual gradients vs autograd, the same model trained three ways."""
 
-    steps: Annotated[int, Range(1)] = 500  # full-batch gradient-descent steps for each of the three versions
-    lr: Annotated[float, Range(0, lo_open=True)] = 0.1  # step size, the same for all three (stable below ~0.245)
-    dtype: Literal["float64", "float32"] = "float64"  # float64: differences are pure rounding (~1e-13)
+    steps: Annotated[int, Range(1)] = 500  # full-batch gradient-descent steps for each version
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.1  # step size for all three (stable < ~0.245)
+    dtype: Literal["float64", "float32"] = "float64"  # float64: differences are rounding (~1e-13)
     synthetic: bool = False  # use the synthetic twin of diabetes instead of the real set
 
     SMOKE: ClassVar[dict] = {"steps": 100}
@@ -120,28 +120,34 @@ def main(cfg: Config) -> dict:
     # Above 2/lambda_max the three runs blow up together (Part 1): nothing left to compare.
     bound = max_stable_lr(data.x_train)
     if cfg.lr >= bound:
-        raise LabError(f"--lr {cfg.lr:g} would diverge: gradient descent on {data.name} is stable only for lr < "
-                       f"2/lambda_max = {bound:.4g}; use a smaller --lr")
-    run = Run.start(cfg, __file__, torch.device("cpu"))  # small and step by step: the CPU is the fair place
+        raise LabError(f"--lr {cfg.lr:g} would diverge: gradient descent on {data.name} is stable "
+                       f"only for lr < 2/lambda_max = {bound:.4g}; use a smaller --lr")
+    # Small and step by step: the CPU is the fair place to time it.
+    run = Run.start(cfg, __file__, torch.device("cpu"))
 
     runs = compare(X, y, cfg.lr, cfg.steps)
     reference = runs["numpy, by hand"]
-    diffs = {name: max_abs_diff_per_step(reference, t) for name, t in runs.items() if t is not reference}
-    print(f"{cfg.steps} steps of full-batch gradient descent on {data.name} ({X.shape[0]}x{X.shape[1]}, {cfg.dtype}), "
-          f"lr={cfg.lr}")
+    diffs = {name: max_abs_diff_per_step(reference, t)
+             for name, t in runs.items() if t is not reference}
+    print(f"{cfg.steps} steps of full-batch gradient descent on {data.name} "
+          f"({X.shape[0]}x{X.shape[1]}, {cfg.dtype}), lr={cfg.lr}")
     for name, t in runs.items():
-        vs = f"; max |param - numpy's| over all steps {diffs[name].max():.2e}" if name in diffs else ""
-        print(f"  {name:28s} final loss {t.losses[-1]:.6f}, {t.seconds * 1e6 / (cfg.steps + 1):7.1f} us/step{vs}")
+        vs = (f"; max |param - numpy's| over all steps {diffs[name].max():.2e}"
+              if name in diffs else "")
+        us = t.seconds * 1e6 / (cfg.steps + 1)
+        print(f"  {name:28s} final loss {t.losses[-1]:.6f}, {us:7.1f} us/step{vs}")
 
     every = max(1, cfg.steps // 100)
     for step in range(0, cfg.steps + 1, every):
         run.log(step=step, loss=reference.losses[step],
-                 **{f"max_diff_{key}": d[step] for key, d in zip(("torch_by_hand", "autograd"), diffs.values())})
+                **{f"max_diff_{key}": d[step]
+                   for key, d in zip(("torch_by_hand", "autograd"), diffs.values())})
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for (name, t), style in zip(runs.items(), ("-", "--", ":")):
         left.plot(t.losses, style, linewidth=2, label=name)
-    left.set(xlabel="step", ylabel="train MSE", yscale="log", title="three implementations, one curve")
+    left.set(xlabel="step", ylabel="train MSE", yscale="log",
+             title="three implementations, one curve")
     for name, d in diffs.items():
         # A log axis cannot show 0: steps where the parameters are bit-for-bit equal are left blank.
         right.plot(np.where(d > 0, d, np.nan), label=f"{name} vs numpy")

@@ -35,27 +35,31 @@ LossAndGrad = Callable[[np.ndarray, float], tuple[float, np.ndarray, float]]
 class Config(BaseConfig):
     """Week 1, Part 1: linear and logistic regression by gradient descent, in NumPy."""
 
-    epochs: Annotated[int, Range(1)] = 10000  # full-batch gradient-descent steps for linear regression
-    lr: Annotated[float, Range(0, lo_open=True)] = 0.2  # linear-regression step size (stable below ~0.245 on diabetes)
-    # Penalties stop at 1e6 (the ridge path goes to 100): 2*l2 must stay a float the eigenvalue solver handles.
+    epochs: Annotated[int, Range(1)] = 10000  # full-batch GD steps for linear regression
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.2  # step size (stable < ~0.245 on diabetes)
+    # Penalties stop at 1e6 (the ridge path goes to 100): 2*l2 must stay a float the
+    # eigenvalue solver handles.
     l2: Annotated[float, Range(0, 1e6)] = 0.0  # L2 (ridge) penalty l2*||w||^2 for linear regression
-    logistic_epochs: Annotated[int, Range(1)] = 2000  # full-batch gradient-descent steps for logistic regression
+    logistic_epochs: Annotated[int, Range(1)] = 2000  # full-batch GD steps for logistic regression
     logistic_lr: Annotated[float, Range(0, lo_open=True)] = 0.5  # logistic-regression step size
-    logistic_l2: Annotated[float, Range(0, 1e6)] = 0.001  # logistic L2 penalty (keeps weights finite on separable data)
-    grad_tol: Annotated[float, Range(0)] = 0.0  # stop a descent once the gradient norm is below this (0: never)
-    study_lrs: Annotated[tuple[float, ...], Range(0, lo_open=True)] = (0.002, 0.1, 0.3)  # learning rates to compare
-    study_epochs: Annotated[int, Range(1)] = 1000  # gradient-descent steps per learning rate in the study
-    max_degree: Annotated[int, Range(1, 30)] = 15  # the overfitting study fits polynomials of degree 1..max_degree
-    poly_train: Annotated[int, Range(2, 100_000)] = 20  # training points of the overfitting study (few: it shows)
-    landscape_steps: Annotated[int, Range(0, 10_000)] = 25  # descent steps drawn on the loss-landscape plot
-    synthetic: bool = False  # use the synthetic twins of diabetes and breast_cancer instead of the real sets
+    logistic_l2: Annotated[float, Range(0, 1e6)] = 0.001  # L2 penalty (finite weights if separable)
+    grad_tol: Annotated[float, Range(0)] = 0.0  # stop once |gradient| is below this (0: never)
+    study_lrs: Annotated[tuple[float, ...], Range(0, lo_open=True)] = (
+        0.002, 0.1, 0.3)  # learning rates to compare
+    study_epochs: Annotated[int, Range(1)] = 1000  # GD steps per learning rate in the study
+    max_degree: Annotated[int, Range(1, 30)] = 15  # overfitting study: polynomial degrees 1..this
+    poly_train: Annotated[int, Range(2, 100_000)] = 20  # train points (few, so overfitting shows)
+    landscape_steps: Annotated[int, Range(0, 10_000)] = 25  # steps drawn on the loss-landscape plot
+    synthetic: bool = False  # use synthetic twins of diabetes and breast_cancer, not the real sets
 
-    SMOKE: ClassVar[dict] = {"epochs": 6000, "logistic_epochs": 500, "study_epochs": 300, "max_degree": 12}
+    SMOKE: ClassVar[dict] = {"epochs": 6000, "logistic_epochs": 500, "study_epochs": 300,
+                             "max_degree": 12}
     UNUSED: ClassVar[tuple] = ('device', 'data_dir')  # CPU only, data bundled with scikit-learn
 
     def check(self) -> None:
         if not self.study_lrs:
-            raise ConfigError("--study-lrs needs at least one learning rate, e.g. --study-lrs 0.002 0.1 0.3")
+            raise ConfigError("--study-lrs needs at least one learning rate, "
+                              "e.g. --study-lrs 0.002 0.1 0.3")
 
 
 # ----------------------------------------------------------------------------------------
@@ -231,32 +235,34 @@ def gradient_descent(loss_and_grad: LossAndGrad, w0: np.ndarray, b0: float, lr: 
     w, b = np.array(w0, dtype=np.float64), float(b0)
     losses, path = [], []
     start = time.perf_counter()
-    with np.errstate(over="ignore", invalid="ignore"):  # a diverging run may overflow: we check below
+    # A diverging run may overflow: we check below.
+    with np.errstate(over="ignore", invalid="ignore"):
         for step in range(steps + 1):
             loss, grad_w, grad_b = loss_and_grad(w, b)
             losses.append(loss)
             if record_path:
                 path.append((*w, b))
             if not np.isfinite(loss) or loss > explode * max(losses[0], 1e-12):
-                return Descent(w, b, losses, path, diverged=True, seconds=time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                return Descent(w, b, losses, path, diverged=True, seconds=seconds)
             if step == steps or (tol > 0 and np.sqrt(grad_w @ grad_w + grad_b**2) < tol):
                 break
             w, b = w - lr * grad_w, b - lr * grad_b
     return Descent(w, b, losses, path, seconds=time.perf_counter() - start)
 
 
-def train_linear(X: np.ndarray, y: np.ndarray, lr: float, steps: int, l2: float = 0.0, tol: float = 0.0,
-                 ) -> Descent:
+def train_linear(X: np.ndarray, y: np.ndarray, lr: float, steps: int, l2: float = 0.0,
+                 tol: float = 0.0) -> Descent:
     """Linear regression by gradient descent from w = 0, b = 0."""
-    return gradient_descent(lambda w, b: mse_loss_and_grad(X, y, w, b, l2), np.zeros(X.shape[1]), 0.0,
-                            lr, steps, tol)
+    return gradient_descent(lambda w, b: mse_loss_and_grad(X, y, w, b, l2),
+                            np.zeros(X.shape[1]), 0.0, lr, steps, tol)
 
 
-def train_logistic(X: np.ndarray, y: np.ndarray, lr: float, steps: int, l2: float = 0.0, tol: float = 0.0,
-                   ) -> Descent:
+def train_logistic(X: np.ndarray, y: np.ndarray, lr: float, steps: int, l2: float = 0.0,
+                   tol: float = 0.0) -> Descent:
     """Logistic regression by gradient descent from w = 0, b = 0 (p = 0.5 for everyone)."""
-    return gradient_descent(lambda w, b: logistic_loss_and_grad(X, y, w, b, l2), np.zeros(X.shape[1]), 0.0,
-                            lr, steps, tol)
+    return gradient_descent(lambda w, b: logistic_loss_and_grad(X, y, w, b, l2),
+                            np.zeros(X.shape[1]), 0.0, lr, steps, tol)
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,8 +277,8 @@ def gradient_check(loss_and_grad: LossAndGrad, w: np.ndarray, b: float) -> float
     return max_relative_error(np.append(grad_w, grad_b), numeric)
 
 
-def learning_rate_study(X: np.ndarray, y: np.ndarray, lrs: list[float], steps: int, l2: float = 0.0,
-                        ) -> list[dict]:
+def learning_rate_study(X: np.ndarray, y: np.ndarray, lrs: list[float], steps: int,
+                        l2: float = 0.0) -> list[dict]:
     """Linear regression from the same start with each step size. Each result says whether the
     run converged (loss within 0.1% of the exact minimum), was too slow, or diverged."""
     w_best, b_best = closed_form(X, y, l2)
@@ -286,8 +292,8 @@ def learning_rate_study(X: np.ndarray, y: np.ndarray, lrs: list[float], steps: i
             status = "converged"
         else:
             status = "too slow"
-        results.append({"lr": lr, "status": status, "final_loss": descent.losses[-1], "steps": descent.steps,
-                        "losses": descent.losses})
+        results.append({"lr": lr, "status": status, "final_loss": descent.losses[-1],
+                        "steps": descent.steps, "losses": descent.losses})
     return results
 
 
@@ -310,7 +316,8 @@ def degree_study(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_
     """
     train_mse, val_mse = [], []
     for degree in degrees:
-        features_train, features_val = polynomial_features(x_train, degree), polynomial_features(x_val, degree)
+        features_train = polynomial_features(x_train, degree)
+        features_val = polynomial_features(x_val, degree)
         w, b = closed_form(features_train, y_train)
         train_mse.append(mse_loss_and_grad(features_train, y_train, w, b)[0])
         val_mse.append(mse_loss_and_grad(features_val, y_val, w, b)[0])
@@ -326,11 +333,12 @@ def plot_landscape(path, steps: int, seed: int = 0) -> None:
     bowl, a straight path). Each side uses 0.9 x its own largest stable step size."""
     x, y = line_data(seed=seed)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, (title, feature) in zip(axes, [("raw x in [0, 4]", x), ("standardized x", standardize(x)[0])]):
+    sides = [("raw x in [0, 4]", x), ("standardized x", standardize(x)[0])]
+    for ax, (title, feature) in zip(axes, sides):
         X = feature[:, None]
         lr = 0.9 * max_stable_lr(X)
-        descent = gradient_descent(lambda w, b, X=X: mse_loss_and_grad(X, y, w, b), np.array([-2.0]), 4.0,
-                                   lr, steps, record_path=True)
+        descent = gradient_descent(lambda w, b, X=X: mse_loss_and_grad(X, y, w, b),
+                                   np.array([-2.0]), 4.0, lr, steps, record_path=True)
         path_w, path_b = np.array(descent.path).T
         w_best, b_best = closed_form(X, y)
         span_w = max(abs(path_w - w_best[0]).max(), 1.0) * 1.3
@@ -341,18 +349,22 @@ def plot_landscape(path, steps: int, seed: int = 0) -> None:
         loss = np.mean((W[..., None] * feature + B[..., None] - y) ** 2, axis=-1)
         levels = np.geomspace(loss.min() * 1.01, loss.max(), 18)
         ax.contour(W, B, loss, levels=levels, cmap="viridis", linewidths=0.8)
-        ax.plot(path_w, path_b, "o-", color="tab:red", markersize=3, linewidth=1, label=f"GD, lr={lr:.3g}")
+        ax.plot(path_w, path_b, "o-", color="tab:red", markersize=3, linewidth=1,
+                label=f"GD, lr={lr:.3g}")
         ax.plot(w_best, b_best, "*", color="black", markersize=12, label="closed form")
-        ax.set(xlabel="w", ylabel="b", title=f"{title}: loss {descent.losses[-1]:.3g} after {steps} steps")
+        ax.set(xlabel="w", ylabel="b",
+               title=f"{title}: loss {descent.losses[-1]:.3g} after {steps} steps")
         ax.legend(fontsize=8)
     save(fig, path)
 
 
-def plot_degree_study(path, degrees, train_mse, val_mse, x_train, y_train, fits: dict[int, tuple]) -> None:
+def plot_degree_study(path, degrees, train_mse, val_mse, x_train, y_train,
+                      fits: dict[int, tuple]) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(degrees, train_mse, "o-", label="train")
     left.plot(degrees, val_mse, "o-", label="validation")
-    left.set(xlabel="polynomial degree", ylabel="MSE", yscale="log", title="error vs model capacity")
+    left.set(xlabel="polynomial degree", ylabel="MSE", yscale="log",
+             title="error vs model capacity")
     left.grid(alpha=0.3)
     left.legend()
     grid = np.linspace(-1, 1, 300)
@@ -391,28 +403,36 @@ def main(cfg: Config) -> dict:
     # naming the limit, before a run folder is created.
     gd = train_linear(reg.x_train, reg.y_train, cfg.lr, cfg.epochs, cfg.l2, cfg.grad_tol)
     if gd.diverged:
-        raise LabError(f"linear regression diverged at step {gd.steps} with --lr {cfg.lr:g}; stable step sizes "
-                       f"are below {max_stable_lr(reg.x_train, cfg.l2):.4g}: use a smaller --lr")
-    logistic = train_logistic(clf.x_train, clf.y_train, cfg.logistic_lr, cfg.logistic_epochs, cfg.logistic_l2,
-                              cfg.grad_tol)
+        raise LabError(f"linear regression diverged at step {gd.steps} with --lr {cfg.lr:g}; "
+                       f"stable step sizes are below {max_stable_lr(reg.x_train, cfg.l2):.4g}: "
+                       "use a smaller --lr")
+    logistic = train_logistic(clf.x_train, clf.y_train, cfg.logistic_lr, cfg.logistic_epochs,
+                              cfg.logistic_l2, cfg.grad_tol)
     if logistic.diverged:
-        # The penalty's own step is w <- w (1 - 2 lr l2): it overshoots 0 further each time once lr * l2 > 1.
-        penalty = (f" and --logistic-l2 {cfg.logistic_l2:g}; the penalty alone needs --logistic-lr x --logistic-l2 "
-                   f"< 1" if cfg.logistic_lr * cfg.logistic_l2 >= 1 else "")
+        # The penalty's own step is w <- w (1 - 2 lr l2): it overshoots 0 further each time
+        # once lr * l2 > 1.
+        penalty = ""
+        if cfg.logistic_lr * cfg.logistic_l2 >= 1:
+            penalty = (f" and --logistic-l2 {cfg.logistic_l2:g}; the penalty alone needs "
+                       "--logistic-lr x --logistic-l2 < 1")
         raise LabError(f"logistic regression diverged at step {logistic.steps} with --logistic-lr "
                        f"{cfg.logistic_lr:g}{penalty}; use a smaller --logistic-lr")
-    run = Run.start(cfg, __file__, torch.device("cpu"))  # NumPy runs on the CPU whatever --device says
+    # NumPy runs on the CPU whatever --device says.
+    run = Run.start(cfg, __file__, torch.device("cpu"))
 
     # 1. Gradient check: hand-derived gradients against finite differences, at a random point.
     rng = np.random.default_rng(cfg.seed)
     rows = slice(0, 40)
     w_rand, b_rand = rng.normal(size=reg.x_train.shape[1]), float(rng.normal())
-    check_mse = gradient_check(lambda w, b: mse_loss_and_grad(reg.x_train[rows], reg.y_train[rows], w, b, 0.1),
-                               w_rand, b_rand)
+    check_mse = gradient_check(
+        lambda w, b: mse_loss_and_grad(reg.x_train[rows], reg.y_train[rows], w, b, 0.1),
+        w_rand, b_rand)
     w_rand = rng.normal(size=clf.x_train.shape[1])
-    check_bce = gradient_check(lambda w, b: logistic_loss_and_grad(clf.x_train[rows], clf.y_train[rows], w, b, 0.1),
-                               w_rand, b_rand)
-    print(f"gradient check (max relative error vs finite differences): MSE {check_mse:.2e}, BCE {check_bce:.2e}")
+    check_bce = gradient_check(
+        lambda w, b: logistic_loss_and_grad(clf.x_train[rows], clf.y_train[rows], w, b, 0.1),
+        w_rand, b_rand)
+    print(f"gradient check (max relative error vs finite differences): "
+          f"MSE {check_mse:.2e}, BCE {check_bce:.2e}")
 
     # 2. Linear regression on diabetes: gradient descent (run above) vs the closed form.
     start = time.perf_counter()
@@ -421,28 +441,30 @@ def main(cfg: Config) -> dict:
     weight_diff = float(np.max(np.abs(np.append(gd.w - w_exact, gd.b - b_exact))))
     gd_test_mse = mse_loss_and_grad(reg.x_test, reg.y_test, gd.w, gd.b)[0]
     exact_test_mse = mse_loss_and_grad(reg.x_test, reg.y_test, w_exact, b_exact)[0]
-    print(f"{reg.name}, {gd.steps} GD steps in {gd.seconds:.3f}s vs closed form in {closed_form_s * 1e3:.2f}ms: "
-          f"max |weight difference| {weight_diff:.2e}; test MSE GD {gd_test_mse:.1f}, closed form "
-          f"{exact_test_mse:.1f} (predicting the training mean: "
-          f"{np.mean((reg.y_test - reg.y_train.mean()) ** 2):.1f})")
+    print(f"{reg.name}, {gd.steps} GD steps in {gd.seconds:.3f}s vs closed form in "
+          f"{closed_form_s * 1e3:.2f}ms: max |weight difference| {weight_diff:.2e}; "
+          f"test MSE GD {gd_test_mse:.1f}, closed form {exact_test_mse:.1f} "
+          f"(predicting the training mean: {np.mean((reg.y_test - reg.y_train.mean()) ** 2):.1f})")
     best_train = mse_loss_and_grad(reg.x_train, reg.y_train, w_exact, b_exact, cfg.l2)[0]
     excess = np.maximum(np.array(gd.losses) - best_train, 1e-12 * best_train)
-    plot_curves({"GD loss - minimum loss": list(enumerate(excess))}, run.path("gd_convergence.png"), xlabel="step",
-                ylabel="train MSE above the exact minimum", title="linear regression: GD converges linearly",
-                logy=True)
+    plot_curves({"GD loss - minimum loss": list(enumerate(excess))}, run.path("gd_convergence.png"),
+                xlabel="step", ylabel="train MSE above the exact minimum",
+                title="linear regression: GD converges linearly", logy=True)
 
     # 3. L2 regularization: the closed form over a range of penalties, and GD with one of them.
     l2s = np.geomspace(1e-4, 1e2, 25)
     ridge = [closed_form(reg.x_train, reg.y_train, l2) for l2 in l2s]
     plot_ridge_path(run.path("ridge_path.png"), l2s, np.array([w for w, _ in ridge]),
                     [mse_loss_and_grad(reg.x_train, reg.y_train, w, b)[0] for w, b in ridge],
-                    [mse_loss_and_grad(reg.x_test, reg.y_test, w, b)[0] for w, b in ridge], reg.feature_names)
+                    [mse_loss_and_grad(reg.x_test, reg.y_test, w, b)[0] for w, b in ridge],
+                    reg.feature_names)
     ridge_l2 = 0.1
-    ridge_gd = train_linear(reg.x_train, reg.y_train, min(cfg.lr, 0.9 * max_stable_lr(reg.x_train, ridge_l2)),
-                            cfg.epochs, ridge_l2)
+    ridge_lr = min(cfg.lr, 0.9 * max_stable_lr(reg.x_train, ridge_l2))
+    ridge_gd = train_linear(reg.x_train, reg.y_train, ridge_lr, cfg.epochs, ridge_l2)
     w_ridge, b_ridge = closed_form(reg.x_train, reg.y_train, ridge_l2)
     ridge_diff = float(np.max(np.abs(np.append(ridge_gd.w - w_ridge, ridge_gd.b - b_ridge))))
-    print(f"ridge l2={ridge_l2}: |w| {np.linalg.norm(w_ridge):.1f} (vs {np.linalg.norm(w_exact):.1f} unpenalized), "
+    print(f"ridge l2={ridge_l2}: |w| {np.linalg.norm(w_ridge):.1f} "
+          f"(vs {np.linalg.norm(w_exact):.1f} unpenalized), "
           f"GD vs closed form max |difference| {ridge_diff:.2e}, test MSE "
           f"{mse_loss_and_grad(reg.x_test, reg.y_test, w_ridge, b_ridge)[0]:.1f}")
 
@@ -451,8 +473,9 @@ def main(cfg: Config) -> dict:
     test_acc = accuracy(clf.x_test, clf.y_test, logistic.w, logistic.b)
     test_bce = logistic_loss_and_grad(clf.x_test, clf.y_test, logistic.w, logistic.b)[0]
     majority = max(clf.y_test.mean(), 1 - clf.y_test.mean())
-    print(f"{clf.name} logistic regression, {logistic.steps} steps: train acc {train_acc:.3f}, test acc "
-          f"{test_acc:.3f} (always guessing the majority class: {majority:.3f}), test BCE {test_bce:.3f}")
+    print(f"{clf.name} logistic regression, {logistic.steps} steps: train acc {train_acc:.3f}, "
+          f"test acc {test_acc:.3f} (always guessing the majority class: {majority:.3f}), "
+          f"test BCE {test_bce:.3f}")
 
     # metrics.csv: the loss of both descents, sampled (100 rows or so).
     every = max(1, max(gd.steps, logistic.steps) // 100)
@@ -462,13 +485,15 @@ def main(cfg: Config) -> dict:
 
     # 5. The learning-rate study.
     bound = max_stable_lr(reg.x_train, cfg.l2)
-    study = learning_rate_study(reg.x_train, reg.y_train, list(cfg.study_lrs), cfg.study_epochs, cfg.l2)
-    print(f"learning-rate study on {reg.name} ({cfg.study_epochs} steps; GD is stable only for lr < 2/lambda_max "
-          f"= {bound:.4g}):")
+    study = learning_rate_study(reg.x_train, reg.y_train, list(cfg.study_lrs), cfg.study_epochs,
+                                cfg.l2)
+    print(f"learning-rate study on {reg.name} ({cfg.study_epochs} steps; "
+          f"GD is stable only for lr < 2/lambda_max = {bound:.4g}):")
     curves = {}
     for result in study:
         where = f" at step {result['steps']}" if result["status"] == "diverged" else ""
-        print(f"  lr={result['lr']:<8g} {result['status']}{where}: final loss {result['final_loss']:.4g}")
+        print(f"  lr={result['lr']:<8g} {result['status']}{where}: "
+              f"final loss {result['final_loss']:.4g}")
         curves[f"lr={result['lr']:g} ({result['status']}{where})"] = result["losses"]
     plot_curves(curves, run.path("lr_study.png"), xlabel="step", ylabel="train MSE", logy=True,
                 title=f"learning rates on {reg.name} (stable below {bound:.3g})")
@@ -484,7 +509,8 @@ def main(cfg: Config) -> dict:
     best_degree = degrees[int(np.argmin(val_mse))]
     shown = sorted({1, best_degree, cfg.max_degree})
     fits = {d: closed_form(polynomial_features(x_train, d), y_train) for d in shown}
-    plot_degree_study(run.path("overfitting.png"), degrees, train_mse, val_mse, x_train, y_train, fits)
+    plot_degree_study(run.path("overfitting.png"), degrees, train_mse, val_mse, x_train, y_train,
+                      fits)
     print("polynomial degree:  " + " ".join(f"{d:>6d}" for d in degrees))
     print("  train MSE:        " + " ".join(f"{v:6.3f}" for v in train_mse))
     print("  validation MSE:   " + " ".join(f"{v:6.3f}" for v in val_mse))

@@ -36,11 +36,11 @@ class Config(BaseConfig):
     batch_size: Annotated[int, Range(1)] = 32  # examples per SGD step
     # Learning rates stop at 1e6: far past any that trains, and below float32's 3.4e38, past which
     # torch.optim cannot even represent the step (a RuntimeError instead of a diverging loss).
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # SGD step size for linear regression (MSELoss)
-    logistic_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.1  # SGD step size for logistic regression
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # linear (MSELoss) SGD step size
+    logistic_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.1  # logistic SGD step size
     # Any point on the axis, negative too; bounded only so that 3x^3 stays a readable number.
-    x: Annotated[float, Range(-1e6, 1e6)] = 2.0  # the point where the polynomial's derivative is taken
-    synthetic: bool = False  # use the synthetic twins of diabetes and breast_cancer instead of the real sets
+    x: Annotated[float, Range(-1e6, 1e6)] = 2.0  # where the polynomial's derivative is taken
+    synthetic: bool = False  # use synthetic twins of diabetes and breast_cancer, not the real sets
 
     SMOKE: ClassVar[dict] = {"epochs": 8}
     UNUSED: ClassVar[tuple] = ('data_dir',)  # bundled with scikit-learn: no --data-dir
@@ -58,7 +58,7 @@ def environment(device: torch.device) -> dict:
         "numpy": np.__version__,
         "device": str(device),
         "cuda_available": torch.cuda.is_available(),
-        "cuda_version": str(torch.version.cuda),  # the CUDA the wheel was built with ("None": CPU-only)
+        "cuda_version": str(torch.version.cuda),  # the wheel's CUDA ("None": a CPU-only wheel)
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "mps_available": torch.backends.mps.is_available(),
         "cpu_threads": torch.get_num_threads(),
@@ -94,7 +94,8 @@ def graph_chain(fn) -> list[str]:
         name = type(node).__name__
         if hasattr(node, "variable"):  # AccumulateGrad: the leaf tensor whose .grad it fills
             name += " (adds into the leaf tensor's .grad)"
-        if id(node) in seen:  # several paths lead here (x is used three times): don't repeat the subtree
+        # Several paths lead here (x is used three times): don't repeat the subtree.
+        if id(node) in seen:
             names.append("  " * depth + name + " (same node as above)")
             continue
         seen.add(id(node))
@@ -107,7 +108,8 @@ def autograd_demo(x_value: float) -> dict:
     """f'(x) by autograd and by hand; what a second backward does to ``.grad``; and the fix."""
     x = torch.tensor(x_value, dtype=torch.float64, requires_grad=True)  # a leaf: we want df/dx
     y = polynomial(x)
-    print(f"f(x) = 3x^3 - 2x^2 + x at x={x_value}: f = {y.item():g}; y.grad_fn = {type(y.grad_fn).__name__}")
+    print(f"f(x) = 3x^3 - 2x^2 + x at x={x_value}: f = {y.item():g}; "
+          f"y.grad_fn = {type(y.grad_fn).__name__}")
     print("the graph autograd recorded (walked backwards from y):")
     for line in graph_chain(y.grad_fn):
         print("   " + line)
@@ -121,11 +123,13 @@ def autograd_demo(x_value: float) -> dict:
     # second pass without zeroing gives twice the gradient. Optimizers' zero_grad() exists for this.
     polynomial(x).backward()
     accumulated = x.grad.item()
-    print(f"after a second backward without zeroing: x.grad = {accumulated:g} (= 2 x {autograd:g}: accumulated)")
+    print(f"after a second backward without zeroing: x.grad = {accumulated:g} "
+          f"(= 2 x {autograd:g}: accumulated)")
     x.grad = None  # what optimizer.zero_grad() does by default (set_to_none=True)
     polynomial(x).backward()
     print(f"after x.grad = None and a fresh backward: x.grad = {x.grad.item():g}")
-    return {"poly_grad_autograd": autograd, "poly_grad_manual": manual, "poly_grad_accumulated": accumulated}
+    return {"poly_grad_autograd": autograd, "poly_grad_manual": manual,
+            "poly_grad_accumulated": accumulated}
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,8 +155,8 @@ def autograd_mse_grads(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: tor
 # ----------------------------------------------------------------------------------------
 # 4. and 5. The two models, PyTorch style
 # ----------------------------------------------------------------------------------------
-def train(model: nn.Module, loader: TensorLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-          epochs: int, evaluate) -> list[dict]:
+def train(model: nn.Module, loader: TensorLoader, loss_fn: nn.Module,
+          optimizer: torch.optim.Optimizer, epochs: int, evaluate) -> list[dict]:
     """The loop every PyTorch training script has. ``evaluate()`` returns a dict of test metrics."""
     history = []
     for epoch in range(1, epochs + 1):
@@ -161,9 +165,10 @@ def train(model: nn.Module, loader: TensorLoader, loss_fn: nn.Module, optimizer:
         for xb, yb in loader:
             prediction = model(xb)           # forward: builds the graph
             loss = loss_fn(prediction, yb)   # a scalar at the end of the graph
-            if not math.isfinite(loss.item()):  # a step size that is too large makes the loss explode
+            if not math.isfinite(loss.item()):  # a step size too large makes the loss explode
                 raise NonFiniteLoss(f"the loss became {loss.item()} in epoch {epoch} with lr="
-                                    f"{optimizer.param_groups[0]['lr']:g}: the step is too large, use a smaller one")
+                                    f"{optimizer.param_groups[0]['lr']:g}: the step is too large, "
+                                    "use a smaller one")
             optimizer.zero_grad()            # clear last step's .grad (backward accumulates)
             loss.backward()                  # dloss/dparameter into each parameter's .grad
             optimizer.step()                 # SGD: p <- p - lr * p.grad
@@ -190,9 +195,12 @@ def bce_stability_demo() -> dict:
     grad_with_logits = torch.autograd.grad(with_logits.sum(), z)[0]
     grad_through_sigmoid = torch.autograd.grad(through_sigmoid.sum(), z)[0]
     print("a confident wrong prediction, float32: logits z = [40, -120], targets y = [0, 1]")
-    print(f"  BCEWithLogitsLoss:     loss {with_logits.tolist()}, dloss/dz {grad_with_logits.tolist()}")
-    print(f"  sigmoid then BCELoss:  loss {through_sigmoid.tolist()}, dloss/dz {grad_through_sigmoid.tolist()}")
-    return {"bce_with_logits_loss_z40": with_logits[0].item(), "bce_after_sigmoid_loss_z40": through_sigmoid[0].item()}
+    print(f"  BCEWithLogitsLoss:     loss {with_logits.tolist()}, "
+          f"dloss/dz {grad_with_logits.tolist()}")
+    print(f"  sigmoid then BCELoss:  loss {through_sigmoid.tolist()}, "
+          f"dloss/dz {grad_through_sigmoid.tolist()}")
+    return {"bce_with_logits_loss_z40": with_logits[0].item(),
+            "bce_after_sigmoid_loss_z40": through_sigmoid[0].item()}
 
 
 def main(cfg: Config) -> dict:
@@ -217,7 +225,8 @@ def main(cfg: Config) -> dict:
     manual_w, manual_b = manual_mse_grads(X64, y64, w64, b64)
     auto_w, auto_b = autograd_mse_grads(X64, y64, w64, b64)
     grad_diff = max((manual_w - auto_w).abs().max().item(), (manual_b - auto_b).abs().item())
-    print(f"  dL/dw[:3] by hand {manual_w[:3].tolist()}\n  dL/dw[:3] autograd {auto_w[:3].tolist()}")
+    print(f"  dL/dw[:3] by hand {manual_w[:3].tolist()}\n"
+          f"  dL/dw[:3] autograd {auto_w[:3].tolist()}")
     print(f"  max |difference| over all weights and the bias: {grad_diff:.1e}")
 
     print(f"\n== 4. linear regression on {reg.name}: nn.Linear + MSELoss + optim.SGD")
@@ -225,7 +234,8 @@ def main(cfg: Config) -> dict:
     def tensors(*arrays):
         return [torch.as_tensor(a, dtype=torch.float32, device=device) for a in arrays]
 
-    x_tr, y_tr, x_te, y_te = tensors(reg.x_train, reg.y_train[:, None], reg.x_test, reg.y_test[:, None])
+    x_tr, y_tr, x_te, y_te = tensors(reg.x_train, reg.y_train[:, None],
+                                     reg.x_test, reg.y_test[:, None])
     linear = nn.Linear(x_tr.shape[1], 1).to(device)
     mse = nn.MSELoss()
 
@@ -234,18 +244,22 @@ def main(cfg: Config) -> dict:
         linear.eval()
         return {"test_mse": mse(linear(x_te), y_te).item()}
 
-    linear_history = train(linear, TensorLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, seed=cfg.seed), mse,
-                           torch.optim.SGD(linear.parameters(), lr=cfg.lr), cfg.epochs, evaluate_linear)
+    loader = TensorLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    linear_history = train(linear, loader, mse, torch.optim.SGD(linear.parameters(), lr=cfg.lr),
+                           cfg.epochs, evaluate_linear)
     w_exact, b_exact = closed_form(reg.x_train, reg.y_train)
     exact_test_mse = float(np.mean((reg.x_test @ w_exact + b_exact - reg.y_test) ** 2))
-    print(f"  after {cfg.epochs} epochs: train MSE {linear_history[-1]['train_loss']:.1f}, test MSE "
-          f"{linear_history[-1]['test_mse']:.1f} (closed form from Part 1: {exact_test_mse:.1f}; minibatch SGD "
-          f"with a constant step keeps jittering around the minimum)")
+    print(f"  after {cfg.epochs} epochs: train MSE {linear_history[-1]['train_loss']:.1f}, "
+          f"test MSE {linear_history[-1]['test_mse']:.1f} (closed form from Part 1: "
+          f"{exact_test_mse:.1f}; minibatch SGD with a constant step keeps jittering around "
+          "the minimum)")
 
     print(f"\n== 5. logistic regression on {clf.name}: nn.Linear + BCEWithLogitsLoss + optim.SGD")
     stability = bce_stability_demo()
-    x_tr, y_tr, x_te, y_te = tensors(clf.x_train, clf.y_train[:, None], clf.x_test, clf.y_test[:, None])
-    logistic = nn.Linear(x_tr.shape[1], 1).to(device)  # outputs a logit z; p = sigmoid(z) only when needed
+    x_tr, y_tr, x_te, y_te = tensors(clf.x_train, clf.y_train[:, None],
+                                     clf.x_test, clf.y_test[:, None])
+    # It outputs a logit z; p = sigmoid(z) only when needed.
+    logistic = nn.Linear(x_tr.shape[1], 1).to(device)
     bce = nn.BCEWithLogitsLoss()
 
     @torch.inference_mode()
@@ -254,21 +268,25 @@ def main(cfg: Config) -> dict:
         logits = logistic(x_te)
         # z >= 0 <=> p >= 0.5. (common.train.fit's accuracy is for int64 class labels, not this.)
         predicted = (logits >= 0).float()
-        return {"test_loss": bce(logits, y_te).item(), "test_acc": (predicted == y_te).float().mean().item()}
+        return {"test_loss": bce(logits, y_te).item(),
+                "test_acc": (predicted == y_te).float().mean().item()}
 
-    logistic_history = train(logistic, TensorLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, seed=cfg.seed), bce,
-                             torch.optim.SGD(logistic.parameters(), lr=cfg.logistic_lr), cfg.epochs,
-                             evaluate_logistic)
+    loader = TensorLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    logistic_history = train(logistic, loader, bce,
+                             torch.optim.SGD(logistic.parameters(), lr=cfg.logistic_lr),
+                             cfg.epochs, evaluate_logistic)
     majority = max(clf.y_test.mean(), 1 - clf.y_test.mean())
-    print(f"  after {cfg.epochs} epochs: train BCE {logistic_history[-1]['train_loss']:.3f}, test accuracy "
-          f"{logistic_history[-1]['test_acc']:.3f} (majority class: {majority:.3f})")
+    print(f"  after {cfg.epochs} epochs: train BCE {logistic_history[-1]['train_loss']:.3f}, "
+          f"test accuracy {logistic_history[-1]['test_acc']:.3f} (majority class: {majority:.3f})")
 
     for lin, log in zip(linear_history, logistic_history):
-        run.log(epoch=lin["epoch"], linear_train_mse=lin["train_loss"], linear_test_mse=lin["test_mse"],
-                 logistic_train_bce=log["train_loss"], logistic_test_bce=log["test_loss"],
-                 logistic_test_acc=log["test_acc"])
-    plot_curves({"train": [h["train_loss"] for h in linear_history], "test": [h["test_mse"] for h in linear_history]},
-                run.path("linear_curves.png"), ylabel="MSE", title=f"linear regression on {reg.name}", logy=True)
+        run.log(epoch=lin["epoch"], linear_train_mse=lin["train_loss"],
+                linear_test_mse=lin["test_mse"], logistic_train_bce=log["train_loss"],
+                logistic_test_bce=log["test_loss"], logistic_test_acc=log["test_acc"])
+    plot_curves({"train": [h["train_loss"] for h in linear_history],
+                 "test": [h["test_mse"] for h in linear_history]},
+                run.path("linear_curves.png"), ylabel="MSE",
+                title=f"linear regression on {reg.name}", logy=True)
     plot_curves({"train BCE": [h["train_loss"] for h in logistic_history],
                  "test BCE": [h["test_loss"] for h in logistic_history],
                  "test accuracy": [h["test_acc"] for h in logistic_history]},

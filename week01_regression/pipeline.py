@@ -1,4 +1,4 @@
-"""Week 1 self-work: the data -> model -> loss -> gradients -> optimizer step pipeline, made visible.
+"""Week 1 self-work: data -> model -> loss -> gradients -> optimizer step pipeline, made visible.
 
 A tiny problem (fit a line to a handful of noisy points) small enough to print everything:
 the shape of each tensor at each stage, the loss, the gradients (checked against the formula),
@@ -31,13 +31,14 @@ from common.runs import Run
 class Config(BaseConfig):
     """Week 1 self-work: every stage of one training loop, printed and plotted."""
 
-    n_points: Annotated[int, Range(2, 1_000_000)] = 16  # examples in the toy data set y = 2x + 1 + noise
+    n_points: Annotated[int, Range(2, 1_000_000)] = 16  # examples in the toy set y = 2x + 1 + noise
     noise: Annotated[float, Range(0, 100)] = 0.3  # standard deviation of the noise on y
     steps: Annotated[int, Range(1)] = 40  # full-batch gradient-descent steps
     # At most 1e6: past that the loss overflows anyway, and above float32's 3.4e38 torch.optim
     # cannot represent the step at all (a RuntimeError instead of this script's message).
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.1  # SGD step size (diverges above 2/lambda_max, ~0.75 here)
-    detailed_steps: Annotated[int, Range(0)] = 2  # how many of the first steps are printed stage by stage
+    # Gradient descent diverges above 2/lambda_max, ~0.75 on this data.
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.1  # SGD step size (diverges above ~0.75)
+    detailed_steps: Annotated[int, Range(0)] = 2  # how many first steps to print stage by stage
 
     SMOKE: ClassVar[dict] = {"steps": 20}
     UNUSED: ClassVar[tuple] = ('data_dir',)  # bundled with scikit-learn: no --data-dir
@@ -49,7 +50,8 @@ def describe(name: str, t: torch.Tensor) -> str:
     return f"{name:10s} shape={tuple(t.shape)!s:8s} dtype={t.dtype}{tracked}"
 
 
-def make_data(n: int, noise: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(n: int, noise: float,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """x uniform in [-2, 2], y = 2x + 1 + noise. Shaped (n, 1): n examples of 1 feature each,
     the layout nn.Linear expects (a batch dimension first)."""
     x = 4 * torch.rand(n, 1, generator=generator) - 2
@@ -75,17 +77,19 @@ def training_step(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, loss_fn: n
         print("  " + describe("prediction", prediction) + "  (model output, one per example)")
         print("  " + describe("loss", loss) + f"  value {loss.item():.4f}")
         print(f"  gradients  dL/dW={grad_w.item():+.4f} (by hand {manual_w.item():+.4f})  "
-              f"dL/db={grad_b.item():+.4f} (by hand {manual_b.item():+.4f})  norm {grad_norm.item():.4f}")
-        print(f"  update     W {before[0].item():+.4f} -> {model.weight.item():+.4f} (change {update[0].item():+.4f} "
-              f"= -lr * dL/dW)   b {before[1].item():+.4f} -> {model.bias.item():+.4f} "
+              f"dL/db={grad_b.item():+.4f} (by hand {manual_b.item():+.4f})  "
+              f"norm {grad_norm.item():.4f}")
+        print(f"  update     W {before[0].item():+.4f} -> {model.weight.item():+.4f} "
+              f"(change {update[0].item():+.4f} = -lr * dL/dW)   "
+              f"b {before[1].item():+.4f} -> {model.bias.item():+.4f} "
               f"(change {update[1].item():+.4f})")
     return {"loss": loss.item(), "grad_norm": grad_norm.item(),
             "update_norm": torch.sqrt(sum(u.square().sum() for u in update)).item(),
             "w": model.weight.item(), "b": model.bias.item()}
 
 
-def plot_pipeline(path, x: torch.Tensor, y: torch.Tensor, lines: list[tuple[int, float, float]], rows: list[dict],
-                  ) -> None:
+def plot_pipeline(path, x: torch.Tensor, y: torch.Tensor, lines: list[tuple[int, float, float]],
+                  rows: list[dict]) -> None:
     """Left: the data and the fitted line after selected steps (dark = early, bright = late).
     Right: loss, gradient norm and update size per step."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -133,7 +137,8 @@ def main(cfg: Config) -> dict:
             print(f" step {step}")
         row = {"step": step, **training_step(model, x, y, loss_fn, optimizer, verbose)}
         if not math.isfinite(row["loss"]):  # each step overshoots more than the last: divergence
-            raise NonFiniteLoss(f"the loss became {row['loss']} at step {step}: --lr {cfg.lr:g} is too large")
+            raise NonFiniteLoss(f"the loss became {row['loss']} at step {step}: "
+                                f"--lr {cfg.lr:g} is too large")
         rows.append(row)
         run.log(**row)
         if step in shown:
@@ -148,11 +153,12 @@ def main(cfg: Config) -> dict:
     solution = torch.linalg.lstsq(A, target).solution
     w_best, b_best = solution.ravel().tolist()
     best_loss = torch.mean((A @ solution - target) ** 2).item()
-    print(f"\nafter {cfg.steps} steps: W {rows[-1]['w']:+.4f}, b {rows[-1]['b']:+.4f}, loss {rows[-1]['loss']:.4f} "
-          f"(least squares: W {w_best:+.4f}, b {b_best:+.4f}, loss {best_loss:.4f}; the data came from W=2, b=1)")
-    return run.finish(first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"], final_w=rows[-1]["w"],
-                       final_b=rows[-1]["b"], least_squares_w=w_best, least_squares_b=b_best,
-                       least_squares_loss=best_loss)
+    print(f"\nafter {cfg.steps} steps: W {rows[-1]['w']:+.4f}, b {rows[-1]['b']:+.4f}, "
+          f"loss {rows[-1]['loss']:.4f} (least squares: W {w_best:+.4f}, b {b_best:+.4f}, "
+          f"loss {best_loss:.4f}; the data came from W=2, b=1)")
+    return run.finish(first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"],
+                      final_w=rows[-1]["w"], final_b=rows[-1]["b"], least_squares_w=w_best,
+                      least_squares_b=b_best, least_squares_loss=best_loss)
 
 
 if __name__ == "__main__":

@@ -29,18 +29,18 @@ from week02_mlp import part2
 
 @dataclass
 class Config(BaseConfig):
-    """Week 2 self-work: SGD vs SGD+momentum vs Adam on the same MLP, data, seed and initial weights."""
+    """Week 2 self-work: SGD vs SGD+momentum vs Adam, same MLP, data, seed and initial weights."""
 
     dataset: Literal["mnist", "iris"] = "mnist"  # which data set to learn
-    hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (256,)  # hidden layer widths (--hidden alone: none)
+    hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (256,)  # --hidden alone: none
     epochs: Annotated[int, Range(1)] = 6  # passes over the training data, per optimizer
     batch_size: Annotated[int, Range(1)] = 128  # examples per step
     # Step sizes stop at 1e6, below float32's 3.4e38 (part2.py's --lr says why).
     sgd_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # step size of plain SGD
-    momentum_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # step size of SGD with momentum (same as SGD)
-    momentum: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.9  # momentum coefficient mu
-    adam_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # step size of Adam (~lr per weight: smaller)
-    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # share of training data for validation
+    momentum_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # step size of SGD+momentum
+    momentum: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.9  # mu of momentum
+    adam_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # Adam (~lr per weight: smaller)
+    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # share of training held out
 
     SMOKE: ClassVar[dict] = {"hidden": (64,), "epochs": 6, "batch_size": 32}
 
@@ -51,16 +51,19 @@ def main(cfg: Config) -> dict:
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     sets = part2.prepare(data, cfg.val_fraction, cfg.seed)
     if len(sets.x_val) < 10:  # the curves compare validation accuracy
-        raise ConfigError(f"--val-fraction {cfg.val_fraction} holds out {len(sets.x_val)} of {data.name}'s "
-                          f"{len(data.x_train)} training examples; hold out at least 10")
+        raise ConfigError(f"--val-fraction {cfg.val_fraction} holds out {len(sets.x_val)} of "
+                          f"{data.name}'s {len(data.x_train)} training examples; "
+                          "hold out at least 10")
     run = Run.start(cfg, __file__, device)
 
     lrs = {"sgd": cfg.sgd_lr, "momentum": cfg.momentum_lr, "adam": cfg.adam_lr}
     curves_acc, curves_loss, summary, table = {}, {}, {}, []
     for name, lr in lrs.items():
-        # A constant learning rate, no dropout, no augmentation: nothing else that could favour one optimizer.
-        part2_cfg = part2.Config(dataset=cfg.dataset, hidden=cfg.hidden, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                 optimizer=name, lr=lr, momentum=cfg.momentum, schedule="constant", dropout=0.0,
+        # A constant learning rate, no dropout, no augmentation: nothing else that could
+        # favour one optimizer.
+        part2_cfg = part2.Config(dataset=cfg.dataset, hidden=cfg.hidden, epochs=cfg.epochs,
+                                 batch_size=cfg.batch_size, optimizer=name, lr=lr,
+                                 momentum=cfg.momentum, schedule="constant", dropout=0.0,
                                  shift=0, seed=cfg.seed, device=cfg.device)
         print(f"--- {name} (lr {lr:g})")
         t0 = time.perf_counter()
@@ -68,11 +71,13 @@ def main(cfg: Config) -> dict:
         seconds = time.perf_counter() - t0
         for row in rows:  # one spreadsheet: metrics.csv with an optimizer column
             run.log(optimizer=name, **row)
-            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in row.items()))
         label = f"{name} (lr {lr:g})"
         curves_acc[label] = [row["val_acc"] for row in rows]
         curves_loss[label] = [row["train_loss"] for row in rows]
-        summary.update({f"{name}_val_acc": rows[-1]["val_acc"], f"{name}_first_train_loss": rows[0]["train_loss"],
+        summary.update({f"{name}_val_acc": rows[-1]["val_acc"],
+                        f"{name}_first_train_loss": rows[0]["train_loss"],
                         f"{name}_train_loss": rows[-1]["train_loss"]})
         table.append((label, curves_acc[label][0], curves_acc[label][-1], max(curves_acc[label]),
                       rows[-1]["train_loss"], seconds))
@@ -81,8 +86,8 @@ def main(cfg: Config) -> dict:
                 title=f"optimizers on {data.name}: same model, data, seed")
     plot_curves(curves_loss, run.path("train_loss.png"), ylabel="training loss (log)", logy=True,
                 title=f"optimizers on {data.name}: training loss")
-    print(f"\n{'optimizer':22s} {'val acc ep1':>11s} {'val acc last':>12s} {'best':>6s} {'train loss':>10s} "
-          f"{'time s':>7s}")
+    print(f"\n{'optimizer':22s} {'val acc ep1':>11s} {'val acc last':>12s} {'best':>6s} "
+          f"{'train loss':>10s} {'time s':>7s}")
     for label, first, last, best, loss, seconds in table:
         print(f"{label:22s} {first:11.4f} {last:12.4f} {best:6.4f} {loss:10.4f} {seconds:7.1f}")
     return run.finish(**summary, epochs=cfg.epochs, chance=1 / len(sets.classes))

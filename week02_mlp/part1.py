@@ -58,7 +58,8 @@ def init_weights(scheme: str, fan_in: int, fan_out: int, rng: np.random.Generato
     """
     if scheme == "zeros":
         return np.zeros((fan_in, fan_out))
-    std = {"small": 0.01, "xavier": np.sqrt(2.0 / (fan_in + fan_out)), "he": np.sqrt(2.0 / fan_in)}[scheme]
+    std = {"small": 0.01, "xavier": np.sqrt(2.0 / (fan_in + fan_out)),
+           "he": np.sqrt(2.0 / fan_in)}[scheme]
     return rng.normal(0.0, std, size=(fan_in, fan_out))
 
 
@@ -74,7 +75,8 @@ class Linear:
         dL/dx = g W^T           (N, fan_in): handed to the layer below
     """
 
-    def __init__(self, fan_in: int, fan_out: int, init: str = "he", rng: np.random.Generator | None = None):
+    def __init__(self, fan_in: int, fan_out: int, init: str = "he",
+                 rng: np.random.Generator | None = None):
         rng = rng if rng is not None else np.random.default_rng(0)
         self.W = init_weights(init, fan_in, fan_out, rng)
         self.b = np.zeros(fan_out)
@@ -102,9 +104,10 @@ class ReLU:
 
 
 class Sigmoid:
-    """y = 1 / (1 + e^-x);   dy/dx = y (1 - y)  <= 1/4: each sigmoid layer shrinks gradients 4x or more
+    """y = 1 / (1 + e^-x);   dy/dx = y (1 - y)  <= 1/4
 
-    Computed as e^x / (1 + e^x) for x < 0 so that e^-x never overflows."""
+    Each sigmoid layer shrinks gradients 4x or more. Computed as e^x / (1 + e^x) for x < 0
+    so that e^-x never overflows."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         e = np.exp(-np.abs(x))  # in (0, 1]: no overflow either way
@@ -116,7 +119,7 @@ class Sigmoid:
 
 
 class Tanh:
-    """y = tanh(x) = (e^x - e^-x) / (e^x + e^-x);   dy/dx = 1 - y^2   (zero-centred, slope 1 at 0)"""
+    """y = tanh(x) = (e^x - e^-x) / (e^x + e^-x);  dy/dx = 1 - y^2  (zero-centred, slope 1 at 0)"""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.y = np.tanh(x)
@@ -132,7 +135,8 @@ ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}
 class SoftmaxCrossEntropy:
     """Mean cross-entropy of softmax(z) against integer labels y, for logits z: (N, C).
 
-        log p[n, k] = z[n, k] - logsumexp(z[n]),  logsumexp(z) = m + log sum_k e^(z_k - m), m = max_k z_k
+        log p[n, k] = z[n, k] - logsumexp(z[n])
+        logsumexp(z) = m + log sum_k e^(z_k - m),  m = max_k z_k
         L = -(1/N) sum_n log p[n, y_n]
         dL/dz = (softmax(z) - onehot(y)) / N
 
@@ -167,7 +171,7 @@ class MLP:
         self.layers: list = []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             self.layers.append(Linear(fan_in, fan_out, init, rng))
-            if i < len(sizes) - 2:  # no activation after the output layer: the loss takes raw logits
+            if i < len(sizes) - 2:  # no activation after the output layer: the loss takes logits
                 self.layers.append(ACTIVATIONS[activation]())
         self.loss_fn = SoftmaxCrossEntropy()
 
@@ -255,7 +259,8 @@ SCHEMES = [
 ]
 
 
-def layer_statistics(net: MLP, x: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
+def layer_statistics(net: MLP, x: np.ndarray,
+                     labels: np.ndarray) -> tuple[list[float], list[float]]:
     """Std of each hidden layer's output and of each Linear layer's weight gradient dL/dW,
     after one forward and backward pass on a batch."""
     activation_std = [float(np.std(h)) for h in hidden_outputs(net, x)]
@@ -299,7 +304,8 @@ def load_digits(data_dir: str, seed: int) -> Digits:
     x_tr, y_tr, x_val, y_val = split(data.x_train, data.y_train, 0.15, seed)
     mean, std = x_tr.mean(dim=0), x_tr.std(dim=0).clamp_min(1.0)  # border pixels are ~always 0
     scale = lambda x: ((x - mean) / std).double().numpy()
-    return Digits(scale(x_tr), y_tr.numpy(), scale(x_val), y_val.numpy(), scale(data.x_test), data.y_test.numpy())
+    return Digits(scale(x_tr), y_tr.numpy(), scale(x_val), y_val.numpy(), scale(data.x_test),
+                  data.y_test.numpy())
 
 
 # ----------------------------------------------------------------------------------------
@@ -307,13 +313,13 @@ def load_digits(data_dir: str, seed: int) -> Digits:
 class Config(BaseConfig):
     """Week 2, Part 1: an MLP from scratch in NumPy: backprop by hand, initialization, SGD."""
 
-    hidden: Annotated[tuple[int, ...], Range(1, 4096)] = (128, 64)  # hidden widths of the digits MLP (alone: none)
+    hidden: Annotated[tuple[int, ...], Range(1, 4096)] = (128, 64)  # widths (--hidden alone: none)
     activation: Literal["relu", "tanh", "sigmoid"] = "relu"  # nonlinearity of the digits MLP
     init: Init = "he"  # weight initialization of the digits MLP
     lr: Annotated[float, Range(0, lo_open=True)] = 0.05  # SGD step size
     batch_size: Annotated[int, Range(1)] = 32  # examples per SGD step
     epochs: Annotated[int, Range(1)] = 40  # passes over the digits training data
-    depth: Annotated[int, Range(1, 100)] = 10  # hidden layers of the deep nets in the initialization study
+    depth: Annotated[int, Range(1, 100)] = 10  # hidden layers of the deep nets in the init study
     width: Annotated[int, Range(1, 4096)] = 128  # units per hidden layer of those deep nets
     study_epochs: Annotated[int, Range(1)] = 15  # epochs each deep net trains for in the study
 
@@ -336,7 +342,8 @@ def init_study(cfg: Config, digits: Digits, run: Run) -> list[dict]:
                      "val_acc": accuracy(net, digits.x_val, digits.y_val),
                      "distinct_units": distinct_units(net.linears[1].W)})
         curves[label] = losses
-    with open(run.path("init_study.csv"), "w", newline="") as f:  # per-layer numbers for a spreadsheet
+    # Per-layer numbers for a spreadsheet.
+    with open(run.path("init_study.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["scheme", "statistic", *[f"layer{i}" for i in range(1, cfg.depth + 2)]])
         for row in rows:
@@ -347,19 +354,20 @@ def init_study(cfg: Config, digits: Digits, run: Run) -> list[dict]:
 
 
 def print_init_table(rows: list[dict], cfg: Config) -> None:
-    print(f"\nInitialization study: {cfg.depth} hidden layers of {cfg.width} units, statistics on 512 digits "
-          f"at initialization, then {cfg.study_epochs} epochs of SGD (lr {cfg.lr})")
-    header = (f"{'scheme':26s} {'act std L1':>10s} {'act std L' + str(cfg.depth):>11s} {'dW std L1':>10s} "
-              f"{'dW std out':>10s} {'L1/out':>9s} {'val acc':>8s} {'distinct units L2':>17s}")
+    print(f"\nInitialization study: {cfg.depth} hidden layers of {cfg.width} units, statistics "
+          f"on 512 digits at initialization, then {cfg.study_epochs} epochs of SGD (lr {cfg.lr})")
+    header = (f"{'scheme':26s} {'act std L1':>10s} {'act std L' + str(cfg.depth):>11s} "
+              f"{'dW std L1':>10s} {'dW std out':>10s} {'L1/out':>9s} {'val acc':>8s} "
+              f"{'distinct units L2':>17s}")
     print(header)
     print("-" * len(header))
     for r in rows:
         first, last = r["grad_std"][0], r["grad_std"][-1]
         ratio = f"{first / last:9.1e}" if last > 0 else f"{'0/0':>9s}"
-        print(f"{r['scheme']:26s} {r['act_std'][0]:10.2e} {r['act_std'][-1]:11.2e} {first:10.2e} {last:10.2e} "
-              f"{ratio} {r['val_acc']:8.3f} {r['distinct_units']:>17d}")
-    print("(L1 = first hidden layer, out = output layer; distinct units: different columns of the 2nd "
-          f"layer's weights after training, out of {cfg.width})")
+        print(f"{r['scheme']:26s} {r['act_std'][0]:10.2e} {r['act_std'][-1]:11.2e} "
+              f"{first:10.2e} {last:10.2e} {ratio} {r['val_acc']:8.3f} {r['distinct_units']:>17d}")
+    print("(L1 = first hidden layer, out = output layer; distinct units: different columns of "
+          f"the 2nd layer's weights after training, out of {cfg.width})")
 
 
 def plot_init_study(rows: list[dict], cfg: Config, path) -> None:
@@ -374,8 +382,10 @@ def plot_init_study(rows: list[dict], cfg: Config, path) -> None:
     axes[0].set(yscale="log", xlabel="hidden layer", ylabel="std of activations",
                 title="forward: activation std by layer (at init)")
     axes[1].set(yscale="log", xlabel="layer (last = output layer)", ylabel="std of dL/dW",
-                title="backward: weight-gradient std by layer\n(sigmoid: the gradient vanishes towards layer 1)")
-    axes[2].set(xlabel="epoch", ylabel="training loss", title=f"does the {cfg.depth}-layer net train?")
+                title="backward: weight-gradient std by layer\n"
+                      "(sigmoid: the gradient vanishes towards layer 1)")
+    axes[2].set(xlabel="epoch", ylabel="training loss",
+                title=f"does the {cfg.depth}-layer net train?")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=7)
@@ -389,7 +399,8 @@ def main(cfg: Config) -> dict:
 
     # 1. Gradient check
     check = gradient_check(cfg.seed)
-    print(f"gradient check: backprop vs finite differences, max relative error {check:.1e} (float64; < 1e-6 is right)")
+    print(f"gradient check: backprop vs finite differences, max relative error {check:.1e} "
+          "(float64; < 1e-6 is right)")
 
     # 2. Initialization study
     rows = init_study(cfg, digits, run)
@@ -401,16 +412,20 @@ def main(cfg: Config) -> dict:
     widths = list(cfg.hidden)
     net = MLP([digits.x_train.shape[1], *widths, 10], cfg.activation, cfg.init, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    print(f"\nTraining a {[64, *widths, 10]} MLP ({cfg.activation}, {cfg.init} init) on {len(digits.x_train)} digits "
-          f"with mini-batch SGD (batch {cfg.batch_size}, lr {cfg.lr}); chance is 0.10")
+    print(f"\nTraining a {[64, *widths, 10]} MLP ({cfg.activation}, {cfg.init} init) on "
+          f"{len(digits.x_train)} digits with mini-batch SGD (batch {cfg.batch_size}, "
+          f"lr {cfg.lr}); chance is 0.10")
     history = []
     for epoch in range(1, cfg.epochs + 1):
         train_loss = train_epoch(net, digits.x_train, digits.y_train, cfg.lr, cfg.batch_size, rng)
-        if not np.isfinite(train_loss):  # NaN weights predict nothing: stop rather than report their accuracy
-            raise NonFiniteLoss(f"the training loss became {train_loss} in epoch {epoch} with --lr {cfg.lr:g}: "
-                                "the step is too large; use a smaller --lr")
-        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": accuracy(net, digits.x_train, digits.y_train),
-               "val_loss": net.loss(digits.x_val, digits.y_val), "val_acc": accuracy(net, digits.x_val, digits.y_val)}
+        # NaN weights predict nothing: stop rather than report their accuracy.
+        if not np.isfinite(train_loss):
+            raise NonFiniteLoss(f"the training loss became {train_loss} in epoch {epoch} "
+                                f"with --lr {cfg.lr:g}: the step is too large; use a smaller --lr")
+        row = {"epoch": epoch, "train_loss": train_loss,
+               "train_acc": accuracy(net, digits.x_train, digits.y_train),
+               "val_loss": net.loss(digits.x_val, digits.y_val),
+               "val_acc": accuracy(net, digits.x_val, digits.y_val)}
         history.append(row)
         run.log(**row)
         if epoch == 1 or epoch % 10 == 0 or epoch == cfg.epochs:
@@ -418,9 +433,10 @@ def main(cfg: Config) -> dict:
     plot_history(history, run.path("curves.png"), title="NumPy MLP on 8x8 digits")
     test_acc = accuracy(net, digits.x_test, digits.y_test)
     print(f"test accuracy {test_acc:.4f} on {len(digits.x_test)} held-out digits")
-    return run.finish(test_acc=test_acc, train_loss=history[-1]["train_loss"], val_acc=history[-1]["val_acc"],
-                       gradient_check_error=check, sigmoid_first_over_last_grad=vanishing,
-                       he_act_std_last=next(r for r in rows if r["scheme"] == "relu, He")["act_std"][-1])
+    he = next(r for r in rows if r["scheme"] == "relu, He")
+    return run.finish(test_acc=test_acc, train_loss=history[-1]["train_loss"],
+                      val_acc=history[-1]["val_acc"], gradient_check_error=check,
+                      sigmoid_first_over_last_grad=vanishing, he_act_std_last=he["act_std"][-1])
 
 
 if __name__ == "__main__":

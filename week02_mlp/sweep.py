@@ -34,23 +34,27 @@ from week02_mlp import part2
 
 @dataclass
 class Config(BaseConfig):
-    """Week 2 self-work: learning rate x batch size sweep of an MLP, final validation accuracy as a heatmap."""
+    """Week 2 self-work: learning rate x batch size sweep of an MLP, final val accuracy heatmap."""
 
-    # Up to 1e6, below float32's 3.4e38 (part2.py's --lr says why): enough to see every way a run breaks.
-    lrs: Annotated[tuple[float, ...], Range(0, 1e6, lo_open=True)] = (0.001, 0.01, 0.1, 1, 10)  # learning rates to try
+    # Up to 1e6, below float32's 3.4e38 (part2.py's --lr says why): enough to see every way a
+    # run breaks.
+    lrs: Annotated[tuple[float, ...], Range(0, 1e6, lo_open=True)] = (
+        0.001, 0.01, 0.1, 1, 10)  # learning rates to try
     batch_sizes: Annotated[tuple[int, ...], Range(1)] = (16, 64, 256, 1024)  # batch sizes to try
     optimizer: Literal["sgd", "momentum", "adam", "adamw"] = "sgd"  # the optimizer of every cell
     hidden: Annotated[tuple[int, ...], Range(1, 8192)] = (128,)  # hidden layer widths of the MLP
-    epochs: Annotated[int, Range(1)] = 2  # epochs per cell (short runs: this is a scan, not a final model)
-    train_size: Annotated[int, Range(1)] = 10000  # MNIST training images used (more than there are: all)
-    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # share of those held out for validation
+    epochs: Annotated[int, Range(1)] = 2  # epochs per cell (short: a scan, not a final model)
+    train_size: Annotated[int, Range(1)] = 10000  # MNIST training images used (too many: all)
+    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # share of those held out
 
     # 3000 is absurd on purpose: the smoke run must show a diverged cell, not only good ones.
-    SMOKE: ClassVar[dict] = {"lrs": (0.01, 0.1, 3000), "batch_sizes": (16, 128), "hidden": (128,), "epochs": 2}
+    SMOKE: ClassVar[dict] = {"lrs": (0.01, 0.1, 3000), "batch_sizes": (16, 128), "hidden": (128,),
+                             "epochs": 2}
 
     def check(self) -> None:
         if not self.lrs or not self.batch_sizes:
-            raise ConfigError("--lrs and --batch-sizes need at least one value each, e.g. --lrs 0.01 0.1")
+            raise ConfigError("--lrs and --batch-sizes need at least one value each, "
+                              "e.g. --lrs 0.01 0.1")
 
 
 def load_subset(cfg: Config) -> part2.Splits:
@@ -59,8 +63,8 @@ def load_subset(cfg: Config) -> part2.Splits:
     data.x_train, data.y_train = data.x_train[:cfg.train_size], data.y_train[:cfg.train_size]
     sets = part2.prepare(data, cfg.val_fraction, cfg.seed)
     if len(sets.x_val) < 10:  # every cell is judged on the validation images
-        raise ConfigError(f"--train-size {cfg.train_size} with --val-fraction {cfg.val_fraction} leaves "
-                          f"{len(sets.x_val)} validation images; hold out at least 10")
+        raise ConfigError(f"--train-size {cfg.train_size} with --val-fraction {cfg.val_fraction} "
+                          f"leaves {len(sets.x_val)} validation images; hold out at least 10")
     return sets
 
 
@@ -98,7 +102,8 @@ def sweep_cell(cfg: part2.Config, sets: part2.Splits, device: torch.device) -> C
     return CellResult(rows[-1]["val_acc"], rows[-1]["val_loss"], initial_loss, top_share)
 
 
-def plot_heatmap(cells: list[list[CellResult]], lrs: list[float], batch_sizes: list[int], path, title: str) -> None:
+def plot_heatmap(cells: list[list[CellResult]], lrs: list[float], batch_sizes: list[int], path,
+                 title: str) -> None:
     """Colour = final validation accuracy; failed cells say how they failed (NaN: grey)."""
     acc = np.array([[c.val_acc for c in row] for row in cells])
     fig, ax = plt.subplots(figsize=(1.3 * len(lrs) + 2, 0.8 * len(batch_sizes) + 1.8))
@@ -129,32 +134,34 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     sets = load_subset(cfg)
     run = Run.start(cfg, __file__, device)
-    print(f"{len(lrs)} x {len(batch_sizes)} runs of {cfg.epochs} epochs on {len(sets.x_train)} images "
-          f"({cfg.optimizer}, hidden {' '.join(map(str, cfg.hidden))}); chance is 0.10")
+    print(f"{len(lrs)} x {len(batch_sizes)} runs of {cfg.epochs} epochs on {len(sets.x_train)} "
+          f"images ({cfg.optimizer}, hidden {' '.join(map(str, cfg.hidden))}); chance is 0.10")
 
     cells: list[list[CellResult]] = []
     for batch_size in batch_sizes:
         cells.append([])
         for lr in lrs:
             cell_cfg = part2.Config(hidden=cfg.hidden, epochs=cfg.epochs, batch_size=batch_size,
-                                    optimizer=cfg.optimizer, lr=lr, schedule="constant", dropout=0.0, shift=0,
-                                    seed=cfg.seed, device=cfg.device)
+                                    optimizer=cfg.optimizer, lr=lr, schedule="constant",
+                                    dropout=0.0, shift=0, seed=cfg.seed, device=cfg.device)
             t0 = time.perf_counter()
             c = sweep_cell(cell_cfg, sets, device)
             cells[-1].append(c)
             steps = cfg.epochs * math.ceil(len(sets.x_train) / batch_size)
-            run.log(batch_size=batch_size, lr=lr, steps=steps, val_acc=c.val_acc, val_loss=c.val_loss,
-                     initial_val_loss=c.initial_val_loss, top_class_share=c.top_class_share, verdict=c.verdict,
-                     seconds=round(time.perf_counter() - t0, 2))
+            run.log(batch_size=batch_size, lr=lr, steps=steps, val_acc=c.val_acc,
+                    val_loss=c.val_loss, initial_val_loss=c.initial_val_loss,
+                    top_class_share=c.top_class_share, verdict=c.verdict,
+                    seconds=round(time.perf_counter() - t0, 2))
             shown = "the loss became inf/NaN" if c.verdict == "nan" else (
-                f"val_acc={c.val_acc:.4f}  val_loss={c.val_loss:<8.4g} (at init {c.initial_val_loss:.4g})  "
-                f"top class {c.top_class_share:4.0%}")
+                f"val_acc={c.val_acc:.4f}  val_loss={c.val_loss:<8.4g} "
+                f"(at init {c.initial_val_loss:.4g})  top class {c.top_class_share:4.0%}")
             print(f"batch {batch_size:5d}  lr {lr:<8g} {steps:6d} steps  {c.verdict:9s}  {shown}")
 
     plot_heatmap(cells, lrs, batch_sizes, run.path("sweep_heatmap.png"),
                  title=f"final validation accuracy ({cfg.optimizer}, {cfg.epochs} epochs)")
     verdicts = [c.verdict for row in cells for c in row]
-    summary = {verdict: verdicts.count(verdict) for verdict in ("stable", "collapsed", "diverged", "nan")}
+    summary = {verdict: verdicts.count(verdict)
+               for verdict in ("stable", "collapsed", "diverged", "nan")}
     learned = [(c.val_acc, bs, lr) for row, bs in zip(cells, batch_sizes) for c, lr in zip(row, lrs)
                if c.verdict == "stable"]
     if learned:

@@ -42,7 +42,7 @@ class Config(BaseConfig):
     """Week 3, Part 1: convolution and max-pooling in NumPy, a worked example, edge filters."""
 
     image_index: Annotated[int, Range(0)] = 0  # which test image the edge filters are applied to
-    timing_batch: Annotated[int, Range(1, 256)] = 8  # images in the loops-vs-im2col timing (3x32x32, 16 filters)
+    timing_batch: Annotated[int, Range(1, 256)] = 8  # batch of the loops-vs-im2col timing (3x32x32)
     SMOKE: ClassVar[dict] = {"timing_batch": 2}
     UNUSED: ClassVar[tuple] = ('device',)  # NumPy on the CPU: no --device
 
@@ -58,7 +58,8 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) 
     """
     out = (size + 2 * padding - kernel) // stride + 1
     if out < 1:
-        raise ValueError(f"a {kernel}-wide window does not fit in {size} pixels with padding {padding}")
+        raise ValueError(f"a {kernel}-wide window does not fit in {size} pixels "
+                         f"with padding {padding}")
     return out
 
 
@@ -66,31 +67,34 @@ def pad_images(x: np.ndarray, padding: int, value: float = 0.0) -> np.ndarray:
     """Pad the last two axes (H, W) by ``padding`` on every side."""
     if padding == 0:
         return x
-    return np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=value)
+    pad = (padding, padding)
+    return np.pad(x, ((0, 0), (0, 0), pad, pad), constant_values=value)
 
 
 # ----------------------------------------------------------------------------------------
 # Convolution with plain loops: read these next to the formulas
 # ----------------------------------------------------------------------------------------
-def conv2d_forward_loops(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1, padding: int = 0,
-                         ) -> np.ndarray:
+def conv2d_forward_loops(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
+                         padding: int = 0) -> np.ndarray:
     """y[n, f, i, j] = b[f] + sum_{c,u,v} xp[n, c, i*s + u, j*s + v] * w[f, c, u, v]."""
     n_images, _, height, width = x.shape
     n_filters, _, kh, kw = w.shape
-    oh, ow = conv_output_size(height, kh, stride, padding), conv_output_size(width, kw, stride, padding)
+    oh = conv_output_size(height, kh, stride, padding)
+    ow = conv_output_size(width, kw, stride, padding)
     xp = pad_images(x, padding)
     y = np.zeros((n_images, n_filters, oh, ow), dtype=np.result_type(x, w))
     for n in range(n_images):
         for f in range(n_filters):
             for i in range(oh):
                 for j in range(ow):
-                    window = xp[n, :, i * stride:i * stride + kh, j * stride:j * stride + kw]  # (C, KH, KW)
+                    i0, j0 = i * stride, j * stride
+                    window = xp[n, :, i0:i0 + kh, j0:j0 + kw]  # (C, KH, KW)
                     y[n, f, i, j] = np.sum(window * w[f]) + b[f]
     return y
 
 
-def conv2d_backward_loops(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0,
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def conv2d_backward_loops(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: int = 1,
+                          padding: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of a loss L given dy = dL/dy (same shape as y). Each y[n, f, i, j] touched
     one window of xp and all of w[f], so by the chain rule:
 
@@ -111,7 +115,8 @@ def conv2d_backward_loops(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride: 
         for f in range(n_filters):
             for i in range(oh):
                 for j in range(ow):
-                    rows, cols = slice(i * stride, i * stride + kh), slice(j * stride, j * stride + kw)
+                    rows = slice(i * stride, i * stride + kh)
+                    cols = slice(j * stride, j * stride + kw)
                     db[f] += dy[n, f, i, j]
                     dw[f] += dy[n, f, i, j] * xp[n, :, rows, cols]
                     dxp[n, :, rows, cols] += dy[n, f, i, j] * w[f]
@@ -139,20 +144,22 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, padding: int) -> np.nda
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
 
 
-def col2im(cols: np.ndarray, x_shape: tuple[int, ...], kh: int, kw: int, stride: int, padding: int) -> np.ndarray:
+def col2im(cols: np.ndarray, x_shape: tuple[int, ...], kh: int, kw: int, stride: int,
+           padding: int) -> np.ndarray:
     """The adjoint of im2col: add each column entry back onto the pixel it was copied from.
 
     Loop over the KH*KW kernel offsets (u, v) only: for a fixed offset the pixels touched by
     all windows form one strided slice of the image, so each step is a vectorized +=.
     """
     n, c, height, width = x_shape
-    oh, ow = conv_output_size(height, kh, stride, padding), conv_output_size(width, kw, stride, padding)
+    oh = conv_output_size(height, kh, stride, padding)
+    ow = conv_output_size(width, kw, stride, padding)
     patches = cols.reshape(n, oh, ow, c, kh, kw)
     dxp = np.zeros((n, c, height + 2 * padding, width + 2 * padding), dtype=cols.dtype)
     for u in range(kh):
         for v in range(kw):
-            dxp[:, :, u:u + stride * oh:stride, v:v + stride * ow:stride] += patches[:, :, :, :, u, v].transpose(
-                0, 3, 1, 2)
+            patch = patches[:, :, :, :, u, v].transpose(0, 3, 1, 2)  # (N, C, OH, OW)
+            dxp[:, :, u:u + stride * oh:stride, v:v + stride * ow:stride] += patch
     return dxp[:, :, padding:padding + height, padding:padding + width]
 
 
@@ -161,7 +168,8 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
     """The same y as ``conv2d_forward_loops``, as one matrix product: Y = cols @ W^T + b."""
     n, _, height, width = x.shape
     n_filters, _, kh, kw = w.shape
-    oh, ow = conv_output_size(height, kh, stride, padding), conv_output_size(width, kw, stride, padding)
+    oh = conv_output_size(height, kh, stride, padding)
+    ow = conv_output_size(width, kw, stride, padding)
     cols = im2col(x, kh, kw, stride, padding)  # (N*OH*OW, C*KH*KW)
     y = cols @ w.reshape(n_filters, -1).T + b  # (N*OH*OW, F)
     return y.reshape(n, oh, ow, n_filters).transpose(0, 3, 1, 2)
@@ -193,14 +201,15 @@ def maxpool2d_forward(x: np.ndarray, kernel: int = 2, stride: int | None = None,
     Padding is with -inf, as in PyTorch, so a padded cell never wins.
     """
     stride = stride or kernel
-    win = windows(pad_images(x, padding, value=-np.inf), kernel, kernel, stride)  # (N, C, OH, OW, k, k)
+    xp = pad_images(x, padding, value=-np.inf)
+    win = windows(xp, kernel, kernel, stride)  # (N, C, OH, OW, k, k)
     flat = win.reshape(*win.shape[:4], kernel * kernel)
     argmax = flat.argmax(axis=-1)
     return np.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0], argmax
 
 
-def maxpool2d_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, ...], kernel: int = 2,
-                       stride: int | None = None, padding: int = 0) -> np.ndarray:
+def maxpool2d_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, ...],
+                       kernel: int = 2, stride: int | None = None, padding: int = 0) -> np.ndarray:
     """The max is a switch: dL/dx is dy at the pixel that won each window and 0 elsewhere.
 
     Overlapping windows (s < k) can pick the same winner, so gradients are added with
@@ -240,9 +249,11 @@ def worked_example() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for i in range(3):
         for j in range(3):
             window = image[i:i + 3, j:j + 3]
-            terms = " + ".join(f"{a:g}*{k:g}" for a, k in zip(window.ravel(), kernel.ravel()) if k != 0)
+            terms = " + ".join(f"{a:g}*{k:g}" for a, k in zip(window.ravel(), kernel.ravel())
+                               if k != 0)
             out[i, j] = np.sum(window * kernel)
-            print(f"\ny[{i},{j}]: window rows {i}..{i + 2}, cols {j}..{j + 2}\n{_grid(window, indent=4)}")
+            print(f"\ny[{i},{j}]: window rows {i}..{i + 2}, cols {j}..{j + 2}\n"
+                  f"{_grid(window, indent=4)}")
             print(f"    = {terms}  (zero-weight terms skipped) = {out[i, j]:g}")
     print("\noutput:\n" + _grid(out))
     check = conv2d_forward_loops(image[None, None], kernel[None, None], np.zeros(1))[0, 0]
@@ -270,9 +281,11 @@ def sample_image(cfg: Config) -> tuple[np.ndarray, str]:
     try:
         data = load("mnist", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
         index = cfg.image_index % len(data.x_test)
-        return data.x_test[index, 0].numpy().astype(np.float64) / 255, f"{data.name} test image {index}"
+        image = data.x_test[index, 0].numpy().astype(np.float64) / 255
+        return image, f"{data.name} test image {index}"
     except DataUnavailable as e:
-        print(f"(no MNIST: {str(e).split('(')[0].strip()}; using scikit-learn's bundled digits instead)")
+        print(f"(no MNIST: {str(e).split('(')[0].strip()}; "
+              "using scikit-learn's bundled digits instead)")
     digits = load("digits")
     index = cfg.image_index % len(digits.x_test)
     small = digits.x_test[index].numpy().reshape(8, 8).astype(np.float64) / 16
@@ -284,7 +297,8 @@ def plot_edge_filters(image: np.ndarray, title: str, path) -> dict[str, np.ndarr
     red = positive response, blue = negative, white = flat regions (no edge)."""
     maps = {}
     for name, kernel in EDGE_FILTERS.items():
-        maps[name] = conv2d_forward(image[None, None], kernel[None, None], np.zeros(1), padding=1)[0, 0]
+        maps[name] = conv2d_forward(image[None, None], kernel[None, None], np.zeros(1),
+                                    padding=1)[0, 0]
     gx, gy = maps["Sobel x (vertical edges)"], maps["Sobel y (horizontal edges)"]
     maps["|gradient| = sqrt(gx^2 + gy^2)"] = np.sqrt(gx**2 + gy**2)
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.0 * (len(maps) + 1), 3.3))
@@ -351,17 +365,18 @@ def main(cfg: Config) -> dict:
         max_diff = max(float(np.abs(a - b).max()) for a, b in zip(slow, fast))
         print(f"{what:8s}  loops {t_loops * 1e3:8.1f} ms  vectorized {t_vec * 1e3:7.2f} ms  "
               f"speed-up {t_loops / t_vec:6.0f}x  max |difference| {max_diff:.1e}")
-        run.log(step=what, loops_ms=t_loops * 1e3, vectorized_ms=t_vec * 1e3, speedup=t_loops / t_vec,
-                 max_abs_diff=max_diff)
+        run.log(step=what, loops_ms=t_loops * 1e3, vectorized_ms=t_vec * 1e3,
+                speedup=t_loops / t_vec, max_abs_diff=max_diff)
         summary[f"{what}_speedup"] = round(t_loops / t_vec, 1)
         summary[f"{what}_max_abs_diff"] = max_diff
 
     # Max-pooling: forward picks the max of each window, backward sends the gradient there.
     pooled, argmax = maxpool2d_forward(x, kernel=2)
     dx_pool = maxpool2d_backward(np.ones_like(pooled), argmax, x.shape, kernel=2)
-    print(f"\nmax-pool 2x2: {x.shape} -> {pooled.shape}; gradient reaches {int((dx_pool != 0).sum())} of "
+    reached = int((dx_pool != 0).sum())
+    print(f"\nmax-pool 2x2: {x.shape} -> {pooled.shape}; gradient reaches {reached} of "
           f"{x.size} inputs (one per window: {pooled.size})")
-    return run.finish(**summary, pool_grad_nonzero=int((dx_pool != 0).sum()), pool_windows=int(pooled.size))
+    return run.finish(**summary, pool_grad_nonzero=reached, pool_windows=int(pooled.size))
 
 
 if __name__ == "__main__":
