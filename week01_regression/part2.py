@@ -94,8 +94,7 @@ def graph_chain(fn) -> list[str]:
         name = type(node).__name__
         if hasattr(node, "variable"):  # AccumulateGrad: the leaf tensor whose .grad it fills
             name += " (adds into the leaf tensor's .grad)"
-        # Several paths lead here (x is used three times): don't repeat the subtree.
-        if id(node) in seen:
+        if id(node) in seen:  # several paths lead here (x is used 3 times): no repeated subtree
             names.append("  " * depth + name + " (same node as above)")
             continue
         seen.add(id(node))
@@ -128,8 +127,8 @@ def autograd_demo(x_value: float) -> dict:
     x.grad = None  # what optimizer.zero_grad() does by default (set_to_none=True)
     polynomial(x).backward()
     print(f"after x.grad = None and a fresh backward: x.grad = {x.grad.item():g}")
-    return {"poly_grad_autograd": autograd, "poly_grad_manual": manual,
-            "poly_grad_accumulated": accumulated}
+    return dict(poly_grad_autograd=autograd, poly_grad_manual=manual,
+                poly_grad_accumulated=accumulated)
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,8 +224,7 @@ def main(cfg: Config) -> dict:
     manual_w, manual_b = manual_mse_grads(X64, y64, w64, b64)
     auto_w, auto_b = autograd_mse_grads(X64, y64, w64, b64)
     grad_diff = max((manual_w - auto_w).abs().max().item(), (manual_b - auto_b).abs().item())
-    print(f"  dL/dw[:3] by hand {manual_w[:3].tolist()}\n"
-          f"  dL/dw[:3] autograd {auto_w[:3].tolist()}")
+    print(f"  dL/dw[:3] by hand {manual_w[:3].tolist()}\n  autograd {auto_w[:3].tolist()}")
     print(f"  max |difference| over all weights and the bias: {grad_diff:.1e}")
 
     print(f"\n== 4. linear regression on {reg.name}: nn.Linear + MSELoss + optim.SGD")
@@ -258,16 +256,14 @@ def main(cfg: Config) -> dict:
     stability = bce_stability_demo()
     x_tr, y_tr, x_te, y_te = tensors(clf.x_train, clf.y_train[:, None],
                                      clf.x_test, clf.y_test[:, None])
-    # It outputs a logit z; p = sigmoid(z) only when needed.
-    logistic = nn.Linear(x_tr.shape[1], 1).to(device)
+    logistic = nn.Linear(x_tr.shape[1], 1).to(device)  # a logit z; p = sigmoid(z) when needed
     bce = nn.BCEWithLogitsLoss()
 
     @torch.inference_mode()
     def evaluate_logistic() -> dict:
         logistic.eval()
         logits = logistic(x_te)
-        # z >= 0 <=> p >= 0.5. (common.train.fit's accuracy is for int64 class labels, not this.)
-        predicted = (logits >= 0).float()
+        predicted = (logits >= 0).float()  # z >= 0 <=> p >= 0.5
         return {"test_loss": bce(logits, y_te).item(),
                 "test_acc": (predicted == y_te).float().mean().item()}
 
@@ -292,17 +288,12 @@ def main(cfg: Config) -> dict:
                  "test accuracy": [h["test_acc"] for h in logistic_history]},
                 run.path("logistic_curves.png"), title=f"logistic regression on {clf.name}")
 
-    return run.finish(
-        **{f"env_{k}": v for k, v in env.items()},
-        **poly,
-        linear_grad_max_abs_diff=grad_diff,
-        linear_test_mse=linear_history[-1]["test_mse"],
-        closed_form_test_mse=exact_test_mse,
-        logistic_test_acc=logistic_history[-1]["test_acc"],
-        logistic_test_bce=logistic_history[-1]["test_loss"],
-        logistic_majority_acc=majority,
-        **stability,
-    )
+    return run.finish(**{f"env_{k}": v for k, v in env.items()}, **poly, **stability,
+                      linear_grad_max_abs_diff=grad_diff, closed_form_test_mse=exact_test_mse,
+                      linear_test_mse=linear_history[-1]["test_mse"],
+                      logistic_test_acc=logistic_history[-1]["test_acc"],
+                      logistic_test_bce=logistic_history[-1]["test_loss"],
+                      logistic_majority_acc=majority)
 
 
 if __name__ == "__main__":
