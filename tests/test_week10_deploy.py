@@ -26,16 +26,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from common.errors import LabError
-from common.export import (
-    ExportError,
-    _normalized,
-    export_program,
-    read_bundle,
-    write_bundle,
-)
-from tests.conftest import ROOT, offline_env
+from tests.conftest import ROOT, offline_env, run_lab
 from week03_cnn.part2 import CNN
+from week10_deploy import part2
+from week10_deploy.export import ExportError, export_program, normalized, read_bundle, write_bundle
 from week10_deploy.service import create_app
+from week10_deploy.standalone import predict_onnx
 from week10_deploy.standalone.predict_onnx import OnnxClassifier, decode_image, prepare_image
 
 STANDALONE = ROOT / "week10_deploy" / "standalone" / "predict_onnx.py"
@@ -119,7 +115,7 @@ def digit_image(seed: int, size=(28, 28), mode="L") -> Image.Image:
 def test_exports_match_eager_at_other_batch_sizes(bundle):
     """The bundle was exported from a batch of 1 (2 inside the exporter); both files must agree with the
     eager model (normalization included) at other batch sizes."""
-    eager = _normalized(small_cnn(), MEAN, STD).eval()
+    eager = normalized(small_cnn(), MEAN, STD).eval()
     program = torch.export.load(bundle / "model.pt2").module()
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx.checker.check_model(str(bundle / "model.onnx"))
@@ -173,7 +169,7 @@ def test_normalized_wrapper_differs_from_the_bare_model():
     model = small_cnn().eval()
     x = torch.rand(2, 1, 28, 28)
     with torch.inference_mode():
-        assert not torch.allclose(_normalized(model, MEAN, STD)(x), model(x))  # forgetting it would change outputs
+        assert not torch.allclose(normalized(model, MEAN, STD)(x), model(x))  # forgetting it would change outputs
 
 
 @pytest.mark.parametrize("damage", ["no_folder", "no_metadata", "not_json", "foreign", "bad_shape", "cut_onnx",
@@ -205,6 +201,42 @@ def test_read_bundle_refuses_damage_in_one_line(bundle, tmp_path, damage):
     with pytest.raises(LabError) as info:
         read_bundle(folder)
     assert "\n" not in str(info.value) and str(folder.name) in str(info.value)
+
+
+class ExportsDifferently(torch.nn.Module):
+    """A model whose exported graphs are not its eager self: 1e-3 is added to the logits only
+    while an exporter traces it (as a branch on torch.compiler.is_exporting(), or an op that an
+    exporter translates differently, would do). Small, but 10x the check's tolerance."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = small_cnn()
+
+    def forward(self, x):
+        logits = self.cnn(x)
+        return logits + 1e-3 if torch.compiler.is_exporting() else logits
+
+
+def test_write_bundle_refuses_an_export_that_differs_from_eager_by_a_little(tmp_path):
+    """Outside review: loosening the export-vs-eager tolerance to 1e6 passed every test."""
+    folder = tmp_path / "drift"
+    with pytest.raises(ExportError) as info:
+        write_bundle(folder, ExportsDifferently(), torch.rand(1, 1, 28, 28), name="drift", classes=CLASSES,
+                     mean=MEAN, std=STD)
+    message = str(info.value)
+    assert "does not match eager PyTorch" in message and "\n" not in message, message
+    assert not (folder / "metadata.json").exists()  # not a bundle: nothing can serve it
+    with pytest.raises(LabError, match="no metadata.json"):
+        read_bundle(folder)
+
+
+def test_the_export_calls_are_written_in_week10s_own_file():
+    """DESIGN 8: Week 10's lesson is a line a learner can point at in the week's files."""
+    text = (ROOT / "week10_deploy" / "export.py").read_text()
+    assert "torch.export.export(" in text and "torch.onnx.export(" in text
+    in_common = [p.name for p in (ROOT / "common").glob("*.py")
+                 if "torch.onnx.export(" in p.read_text() or "torch.export.export(" in p.read_text()]
+    assert not in_common, in_common
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,6 +350,10 @@ BAD_REQUESTS = {  # name: (path, request keyword arguments, expected status, wor
     "json nested too deep": ("/predict", {"content": b'{"pixels": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
                                           "headers": {"content-type": "application/json"}}, 400, "nested"),
     "null pixels": ("/predict", {"json": {"pixels": None}}, 422, "not all numbers"),
+    # a 5000-digit JSON integer: was a 400 with Python's advice about sys.set_int_max_str_digits()
+    "5000-digit integer": ("/predict", {"content": b'{"pixels": [' + b",".join([b"[" + b"0.5," * 27 + b"9" * 5000
+                                                                                + b"]"] * 28) + b"]}",
+                                        "headers": {"content-type": "application/json"}}, 422, "[0, 1]"),
     # more multipart files than max_batch: Starlette's own 400 "Too many files", now the batch limit's 413
     "too many files": ("/predict/batch", {"files": [("files", ("a.png", b"x", "image/png"))] * 9}, 413,
                        "limit is 8"),
@@ -333,6 +369,7 @@ def test_bad_requests_get_their_4xx_and_a_json_message(client, name):
     r = client.post(path, **kwargs)
     assert r.status_code == status, (r.status_code, r.text)
     assert r.headers["content-type"] == "application/json" and words in r.json()["error"], r.json()
+    assert "set_int_max_str_digits" not in r.json()["error"]  # a plain message, not Python's advice
 
 
 def test_unknown_routes_and_methods_are_json_errors(client):
@@ -496,6 +533,59 @@ def test_torch_free_script_bad_input_is_one_line(bundle, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
 
 
+def test_the_torch_free_softmax_is_finite_at_extreme_logits():
+    """Outside review: a softmax without the max shift passed every test (exp(1000) = inf)."""
+    logits = np.array([[1000.0, 0.0, -1000.0], [-1000.0, -1000.0, -1001.0], [0.0, np.log(3.0), 0.0]])
+    p = predict_onnx.softmax(logits)
+    assert np.isfinite(p).all(), p
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(p[0], [1.0, 0.0, 0.0])  # exp(-1000) underflows to exactly 0
+    third = 1 / (2 + np.exp(-1.0))
+    np.testing.assert_allclose(p[1], [third, third, third * np.exp(-1.0)], rtol=1e-12)
+    np.testing.assert_allclose(p[2], [0.2, 0.6, 0.2], rtol=1e-12)
+
+
+def test_torch_free_script_refuses_a_changed_model_file_by_its_checksum(bundle, tmp_path, capsys):
+    """Outside review: a tampered model.onnx reached ONNX Runtime ("InvalidProtobuf"), or, with a
+    flipped weight byte, would have answered wrongly without a word."""
+    import shutil
+
+    folder = tmp_path / "b"
+    shutil.copytree(bundle, folder)
+    model = bytearray((folder / "model.onnx").read_bytes())
+    model[-100] ^= 0xFF  # a byte of the weights (they sit at the end of the file)
+    (folder / "model.onnx").write_bytes(bytes(model))
+    image = tmp_path / "a.png"
+    image.write_bytes(png(digit_image(1)))
+    assert predict_onnx.main([str(folder), str(image)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.onnx does not match its recorded SHA-256" in err, err
+
+
+def test_torch_free_script_reports_an_unreadable_image_beside_the_others_answers(bundle, tmp_path, capsys):
+    """Outside review: one unreadable image aborted the whole list."""
+    good = [tmp_path / "a.png", tmp_path / "b.png"]
+    for seed, path in enumerate(good):
+        path.write_bytes(png(digit_image(seed + 20)))
+    junk, missing = tmp_path / "junk.png", tmp_path / "missing.png"
+    junk.write_bytes(b"junk")
+    names = [str(good[0]), str(junk), str(missing), str(good[1])]
+    local = OnnxClassifier(bundle)
+    expected = {str(p): local.classify(decode_image(p.read_bytes(), local.shape)[None], 2)[0] for p in good}
+
+    assert predict_onnx.main([str(bundle), *names, "--top-k", "2", "--json"]) == 1
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["predictions"] == expected
+    assert set(out["errors"]) == {str(junk), str(missing)} and "not an image" in out["errors"][str(junk)]
+    lines = captured.err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"error: {junk}:") and lines[1].startswith(f"error: {missing}:")
+
+    assert predict_onnx.main([str(bundle), *names, "--top-k", "2"]) == 1  # the table: the two answers
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in table] == [str(p) for p in good], table
+
+
 SERVE_WITHOUT_TORCH = """
 import sys
 from fastapi.testclient import TestClient
@@ -553,6 +643,54 @@ def test_part2_serves_the_cnn_a_checkpoint_holds(tmp_path):
     other = save_checkpoint(tmp_path / "other.pt", torch.nn.Linear(2, 2), config={"dataset": "mnist"})
     with pytest.raises(LabError, match="holds a Linear"):
         checkpoint_model(str(other), data)
+
+
+def test_part2_serves_a_checkpoint_in_torchs_legacy_format(tmp_path):
+    """Outside review: a checkpoint saved in torch's legacy (pre-1.6, not zip) format, a .th
+    file, was called "corrupt"; torch.load reads it, and so does --checkpoint."""
+    import zipfile
+
+    from common.checkpoint import save_checkpoint
+    from common.data import load
+
+    trained = CNN(1, 10, (4, 8), batch_norm=True).eval()
+    path = save_checkpoint(tmp_path / "checkpoint.pt", trained, config={"dataset": "mnist", "width": 4, "blocks": 2})
+    legacy = tmp_path / "checkpoint.th"
+    torch.save(torch.load(path, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(legacy)
+    rebuilt = part2.checkpoint_model(str(legacy), load("mnist", smoke=True)).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt(x), trained(x), rtol=0, atol=0)
+
+
+def lab(tmp_path: Path, *argv: str) -> dict:
+    return run_lab(part2.main, part2.Config, ["--out", str(tmp_path / "runs"), "--device", "cpu", *argv])
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint"])
+def test_part2_bad_checkpoint_says_what_to_pass_instead(tmp_path, offline, capsys, content):
+    """Outside review: the advice was "start without --resume", a flag part2.py does not have."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    assert lab(tmp_path, "--smoke", "--checkpoint", str(bad)) == {"exit": 1}
+    err = capsys.readouterr().err
+    assert "leave out --checkpoint" in err and "--resume" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+    from common.data import load
+
+    with pytest.raises(LabError, match="leave out --checkpoint") as info:  # as the benchmarks call it
+        part2.checkpoint_model(str(bad), load("mnist", smoke=True))
+    assert "--resume" not in str(info.value)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_run_folder(tmp_path, offline, capsys):
+    """Outside review: refused (exit 1) after a run folder holding only config.yaml was written.
+    A setting that cannot work with the data is a ConfigError: exit 2, nothing written."""
+    assert lab(tmp_path, "--smoke", "--batch-size", "100000000") == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "--batch-size 100000000 is more than the" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("url,ok", [("http://127.0.0.1:8000", True), ("http://localhost:1", True),

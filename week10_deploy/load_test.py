@@ -204,8 +204,8 @@ def _tiny_app():
 
     import torch
 
-    from common.export import write_bundle
     from week03_cnn.part2 import CNN
+    from week10_deploy.export import write_bundle
     from week10_deploy.service import create_app
 
     folder = tempfile.mkdtemp(prefix="dl-labs-load-test-")

@@ -43,11 +43,11 @@ from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import BaseConfig, Range
 from common.data import load
 from common.device import seed_everything
-from common.export import export_onnx, export_program
 from common.loader import TensorLoader, normalizer
 from common.runner import launch
 from common.runs import Run
 from week03_cnn.part2 import CNN
+from week10_deploy.export import export_onnx, export_program
 
 ATOL = 1e-4  # largest |difference| from eager accepted: float32 kernels summing in another order, not a bug
 

@@ -43,7 +43,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import LabError
-from common.export import bundle_files, describe_bundle, read_bundle
+from week10_deploy.export import bundle_files, describe_bundle, read_bundle
 from week10_deploy.standalone.predict_onnx import (
     MAX_PIXELS,
     BadInput,
@@ -290,7 +290,9 @@ def _pixels_from_body(body: bytes, shape: tuple[int, int, int], batch: bool) -> 
     import json
 
     try:
-        payload = json.loads(body)
+        # parse_int=float: a JSON integer becomes a float, so 5000 digits are inf (refused below as
+        # out of range) instead of Python's error about its int-conversion digit limit.
+        payload = json.loads(body, parse_int=float)
     except (UnicodeDecodeError, ValueError) as e:
         raise BadInput(400, f"the body is not valid JSON ({e})") from None
     except RecursionError:  # e.g. [[[[...]]]] nested thousands deep: the parser's stack runs out

@@ -12,6 +12,7 @@ Run: python week10_deploy/standalone/predict_onnx.py BUNDLE IMAGE [IMAGE ...] [-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import sys
@@ -132,16 +133,39 @@ def top_k(probabilities: np.ndarray, classes: list[str], k: int) -> list[list[di
             for row, idx in zip(probabilities, order)]
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_metadata(folder: str | Path) -> dict:
-    """metadata.json of a bundle, with the few checks this script needs (the full validation is
-    common.export.read_bundle, which the service uses; this file may not have the labs)."""
-    path = Path(folder) / "metadata.json"
+    """metadata.json of a bundle, and model.onnx checked against the SHA-256 it records (a cut
+    copy, a flipped byte: ONNX Runtime would only say "InvalidProtobuf"). The full validation is
+    week10_deploy/export.py's read_bundle, which the service uses; this file stands alone (it
+    may run where the labs are not), so it repeats the checks it needs."""
+    folder = Path(folder)
+    path = folder / "metadata.json"
     try:
         metadata = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise BadInput(400, f"cannot read {path}: {e}") from None
     if not isinstance(metadata, dict) or metadata.get("format") != BUNDLE_FORMAT:
         raise BadInput(400, f"{path} is not the metadata of a dl-labs bundle")
+    shape, classes, files = (metadata.get(k) for k in ("input_shape", "classes", "files"))
+    shape_ok = isinstance(shape, list) and len(shape) == 3
+    shape_ok = shape_ok and all(type(s) is int and s > 0 for s in shape)
+    if not (shape_ok and isinstance(classes, list) and classes and isinstance(files, dict)):
+        raise BadInput(400, f"{path} is damaged (input_shape, classes or files malformed)")
+    model = folder / "model.onnx"
+    if not model.is_file():
+        raise BadInput(400, f"bundle {folder} has no model.onnx; export it again")
+    if files.get("model.onnx") != file_sha256(model):
+        raise BadInput(400, f"bundle {folder}: model.onnx does not match its recorded SHA-256 "
+                            "(cut short or changed after export); export it again")
     return metadata
 
 
@@ -181,6 +205,8 @@ class OnnxClassifier:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Classify every image given; one that cannot be read is reported (one line on stderr, and
+    under "errors" with --json) beside the others' answers, and the exit status is then 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", help="bundle folder (model.onnx + metadata.json)")
     parser.add_argument("images", nargs="+", help="image files (any size or mode: converted like the service does)")
@@ -191,29 +217,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top-k must be >= 1")
     try:
         model = OnnxClassifier(args.bundle)
-        batch = []
-        for name in args.images:
-            try:
-                batch.append(decode_image(Path(name).read_bytes(), model.shape))
-            except OSError as e:
-                raise BadInput(400, f"cannot read {name}: {e.strerror or e}") from None
-            except BadInput as e:
-                raise BadInput(e.status, f"{name}: {e.message}") from None
-        results = model.classify(np.stack(batch), args.top_k)
     except BadInput as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
-    except Exception as e:  # e.g. onnxruntime refusing a damaged model.onnx
-        print(f"error: {type(e).__name__}: {' '.join(str(e).split())[:200]}", file=sys.stderr)
+    except Exception as e:  # e.g. onnxruntime refusing a model.onnx that passed its checksum
+        why = " ".join(str(e).split())[:200]
+        print(f"error: cannot load {args.bundle}: {type(e).__name__}: {why}", file=sys.stderr)
         return 1
+    images, errors = {}, {}
+    for name in args.images:
+        try:
+            images[name] = decode_image(Path(name).read_bytes(), model.shape)
+        except OSError as e:
+            errors[name] = f"cannot read the file ({e.strerror or e})"
+        except BadInput as e:
+            errors[name] = e.message
+    results = {}
+    if images:  # the readable ones, in one batch
+        answers = model.classify(np.stack(list(images.values())), args.top_k)
+        results = dict(zip(images, answers))
+    for name in args.images:  # in the order given: answers on stdout, unreadable images on stderr
+        if name in errors:
+            print(f"error: {name}: {errors[name]}", file=sys.stderr, flush=True)
+        elif not args.json:
+            shown = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in results[name])
+            print(f"{name}: {shown}", flush=True)
     if args.json:
-        print(json.dumps({"model": model.metadata["name"], "version": model.metadata["version"],
-                          "predictions": dict(zip(args.images, results))}))
-    else:
-        for name, top in zip(args.images, results):
-            shown = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in top)
-            print(f"{name}: {shown}")
-    return 0
+        meta = model.metadata
+        print(json.dumps({"model": meta.get("name"), "version": meta.get("version"),
+                          "predictions": results, "errors": errors}))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
