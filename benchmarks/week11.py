@@ -8,7 +8,8 @@ its fixes, and the throughput sweep.
 ``ddp_mnist`` trains week11_distributed/part2.py for the same epochs and the same global batch
 twice, as whole processes one after the other: one process with a batch of B and torch's
 threads (2 on this machine; ``--set single_threads=1`` for one), then ``torchrun
---nproc_per_node 2`` (torchrun gives each rank one thread) with B/2 per rank. Same steps, same
+--nproc_per_node 2`` (each rank gets its share of the cores, one here:
+``common.distributed.threads_per_rank``) with B/2 per rank. Same steps, same
 math (Part 2's equivalence test): it reports both training throughputs (images/s of the last
 epoch, start-up excluded), both whole-process wall times, the ratio, and both test accuracies.
 On a machine with N free cores two ranks can approach 2x; two ranks on 2 cores only trade

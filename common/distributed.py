@@ -11,6 +11,9 @@ below degrades to a world of one. The backend is NCCL on GPUs and gloo on the CP
     ... train; log and save only ``if info.is_main`` (save world_size=info.world_size) ...
     del model                                      # drop the DDP model first (see teardown)
     teardown(info)
+
+``spawn(fn, n, args, timeout_s)`` runs ``fn(rank, *args)`` in n local processes (Week 11's ring,
+tests) and kills them if they have not finished in time: a deadlocked group never hangs.
 """
 
 from __future__ import annotations

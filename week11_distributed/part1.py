@@ -27,10 +27,10 @@ Run: python week11_distributed/part1.py [--smoke] [--help]
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, ClassVar
 
@@ -38,12 +38,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from common.config import BaseConfig, Range
 from common.device import seed_everything
-from common.errors import LabError, one_line
+from common.distributed import spawn
+from common.errors import LabError
 from common.plots import save
 from common.runner import launch
 from common.runs import Run
@@ -51,13 +51,13 @@ from common.runs import Run
 
 @dataclass
 class Config(BaseConfig):
-    """Week 11, Part 1: gradient averaging, ring all-reduce across processes, a communication cost model."""
+    """Week 11, Part 1: gradient averaging, ring all-reduce across processes, a cost model."""
 
-    workers: Annotated[int, Range(2, 16)] = 4  # processes in the ring all-reduce (gloo, on this machine)
-    elements: Annotated[int, Range(1, 100_000_000)] = 1_000_003  # length of the vector all-reduced and timed
-    model_mb: Annotated[float, Range(0, 1e6, lo_open=True)] = 100.0  # cost model: gradient size in MB (ResNet-50: ~100)
-    bandwidth_gbit: Annotated[float, Range(0, 1e6, lo_open=True)] = 10.0  # cost model: link bandwidth in Gbit/s
-    latency_us: Annotated[float, Range(0, 1e6)] = 50.0  # cost model: time to start one message, in microseconds
+    workers: Annotated[int, Range(2, 16)] = 4  # processes in the ring all-reduce (gloo, here)
+    elements: Annotated[int, Range(1, 100_000_000)] = 1_000_003  # vector all-reduced and timed
+    model_mb: Annotated[float, Range(0, 1e6, lo_open=True)] = 100.0  # cost model: MB of gradients
+    bandwidth_gbit: Annotated[float, Range(0, 1e6, lo_open=True)] = 10.0  # cost model: Gbit/s
+    latency_us: Annotated[float, Range(0, 1e6)] = 50.0  # cost model: microseconds per message
     max_workers: Annotated[int, Range(2, 4096)] = 64  # cost model: workers from 1 to this
 
     SMOKE: ClassVar[dict] = {"workers": 2, "elements": 10_007}
@@ -117,7 +117,7 @@ def ring_all_reduce(tensor: torch.Tensor) -> int:
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     right, left = (rank + 1) % world, (rank - 1) % world
-    chunks = list(tensor.view(-1).tensor_split(world))  # views into tensor; sizes differ by at most one
+    chunks = list(tensor.view(-1).tensor_split(world))  # views; sizes differ by at most one
     sent = 0
     for s in range(world - 1):  # reduce-scatter
         out, into = (rank - s) % world, (rank - s - 1) % world
@@ -146,10 +146,13 @@ def rank_input(rank: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return x
 
 
-def ring_worker(rank: int, world: int, store_dir: str, sizes: list[int], timed_elements: int) -> None:
+def ring_worker(rank: int, world: int, store_dir: str, sizes: list[int], timed_elements: int,
+                timeout_s: float) -> None:
     """One process of the ring: compare ring_all_reduce with dist.all_reduce, time both."""
     # A FileStore to meet in: no port to pick, so no clash with another run on this machine.
-    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
+    # timeout: a rank waiting longer than this for a message fails instead of waiting forever.
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
     torch.set_num_threads(1)
     results = []
     for n in sizes:
@@ -159,9 +162,11 @@ def ring_worker(rank: int, world: int, store_dir: str, sizes: list[int], timed_e
             dist.all_reduce(reference)
             expected = sum(rank_input(r, n, dtype) for r in range(world))  # the sum, computed here
             results.append({"n": n, "dtype": str(dtype), "sent": sent,
-                            "equal_ints": bool(torch.equal(mine, reference)) if not dtype.is_floating_point else None,
+                            "equal_ints": None if dtype.is_floating_point
+                            else bool(torch.equal(mine, reference)),
                             "max_abs_diff": (mine - reference).abs().max().item() if n else 0.0,
-                            "max_abs_diff_expected": (mine - expected).abs().max().item() if n else 0.0})
+                            "max_abs_diff_expected":
+                                (mine - expected).abs().max().item() if n else 0.0})
     x = rank_input(rank, timed_elements, torch.float32)
     timing = {}
     for name, reduce in (("ring", ring_all_reduce), ("all_reduce", dist.all_reduce)):
@@ -175,22 +180,28 @@ def ring_worker(rank: int, world: int, store_dir: str, sizes: list[int], timed_e
     dist.destroy_process_group()
 
 
-def run_ring(world: int, sizes: list[int], timed_elements: int) -> list[dict]:
-    """Start ``world`` processes (torch.multiprocessing) that all-reduce both ways; each rank's results."""
-    method = "fork" if sys.platform.startswith("linux") else "spawn"  # fork: no second import of torch
+def run_ring(world: int, sizes: list[int], timed_elements: int,
+             timeout_s: float = 120) -> list[dict]:
+    """Start ``world`` processes that all-reduce both ways; each rank's results.
+
+    A ring with a bug in its chunk arithmetic deadlocks (a rank waits for a message nobody
+    sends): gloo fails a rank that waits ``timeout_s`` for one, and ``spawn`` kills whatever
+    still runs a little later, so a wrong ring fails with a message instead of hanging."""
     with tempfile.TemporaryDirectory() as store_dir:
         try:
-            mp.start_processes(ring_worker, args=(world, store_dir, sizes, timed_elements), nprocs=world,
-                               start_method=method)
-        except mp.ProcessRaisedException as e:
-            raise LabError(f"a ring all-reduce process failed: {one_line(e, 300)}") from None
-        return [torch.load(Path(store_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+            spawn(ring_worker, world, args=(world, store_dir, sizes, timed_elements, timeout_s),
+                  timeout_s=timeout_s + 15)
+        except LabError as e:
+            raise LabError(f"the ring all-reduce failed: {e}") from None
+        return [torch.load(Path(store_dir) / f"rank{r}.pt", weights_only=True)
+                for r in range(world)]
 
 
 # ----------------------------------------------------------------------------------------
 # 3. Cost model: parameter server vs ring all-reduce
 # ----------------------------------------------------------------------------------------
-def parameter_server_cost(workers: np.ndarray, model_bytes: float, bandwidth: float, latency: float):
+def parameter_server_cost(workers: np.ndarray, model_bytes: float, bandwidth: float,
+                          latency: float):
     """One parameter server. Each worker pushes its gradient (M bytes) and pulls the new weights
     (M bytes): 2M per worker, but all 2NM go through the server's one link, one after another:
 
@@ -212,7 +223,8 @@ def ring_cost(workers: np.ndarray, model_bytes: float, bandwidth: float, latency
     return per_worker, per_worker, 2 * (n - 1) * (latency + model_bytes / (n * bandwidth))
 
 
-def plot_costs(workers: np.ndarray, costs: dict[str, tuple], path: Path, model_mb: float, gbit: float) -> Path:
+def plot_costs(workers: np.ndarray, costs: dict[str, tuple], path: Path, model_mb: float,
+               gbit: float) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, (_, busiest, seconds) in costs.items():
         left.plot(workers, busiest / 1e6, label=name)
@@ -232,7 +244,8 @@ def plot_costs(workers: np.ndarray, costs: dict[str, tuple], path: Path, model_m
 # ----------------------------------------------------------------------------------------
 def data_parallel_demo() -> dict:
     """nn.DataParallel over the visible GPUs. With none (this CPU) it has nothing to split over
-    and calls the wrapped model directly; with several it scatters the batch and gathers the outputs."""
+    and calls the wrapped model directly; with several it scatters the batch and gathers the
+    outputs."""
     model = nn.Linear(8, 3)
     wrapped = nn.DataParallel(model)
     x = torch.randn(32, 8)
@@ -241,9 +254,9 @@ def data_parallel_demo() -> dict:
         x = x.cuda()
     same = torch.allclose(wrapped(x), model(x), atol=1e-6)
     gpus = len(wrapped.device_ids)
-    print(f"DataParallel: {gpus} GPU(s) to split a batch over"
-          + ("; on this CPU it simply calls the model (same output: " + str(same) + ")" if gpus == 0 else
-             f"; each gets {32 // gpus} of the 32 examples, outputs gathered on GPU 0"))
+    how = (f"; on this CPU it simply calls the model (same output: {same})" if gpus == 0 else
+           f"; each gets {32 // gpus} of the 32 examples, outputs gathered on GPU 0")
+    print(f"DataParallel: {gpus} GPU(s) to split a batch over{how}")
     return {"dataparallel_gpus": gpus, "dataparallel_same_output": same}
 
 
@@ -251,14 +264,17 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     run = Run.start(cfg, __file__, torch.device("cpu"))
 
-    print("=== 1. Data parallelism: the average of the shard gradients is the big-batch gradient ===")
+    print("=== 1. Data parallelism: the average of the shard gradients is the big-batch one ===")
     rng = np.random.default_rng(cfg.seed)
     x, y, w = rng.normal(size=(96, 5)), rng.normal(size=96), rng.normal(size=5)
     full, averaged = mse_gradient(w, x, y), averaged_gradient(w, x, y, cfg.workers)
     uneven = np.mean([mse_gradient(w, x[:10], y[:10]), mse_gradient(w, x[10:], y[10:])], axis=0)
-    grad_diff, uneven_diff = float(np.abs(full - averaged).max()), float(np.abs(full - uneven).max())
-    print(f"{cfg.workers} equal shards of {96 // cfg.workers}: max |average - full batch| = {grad_diff:.1e}")
-    print(f"shards of 10 and 86 averaged plainly: max |difference| = {uneven_diff:.3f} (why shards are equal)")
+    grad_diff = float(np.abs(full - averaged).max())
+    uneven_diff = float(np.abs(full - uneven).max())
+    print(f"{cfg.workers} equal shards of {96 // cfg.workers}: "
+          f"max |average - full batch| = {grad_diff:.1e}")
+    print(f"shards of 10 and 86 averaged plainly: max |difference| = {uneven_diff:.3f} "
+          "(why shards are equal)")
 
     print(f"\n=== 2. Ring all-reduce across {cfg.workers} processes (gloo) vs dist.all_reduce ===")
     sizes = sorted({1, cfg.workers - 1, cfg.workers, 2 * cfg.workers + 1, 1000})
@@ -269,18 +285,21 @@ def main(cfg: Config) -> dict:
     expected_diff = max(r["max_abs_diff_expected"] for r in rows)
     sent = [r["sent"] for r in ranks[0]["results"] if r["n"] == 1000][0]
     formula = 2 * (cfg.workers - 1) / cfg.workers * 1000
-    print(f"sizes {sizes}: int64 identical on every rank: {ints_equal}; float64 max |ring - all_reduce| "
-          f"= {float_diff:.1e} (sums added in another order)")
+    print(f"sizes {sizes}: int64 identical on every rank: {ints_equal}; "
+          f"float64 max |ring - all_reduce| = {float_diff:.1e} (sums added in another order)")
     print(f"rank 0 sent {sent} elements to all-reduce 1000; 2(N-1)/N x 1000 = {formula:.1f}")
     ring_s = max(r["timing"]["ring"] for r in ranks)
     builtin_s = max(r["timing"]["all_reduce"] for r in ranks)
-    print(f"{cfg.elements:,} float32: ring {ring_s * 1e3:.1f} ms, dist.all_reduce {builtin_s * 1e3:.1f} ms")
+    print(f"{cfg.elements:,} float32: ring {ring_s * 1e3:.1f} ms, "
+          f"dist.all_reduce {builtin_s * 1e3:.1f} ms")
     for r in rows:
-        run.log(step="ring", n=r["n"], dtype=r["dtype"], sent=r["sent"], max_abs_diff=r["max_abs_diff"])
+        run.log(step="ring", n=r["n"], dtype=r["dtype"], sent=r["sent"],
+                max_abs_diff=r["max_abs_diff"])
 
     print("\n=== 3. Cost model: parameter server vs ring ===")
     workers = np.arange(1, cfg.max_workers + 1)
-    model_bytes, bandwidth, latency = cfg.model_mb * 1e6, cfg.bandwidth_gbit * 1e9 / 8, cfg.latency_us * 1e-6
+    model_bytes, bandwidth = cfg.model_mb * 1e6, cfg.bandwidth_gbit * 1e9 / 8
+    latency = cfg.latency_us * 1e-6
     costs = {"parameter server": parameter_server_cost(workers, model_bytes, bandwidth, latency),
              "ring all-reduce": ring_cost(workers, model_bytes, bandwidth, latency)}
     plot_costs(workers, costs, run.path("cost_model.png"), cfg.model_mb, cfg.bandwidth_gbit)
@@ -291,9 +310,10 @@ def main(cfg: Config) -> dict:
 
     print("\n=== 4. DataParallel vs DistributedDataParallel ===")
     demo = data_parallel_demo()
-    print("DDP: one process per device, gradients all-reduced during backward (Part 2 trains with it)")
-    return run.finish(grad_avg_max_diff=grad_diff, uneven_shards_max_diff=uneven_diff, ring_ints_equal=ints_equal,
-                       ring_float_max_diff=float_diff, ring_vs_exact_sum_max_diff=expected_diff,
+    print("DDP: one process per device, gradients all-reduced during backward (Part 2 uses it)")
+    return run.finish(grad_avg_max_diff=grad_diff, uneven_shards_max_diff=uneven_diff,
+                       ring_ints_equal=ints_equal, ring_float_max_diff=float_diff,
+                       ring_vs_exact_sum_max_diff=expected_diff,
                        ring_sent_elements=sent, ring_sent_formula=formula, ring_ms=ring_s * 1e3,
                        all_reduce_ms=builtin_s * 1e3, workers=cfg.workers,
                        ps_time_s_at_max=float(costs["parameter server"][2][-1]),
