@@ -9,6 +9,7 @@ where the last checkpoint is and how to go on, instead of a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -49,7 +50,8 @@ def launch(main, cls: type, argv: list[str] | None = None) -> dict:
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt as e:
         what, code = interruption(e)
-        print(f"{what}: {Run.interrupted_message(resuming)}", file=sys.stderr)
+        resumable = any(f.name == "resume" for f in dataclasses.fields(cls))
+        print(f"{what}: {Run.interrupted_message(resuming, resumable)}", file=sys.stderr)
         raise SystemExit(code) from None
 
 

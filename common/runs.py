@@ -127,10 +127,14 @@ class Run:
         return view
 
     @staticmethod
-    def interrupted_message(resuming: str = "") -> str:
+    def interrupted_message(resuming: str = "", resumable: bool = True) -> str:
         """What Ctrl-C / SIGTERM prints: where the last checkpoint is and how to go on.
-        ``resuming``: the checkpoint being resumed, still intact if we stopped before training."""
+        ``resuming``: the checkpoint being resumed, still intact if we stopped before training;
+        ``resumable``: whether the script has --resume at all (if not, never offer it)."""
         run = Run.current
+        if not resumable:
+            kept = f"what it finished is in {run.dir}" if run else "nothing was written"
+            return f"stopped; {kept} (this script has no --resume: run it again to redo it)"
         checkpoints = sorted(run.dir.glob("*checkpoint.pt"),
                              key=lambda p: p.stat().st_mtime) if run else []
         if not checkpoints and resuming:

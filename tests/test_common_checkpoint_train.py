@@ -398,3 +398,26 @@ def test_a_changed_switch_on_resume_is_named_as_typed(tmp_path, capsys):
     capsys.readouterr()
     assert lab(tmp_path, "--resume", str(checkpoint_of(tmp_path)), "--no-smoke") == {"exit": 2}
     assert "--no-smoke differs from the run being resumed (smoke=True)" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_script_without_resume_never_offers_resume(tmp_path, capsys):
+    """A self-work script with no --resume flag (BaseConfig) may still save a checkpoint; after
+    Ctrl-C its line says where the work is, never "continue with --resume"."""
+    from dataclasses import dataclass
+
+    from common.config import BaseConfig
+    from common.runs import Run
+
+    @dataclass
+    class Config(BaseConfig):
+        """No --resume here."""
+
+    def main(cfg):
+        run = Run.start(cfg, "/x/week05_transfer/data_size.py", torch.device("cpu"), quiet=True)
+        run.save_checkpoint(Tiny(), epoch=1)
+        raise KeyboardInterrupt
+
+    assert run_lab(main, Config, ["--out", str(tmp_path)]) == {"exit": 130}
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: stopped; what it finished is in ") and "--resume" in err
+    assert "continue with --resume" not in err and "has no --resume" in err

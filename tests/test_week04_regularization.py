@@ -428,13 +428,13 @@ def test_make_scheduler_knows_which_step_per_batch():
 
 def test_one_weight_decay_split_for_the_week_no_decay_on_batchnorm_and_biases():
     model = part2.CNN(3, 10, (4, 8), batch_norm=True, dropout=0.1)
-    decayed, free = part2.make_optimizer(model, "adamw", 1e-3, 0.05).param_groups
+    decayed, free = part2.make_decay_optimizer(model, "adamw", 1e-3, 0.05).param_groups
     assert decayed["weight_decay"] == 0.05 and all(p.ndim > 1 for p in decayed["params"])
     assert free["weight_decay"] == 0.0 and all(p.ndim == 1 for p in free["params"])
     assert len(decayed["params"]) + len(free["params"]) == len(list(model.parameters()))
-    assert best_cnn.make_optimizer is part2.make_optimizer  # the speed recipe uses the same one
+    assert best_cnn.make_decay_optimizer is part2.make_decay_optimizer  # the speed recipe uses the same one
     speed = best_cnn.SpeedNet((4, 8, 8))
-    sgd = part2.make_optimizer(speed, "sgd", 0.4, 5e-4, momentum=0.85, no_decay_lr_scale=16)
+    sgd = part2.make_decay_optimizer(speed, "sgd", 0.4, 5e-4, momentum=0.85, no_decay_lr_scale=16)
     weights, others = sgd.param_groups
     assert weights["lr"] == 0.4 and others["lr"] == pytest.approx(6.4) and others["weight_decay"] == 0
     assert weights["momentum"] == 0.85 and weights["nesterov"]

@@ -52,7 +52,7 @@ from common.loader import TensorLoader, normalizer
 from common.plots import plot_history
 from common.runner import launch
 from common.runs import Run, week_and_script
-from week04_regularization.part2 import make_optimizer
+from week04_regularization.part2 import make_decay_optimizer
 
 # =========================================================================================
 #                                  Hyperparameters
@@ -372,7 +372,7 @@ def main(cfg: Config) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithms for these shapes
     # Week 4's optimizer: weight decay on conv/linear weights only; BN and biases learn faster.
-    optimizer = make_optimizer(net, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum, cfg.bias_lr_scale)
+    optimizer = make_decay_optimizer(net, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum, cfg.bias_lr_scale)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales these
     print(f"model: {n_params:,} parameters, device {device}")
 

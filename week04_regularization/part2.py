@@ -88,9 +88,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
             {"params": free, "lr": lr * no_decay_lr_scale, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                   momentum: float = 0.9, no_decay_lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """AdamW: decay is decoupled (w <- w*(1 - lr*wd), Part 1). SGD: decay is an L2 gradient,
+def make_decay_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                         momentum: float = 0.9,
+                         no_decay_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """Week 2's optimizers, now with decay on the weights that need it (``param_groups``).
+    AdamW: decay is decoupled (w <- w*(1 - lr*wd), Part 1). SGD: decay is an L2 gradient,
     which for SGD is the same thing; Nesterov momentum looks one step ahead."""
     groups = param_groups(model, lr, weight_decay, no_decay_lr_scale)
     if name == "adamw":
@@ -192,7 +194,7 @@ def train_schedule(schedule: str, make_model: Callable[[], nn.Module], train: Te
     """Train a fresh model with one schedule (and early stopping): its rows and summary."""
     seed_everything(cfg.seed)  # the same initial weights for every schedule
     model = prepare_model(make_model(), device)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    optimizer = make_decay_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler, per_batch = make_scheduler(schedule, optimizer, cfg.epochs, len(train))
     early = EarlyStopping(model, cfg.patience or math.inf)  # patience 0: never stop early
     print(f"--- schedule: {schedule} (steps per {'batch' if per_batch else 'epoch'}) ---")

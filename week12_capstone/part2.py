@@ -40,7 +40,7 @@ from week03_cnn.part2 import training_augment
 from week04_regularization.best_cnn import SpeedNet, whitening_filters
 from week04_regularization.part2 import (
     EarlyStopping,
-    make_optimizer,
+    make_decay_optimizer,
     make_scheduler,
     step_per_epoch,
 )
@@ -197,7 +197,7 @@ def main(cfg: Config) -> dict:
     net = prepare_model(make_model(cfg, data), info.device, channels_last=cfg.model == "resnet")
     params = sum(p.numel() for p in net.parameters())
     model = wrap(net, info)  # DistributedDataParallel under torchrun: gradients averaged
-    optimizer = make_optimizer(net, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    optimizer = make_decay_optimizer(net, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler, per_batch = make_scheduler(cfg.schedule, optimizer, cfg.epochs, len(train))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     early = EarlyStopping(model, cfg.patience or math.inf)  # patience 0: never stop early
