@@ -25,10 +25,11 @@ from benchmarks.run import Benchmark, config_options
 from week06_rnn import part2
 
 # The settings measured in week06_rnn/README.md.
-BILSTM = dict(model="lstm", bidirectional=True, embed_dim=64, hidden=64, max_len=256, keep="last", epochs=4,
-              batch_size=64, lr=3e-3, dropout=0.3, vocab_size=25_000, clip=1.0)
-NGRAM_BAG = dict(model="ngram_bag", embed_dim=16, max_len=1000, keep="first", epochs=3, batch_size=64, lr=5e-3,
-                 dropout=0.0, vocab_size=50_000, ngram_buckets=2**18, weight_decay=0.0)
+BILSTM = dict(model="lstm", bidirectional=True, embed_dim=64, hidden=64, max_len=256, keep="last",
+              epochs=4, batch_size=64, lr=3e-3, dropout=0.3, vocab_size=25_000, clip=1.0)
+NGRAM_BAG = dict(model="ngram_bag", embed_dim=16, max_len=1000, keep="first", epochs=3,
+                 batch_size=64, lr=5e-3, dropout=0.0, vocab_size=50_000, ngram_buckets=2**18,
+                 weight_decay=0.0)
 
 
 def _timed_main(settings: dict, data_dir: str, device: str, out: str) -> dict:
@@ -42,7 +43,8 @@ def _timed_main(settings: dict, data_dir: str, device: str, out: str) -> dict:
     return summary
 
 
-KEEP = ("test_acc", "val_acc", "best_epoch", "epochs_done", "main_s", "main_cpu_s", "train_time_s", "params", "vocab")
+KEEP = ("test_acc", "val_acc", "best_epoch", "epochs_done", "main_s", "main_cpu_s", "train_time_s",
+        "params", "vocab")
 
 
 def bilstm(data_dir: str, device: str, options: dict) -> dict:
@@ -60,12 +62,13 @@ def ngram_bag(data_dir: str, device: str, options: dict) -> dict:
     settings = {**NGRAM_BAG, **fields}
     with tempfile.TemporaryDirectory() as out:
         bag = _timed_main(settings, data_dir, device, out)
-    return {"metric": "test_acc", "value": bag["test_acc"], **{k: bag[k] for k in KEEP}, "config": settings}
+    return {"metric": "test_acc", "value": bag["test_acc"], **{k: bag[k] for k in KEEP},
+            "config": settings}
 
 
 ENTRIES = {
-    "imdb_bilstm": Benchmark(bilstm, "Week 6 BiLSTM from scratch on IMDB (goal: >= 0.88 test accuracy within 20 "
-                                     "CPU-minutes on one core)"),
-    "imdb_ngram_bag": Benchmark(ngram_bag, "Week 6 baseline on IMDB: mean of word + hashed bigram vectors "
-                                           "(fastText-style nn.EmbeddingBag)"),
+    "imdb_bilstm": Benchmark(bilstm, "Week 6 BiLSTM from scratch on IMDB (goal: >= 0.88 test "
+                                     "accuracy within 20 CPU-minutes on one core)"),
+    "imdb_ngram_bag": Benchmark(ngram_bag, "Week 6 baseline on IMDB: mean of word + hashed "
+                                           "bigram vectors (fastText-style nn.EmbeddingBag)"),
 }

@@ -57,21 +57,25 @@ def ddp_vs_single(data_dir: str, device: str, options: dict) -> dict:
     settings = {**DDP, **fields}
     single_threads = int(extra.get("single_threads", 0))  # 0: torch's default (one per core)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items() if k != "batch_size"]
-    common = [str(ROOT / "week11_distributed" / "part2.py"), "--data-dir", data_dir, "--device", device, *flags]
+    common = [str(ROOT / "week11_distributed" / "part2.py"), "--data-dir", data_dir,
+              "--device", device, *flags]
     with tempfile.TemporaryDirectory() as tmp:
         single_out, ddp_out = Path(tmp) / "single", Path(tmp) / "ddp"
-        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch's default threads
+        # torch's default threads
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
         single_env = {**env, "OMP_NUM_THREADS": str(single_threads)} if single_threads else env
         single_wall = _timed([sys.executable, *common, "--out", str(single_out),
                               f"--batch-size={settings['batch_size']}"], single_env)
-        ddp_wall = _timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *common, "--out", str(ddp_out), f"--batch-size={settings['batch_size'] // 2}"], env)
+        ddp_wall = _timed([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", *common, "--out", str(ddp_out),
+                           f"--batch-size={settings['batch_size'] // 2}"], env)
         single, ddp = _summary(single_out), _summary(ddp_out)
     keep = ("images_per_s", "test_acc", "final_train_loss", "steps", "global_batch", "world_size")
-    return {"metric": "ddp_vs_single_images_per_s", "value": round(ddp["images_per_s"] / single["images_per_s"], 3),
+    return {"metric": "ddp_vs_single_images_per_s",
+            "value": round(ddp["images_per_s"] / single["images_per_s"], 3),
             "single": {k: single[k] for k in keep}, "ddp_2_ranks": {k: ddp[k] for k in keep},
-            "wall_s_single": single_wall, "wall_s_ddp": ddp_wall, "single_threads": single_threads or "default",
-            "config": settings}
+            "wall_s_single": single_wall, "wall_s_ddp": ddp_wall,
+            "single_threads": single_threads or "default", "config": settings}
 
 
 def _script_run(module, data_dir: str, device: str, options: dict, figure: str, name: str) -> dict:
@@ -89,19 +93,23 @@ def _script_run(module, data_dir: str, device: str, options: dict, figure: str, 
 
 def profile_mnist(data_dir: str, device: str, options: dict) -> dict:
     result = _script_run(profiling, data_dir, device, options, "bottleneck.png", "profile_mnist")
-    return {"metric": "channels_last_vs_per_image_images_per_s", "value": result["speedup"], **result}
+    return {"metric": "channels_last_vs_per_image_images_per_s", "value": result["speedup"],
+            **result}
 
 
 def throughput_mnist(data_dir: str, device: str, options: dict) -> dict:
-    result = _script_run(throughput, data_dir, device, options, "throughput.png", "throughput_mnist")
+    result = _script_run(throughput, data_dir, device, options, "throughput.png",
+                         "throughput_mnist")
     return {"metric": "best_images_per_s", "value": result["best_images_per_s"], **result}
 
 
 ENTRIES = {
-    "ddp_mnist": Benchmark(ddp_vs_single, "Week 11 Part 2 on MNIST: 2 DDP ranks (torchrun, gloo) vs 1 process, "
-                                          "same global batch: training images/s ratio"),
-    "profile_mnist": Benchmark(profile_mnist, "Week 11 profiler on MNIST: per-image loading -> batched -> "
-                                              "channels-last, images/s ratio of the last to the first"),
-    "throughput_mnist": Benchmark(throughput_mnist, "Week 11 throughput sweep on MNIST: batch size x workers x "
-                                                    "bf16, best images/s"),
+    "ddp_mnist": Benchmark(ddp_vs_single, "Week 11 Part 2 on MNIST: 2 DDP ranks (torchrun, gloo) "
+                                          "vs 1 process, same global batch: training images/s "
+                                          "ratio"),
+    "profile_mnist": Benchmark(profile_mnist, "Week 11 profiler on MNIST: per-image loading -> "
+                                              "batched -> channels-last, images/s ratio of the "
+                                              "last to the first"),
+    "throughput_mnist": Benchmark(throughput_mnist, "Week 11 throughput sweep on MNIST: batch "
+                                                    "size x workers x bf16, best images/s"),
 }

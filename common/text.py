@@ -52,12 +52,14 @@ class TextData:
 
 
 # --- the synthetic twin: sentiment that depends on negation and word order ----------------
-GOOD = ["good", "great", "excellent", "wonderful", "fun", "brilliant", "moving", "superb", "charming", "clever"]
+GOOD = ["good", "great", "excellent", "wonderful", "fun", "brilliant", "moving", "superb",
+        "charming", "clever"]
 BAD = ["bad", "awful", "boring", "terrible", "dull", "weak", "poor", "painful", "silly", "clumsy"]
-THINGS = ["movie", "film", "plot", "acting", "story", "ending", "cast", "script", "music", "dialogue"]
+THINGS = ["movie", "film", "plot", "acting", "story", "ending", "cast", "script", "music",
+          "dialogue"]
 FILLER = ["i saw it on a sunday", "my friend picked it", "it runs two hours", "the cinema was full",
-          "we watched it at home", "it is based on a novel", "the trailer is everywhere", "it came out last year",
-          "there is a dog in it", "the sequel is coming"]
+          "we watched it at home", "it is based on a novel", "the trailer is everywhere",
+          "it came out last year", "there is a dog in it", "the sequel is coming"]
 OPENERS = ["", "honestly ,", "to be fair ,", "well ,", "in the end ,", "overall ,", "i think"]
 
 
@@ -66,7 +68,7 @@ def _clause(rng: torch.Generator, positive: bool, negated: bool) -> str:
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=rng))]
 
-    adjective = pick(GOOD if positive != negated else BAD)  # a negated clause uses the opposite word
+    adjective = pick(GOOD if positive != negated else BAD)  # negated: the opposite word
     verb = pick(["was", "is", "felt", "seemed"])
     if negated:
         verb = pick(["was not", "was n't", "is not", "is n't", "never felt", "never seemed"])
@@ -96,8 +98,8 @@ def sentiment_twin(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
             first = _clause(rng, not label, bool(torch.randint(2, (1,), generator=rng)))
             last = f"{first} , but {last}"
         opener = OPENERS[int(torch.randint(len(OPENERS), (1,), generator=rng))]
-        fillers = [FILLER[int(i)] for i in torch.randint(len(FILLER), (int(torch.randint(3, (1,), generator=rng)),),
-                                                         generator=rng)]
+        count = int(torch.randint(3, (1,), generator=rng))
+        fillers = [FILLER[int(i)] for i in torch.randint(len(FILLER), (count,), generator=rng)]
         before = int(torch.randint(len(fillers) + 1, (1,), generator=rng))
         parts = [*fillers[:before], f"{opener} {last}".strip(), *fillers[before:]]
         texts.append(" . ".join(parts) + " .")
@@ -117,7 +119,8 @@ def _sentiment_twin_data(name: str) -> Callable[[int, int], TextData]:
 # --- IMDB: the original aclImdb archive ---------------------------------------------------
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
-IMDB_ARCHIVES = ("aclImdb_v1.tar.gz", "imdb_aclImdb.tar.gz")  # the original name, and a repacked copy
+# the original name, and a repacked copy
+IMDB_ARCHIVES = ("aclImdb_v1.tar.gz", "imdb_aclImdb.tar.gz")
 IMDB_CLASSES = ["neg", "pos"]
 _IMDB_MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(neg|pos)/(\d+)_(\d+)\.txt$")
 
@@ -139,7 +142,8 @@ def _decode_imdb(source: Path) -> dict[str, list]:
         match = _IMDB_MEMBER.search(member)
         if match:
             split, label, index = match.group(1), match.group(2), int(match.group(3))
-            found.append((split, IMDB_CLASSES.index(label), index, data.decode("utf-8", errors="replace")))
+            text = data.decode("utf-8", errors="replace")
+            found.append((split, IMDB_CLASSES.index(label), index, text))
 
     member = str(source)
     try:
@@ -171,8 +175,10 @@ def _decode_imdb(source: Path) -> dict[str, list]:
 
 def _cache_key(source: Path) -> str:
     """Changes when the source does: size and mtime of the archive, or of the class folders."""
-    paths = [source] if source.is_file() else [source / s / c for s in ("train", "test") for c in IMDB_CLASSES]
-    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.exists()]
+    paths = [source] if source.is_file() else [source / s / c for s in ("train", "test")
+                                               for c in IMDB_CLASSES]
+    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+             for p in paths if p.exists()]
     return hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]
 
 
@@ -201,7 +207,8 @@ def _imdb_from(source: Path) -> TextData:
             blob = None
     if blob is None:
         if source.name == IMDB_ARCHIVES[0] and source.is_file() and _sha256(source) != IMDB_SHA256:
-            raise _damaged("imdb", f"{source.name} is damaged (its sha256 is not the original's)", source.parent)
+            raise _damaged("imdb", f"{source.name} is damaged (its sha256 is not the original's)",
+                           source.parent)
         print(f"decoding {source} once into {cache} ...", flush=True)
         blob = _decode_imdb(source)
         try:
@@ -209,8 +216,9 @@ def _imdb_from(source: Path) -> TextData:
         except OSError as e:
             print(f"warning: could not keep the decoded copy in {cache} ({e.strerror or e}); "
                   "set DL_LABS_CACHE to a writable folder to skip decoding next time")
-    return TextData(blob["train_texts"], torch.tensor(blob["y_train"], dtype=torch.long), blob["test_texts"],
-                    torch.tensor(blob["y_test"], dtype=torch.long), IMDB_CLASSES, str(source), "imdb")
+    return TextData(blob["train_texts"], torch.tensor(blob["y_train"], dtype=torch.long),
+                    blob["test_texts"], torch.tensor(blob["y_test"], dtype=torch.long),
+                    IMDB_CLASSES, str(source), "imdb")
 
 
 def _imdb(root: Path) -> TextData:
@@ -227,9 +235,11 @@ def _imdb(root: Path) -> TextData:
 
 # --- AG News: the CSV archive of Zhang, Zhao and LeCun (2015) -----------------------------
 AG_NEWS_URL = "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz"
-AG_NEWS_MD5 = "b86f328f4dbd072486591cb7a5644dcd"  # 11,784,419 bytes; the checksum fastai publishes for this file
+# 11,784,419 bytes; the checksum fastai publishes for this file
+AG_NEWS_MD5 = "b86f328f4dbd072486591cb7a5644dcd"
 AG_NEWS_ARCHIVE = "ag_news_csv.tgz"
-AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]  # labels 1..4 in the CSV files (classes.txt)
+# labels 1..4 in the CSV files (classes.txt)
+AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 _ENTITY = re.compile(r"&?#(\d{2,4});")  # the CSVs spell "$" as "#36;" and "'" as "#39;"
 
 
@@ -245,7 +255,8 @@ def _ag_news_rows(text: str, where: str) -> tuple[list[str], list[int]]:
         if not row:
             continue
         if len(row) != 3 or row[0].strip() not in ("1", "2", "3", "4"):
-            raise ValueError(f"{where} line {number}: expected label (1-4), title, description; got {row[:3]!r}")
+            raise ValueError(f"{where} line {number}: expected label (1-4), title, description; "
+                             f"got {row[:3]!r}")
         body = f"{row[1].strip()}. {row[2].strip()}".replace("\\", " ")
         texts.append(" ".join(_ENTITY.sub(lambda m: chr(int(m.group(1))), body).split()))
         labels.append(int(row[0]) - 1)
@@ -262,7 +273,8 @@ def _ag_news_from(source: Path) -> TextData:
         if source.is_dir():
             for split in ("train", "test"):
                 member = str(source / f"{split}.csv")
-                splits[split] = _ag_news_rows((source / f"{split}.csv").read_text(encoding="utf-8"), member)
+                text = (source / f"{split}.csv").read_text(encoding="utf-8")
+                splits[split] = _ag_news_rows(text, member)
         else:
             with tarfile.open(source) as tar:
                 for split in ("train", "test"):
@@ -271,8 +283,8 @@ def _ag_news_from(source: Path) -> TextData:
                     if handle is None:
                         raise ValueError("not a file")
                     splits[split] = _ag_news_rows(handle.read().decode("utf-8"), member)
-    except (OSError, EOFError, KeyError, ValueError, UnicodeDecodeError, csv.Error, tarfile.TarError,
-            zlib.error) as e:
+    except (OSError, EOFError, KeyError, ValueError, UnicodeDecodeError, csv.Error,
+            tarfile.TarError, zlib.error) as e:
         raise _damaged("ag_news", f"could not read {member} ({one_line(e)})", source) from None
     (train_texts, y_train), (test_texts, y_test) = splits["train"], splits["test"]
     return TextData(train_texts, torch.tensor(y_train, dtype=torch.long), test_texts,
@@ -280,13 +292,15 @@ def _ag_news_from(source: Path) -> TextData:
 
 
 def _ag_news(root: Path) -> TextData:
-    """``root/ag_news_csv/{train,test}.csv`` if there, else ``root/ag_news_csv.tgz``, else a download."""
+    """``root/ag_news_csv/{train,test}.csv`` if there, else ``root/ag_news_csv.tgz``, else a
+    download."""
     folder, archive = root / "ag_news_csv", root / AG_NEWS_ARCHIVE
     if (folder / "train.csv").is_file() or (folder / "test.csv").is_file():
-        return _ag_news_from(folder)  # half a folder is reported as damaged there, not downloaded over
+        return _ag_news_from(folder)  # half a folder: reported as damaged, not downloaded over
     if archive.is_file():
         if _md5(archive) != AG_NEWS_MD5:
-            raise _damaged("ag_news", f"{archive.name} is damaged (its md5 is not the original's)", root)
+            raise _damaged("ag_news", f"{archive.name} is damaged (its md5 is not the original's)",
+                           root)
         return _ag_news_from(archive)
     with fetching("ag_news", root):
         download(AG_NEWS_URL, archive, AG_NEWS_MD5, "md5")
@@ -295,18 +309,18 @@ def _ag_news(root: Path) -> TextData:
 
 # --- the AG News twin: four topics, told apart by their words -----------------------------
 TOPIC_WORDS = [
-    ["minister", "election", "embassy", "troops", "parliament", "refugees", "ceasefire", "president", "border",
-     "treaty", "protest", "diplomats", "rebels", "un"],  # World
-    ["coach", "season", "league", "goal", "championship", "playoffs", "striker", "tournament", "olympic",
-     "quarterback", "victory", "medal", "inning", "defender"],  # Sports
-    ["shares", "profit", "earnings", "merger", "investors", "stocks", "quarterly", "revenue", "bank", "oil",
-     "prices", "retailer", "dividend", "analysts"],  # Business
-    ["software", "internet", "computer", "chip", "wireless", "researchers", "space", "nasa", "browser", "linux",
-     "scientists", "spam", "satellite", "processor"],  # Sci/Tech
+    ["minister", "election", "embassy", "troops", "parliament", "refugees", "ceasefire",
+     "president", "border", "treaty", "protest", "diplomats", "rebels", "un"],  # World
+    ["coach", "season", "league", "goal", "championship", "playoffs", "striker", "tournament",
+     "olympic", "quarterback", "victory", "medal", "inning", "defender"],  # Sports
+    ["shares", "profit", "earnings", "merger", "investors", "stocks", "quarterly", "revenue",
+     "bank", "oil", "prices", "retailer", "dividend", "analysts"],  # Business
+    ["software", "internet", "computer", "chip", "wireless", "researchers", "space", "nasa",
+     "browser", "linux", "scientists", "spam", "satellite", "processor"],  # Sci/Tech
 ]
-NEWS_FILLER = ["on monday", "on tuesday", "according to a report", "reuters", "ap", "in new york", "in london",
-               "officials said", "this week", "after talks", "for the first time", "late on friday", "sources say",
-               "the company said", "in a statement"]
+NEWS_FILLER = ["on monday", "on tuesday", "according to a report", "reuters", "ap", "in new york",
+               "in london", "officials said", "this week", "after talks", "for the first time",
+               "late on friday", "sources say", "the company said", "in a statement"]
 
 
 def ag_news_twin(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
@@ -327,7 +341,8 @@ def ag_news_twin(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
         own = 2 + randint(3)
         other = (label + 1 + randint(len(TOPIC_WORDS) - 1)) % len(TOPIC_WORDS)
         words = [TOPIC_WORDS[label][randint(len(TOPIC_WORDS[label]))] for _ in range(own)]
-        words += [TOPIC_WORDS[other][randint(len(TOPIC_WORDS[other]))] for _ in range(min(randint(3), own - 1))]
+        words += [TOPIC_WORDS[other][randint(len(TOPIC_WORDS[other]))]
+                  for _ in range(min(randint(3), own - 1))]
         words += [NEWS_FILLER[randint(len(NEWS_FILLER))] for _ in range(1 + randint(4))]
         order = torch.randperm(len(words), generator=rng).tolist()
         texts.append(" ".join(words[i] for i in order) + " .")
@@ -358,24 +373,27 @@ TEXT_REGISTRY: dict[str, TextEntry] = {
 
 def validate_text(name: str, data: TextData) -> None:
     """One-line ``DataError`` unless every split has texts, as many labels, in 0..K-1."""
-    for split, texts, y in (("training", data.train_texts, data.y_train), ("test", data.test_texts, data.y_test)):
+    for split, texts, y in (("training", data.train_texts, data.y_train),
+                            ("test", data.test_texts, data.y_test)):
         problem = None
         if not texts:
             problem = f"the {split} set is empty"
         elif len(texts) != len(y):
             problem = f"the {split} set has {len(texts)} texts but {len(y)} labels"
-        elif y.dtype != torch.long or y.ndim != 1 or int(y.min()) < 0 or int(y.max()) >= len(data.classes):
+        elif (y.dtype != torch.long or y.ndim != 1 or int(y.min()) < 0
+              or int(y.max()) >= len(data.classes)):
             problem = f"{split} labels must be int64 in 0..{len(data.classes) - 1}"
         if problem:
             raise DataError(f"{name}: {problem} (in {data.source})")
 
 
-def load_text(name: str, data_dir: str | Path | None = None, smoke: bool = False, synthetic: bool = False,
-              n_synthetic: int = 512, seed: int = 0) -> TextData:
+def load_text(name: str, data_dir: str | Path | None = None, smoke: bool = False,
+              synthetic: bool = False, n_synthetic: int = 512, seed: int = 0) -> TextData:
     """A text data set from ``TEXT_REGISTRY``, checked: the real one from the data root, or
     (``smoke`` / ``synthetic``) its twin with ``n_synthetic`` training texts."""
     if name not in TEXT_REGISTRY:
-        raise DataUnavailable(f"unknown text data set {name!r}; known: {', '.join(sorted(TEXT_REGISTRY))}")
+        raise DataUnavailable(f"unknown text data set {name!r}; "
+                              f"known: {', '.join(sorted(TEXT_REGISTRY))}")
     entry = TEXT_REGISTRY[name]
     if smoke or synthetic:
         data = entry.make_twin(n_synthetic, seed)

@@ -58,7 +58,8 @@ def test_sentiment_twin_needs_negation_and_order_but_follows_its_rule():
         swappable += 1
     assert swappable > len(texts) // 20, swappable
     lengths = [len(tokenize(t)) for t in texts]
-    assert min(lengths) <= 8 and max(lengths) >= 30, "lengths must vary (packing has something to do)"
+    assert min(lengths) <= 8 and max(lengths) >= 30, (
+        "lengths must vary (packing has something to do)")
 
 
 def test_smoke_and_synthetic_give_the_twin_without_looking_at_the_data_root(offline):
@@ -91,8 +92,10 @@ def write_tar(path: Path, files: dict[str, bytes]) -> Path:
 
 def check_tiny_imdb(data):
     assert data.classes == ["neg", "pos"] and not data.synthetic
-    assert data.y_train.tolist() == [0, 0, 0, 1, 1, 1] and data.y_test.tolist() == [0, 0, 0, 1, 1, 1]
-    assert data.train_texts[0] == "train neg review 0<br />end" and data.test_texts[-1] == "test pos review 10<br />end"
+    assert data.y_train.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.y_test.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.train_texts[0] == "train neg review 0<br />end"
+    assert data.test_texts[-1] == "test pos review 10<br />end"
 
 
 def test_imdb_reads_an_aclimdb_folder_and_caches_the_decoded_texts(offline):
@@ -105,7 +108,8 @@ def test_imdb_reads_an_aclimdb_folder_and_caches_the_decoded_texts(offline):
     check_tiny_imdb(load_text("imdb", root))  # from the cache
 
 
-@pytest.mark.parametrize("cache_text", ["[]", '{"x": 1}', '{"train_texts": [1], "y_train": [0]}', "{bad json"])
+@pytest.mark.parametrize("cache_text",
+                         ["[]", '{"x": 1}', '{"train_texts": [1], "y_train": [0]}', "{bad json"])
 def test_imdb_decodes_again_when_its_cache_is_damaged(offline, cache_text, capsys):
     root = offline / "data"
     for name, blob in write_reviews(root).items():
@@ -125,11 +129,13 @@ def test_imdb_reads_the_archive_and_rejects_a_damaged_one(offline, name):
     archive = write_tar(root / name, write_reviews(root))
     if name == "imdb_aclImdb.tar.gz":  # a repacked copy: read as is
         check_tiny_imdb(load_text("imdb", root))
-        archive.write_bytes(archive.read_bytes()[:200])  # truncated (a new size: the cache no longer matches)
+        # truncated (a new size: the cache no longer matches)
+        archive.write_bytes(archive.read_bytes()[:200])
     with pytest.raises(DataError) as info:  # the original name: its sha256 must be Stanford's
         load_text("imdb", root)
     message = str(info.value)
-    assert message.startswith("imdb: ") and name in message and "\n" not in message and "--smoke" in message
+    assert message.startswith("imdb: ") and name in message
+    assert "\n" not in message and "--smoke" in message
 
 
 def test_missing_imdb_offline_is_one_clear_line_and_leaves_nothing_on_disk(offline):
@@ -137,7 +143,8 @@ def test_missing_imdb_offline_is_one_clear_line_and_leaves_nothing_on_disk(offli
     with pytest.raises(DataUnavailable) as info:
         load_text("imdb")
     message = str(info.value)
-    assert message.startswith("imdb is not in") and str(root) in message and "--data-dir PATH" in message
+    assert message.startswith("imdb is not in") and str(root) in message
+    assert "--data-dir PATH" in message
     assert "--smoke" in message and "\n" not in message
     assert not root.exists()
     with pytest.raises(DataUnavailable, match="does not exist"):

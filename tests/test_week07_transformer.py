@@ -2,7 +2,8 @@
 without masks), the positional encoding, what the masks promise (no information from the future,
 none from padding), the AG News loader, and the labs learning their tasks.
 
-Parity checks run in float64 (common.parity), so the tolerance measures our math, not float32 rounding.
+Parity checks run in float64 (common.parity), so the tolerance measures our math, not float32
+rounding.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
     for d in (4, 64, 1024):  # q.k has std sqrt(d_k); divided by sqrt(d_k), std 1
         assert abs(summary[f"score_std_unscaled_d{d}"] / math.sqrt(d) - 1) < 0.1, summary
         assert abs(summary[f"score_std_scaled_d{d}"] - 1) < 0.1, summary
-    assert summary["max_weight_unscaled_d1024"] > 0.9 > 0.5 > summary["max_weight_scaled_d1024"]  # saturation
+    # saturation
+    assert summary["max_weight_unscaled_d1024"] > 0.9 > 0.5 > summary["max_weight_scaled_d1024"]
     assert summary["softmax_grad_unscaled_d1024"] < 0.2 * summary["softmax_grad_scaled_d1024"]
-    assert summary["mha_dx_rel_error"] < 1e-6 and summary["mha_dwq_rel_error"] < 1e-6  # vs central differences
+    # vs central differences
+    assert summary["mha_dx_rel_error"] < 1e-6 and summary["mha_dwq_rel_error"] < 1e-6
     assert summary["causal_weight_above_diagonal"] == 0 and summary["weight_on_pad_keys"] == 0
     assert 1.7 < summary["memory_exponent"] < 2.3, "the L x L matrices make memory grow as L^2"
 
@@ -45,7 +48,7 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
 def check_part2(summary: dict, rows: list[dict]) -> None:
     losses = [float(r["train_loss"]) for r in rows]
     assert len(losses) == summary["epochs_done"] and losses[-1] < 0.8 * losses[0], losses
-    assert summary["test_acc"] > 0.6 and summary["val_acc"] > 0.6, summary  # 4 topics: chance is 0.25
+    assert summary["test_acc"] > 0.6 and summary["val_acc"] > 0.6, summary  # chance is 0.25
     assert np.sum(summary["confusion"]) == 128  # every test text counted once
 
 
@@ -114,9 +117,10 @@ def mask_for(kind: str, n: int, lq: int, lk: int) -> np.ndarray | None:
 def test_attention_matches_sdpa_values_and_gradients(kind, lq, lk):
     q, k, v, upstream = qkv(lq=lq, lk=lk)
     mask = mask_for(kind, 2, lq, lk)
-    torch_mask = None if mask is None else torch.from_numpy(np.broadcast_to(mask, (2, 1, lq, lk)).copy())
-    expected, (gq, gk, gv) = torch_reference(
-        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=torch_mask), q, k, v, upstream=upstream)
+    torch_mask = (None if mask is None
+                  else torch.from_numpy(np.broadcast_to(mask, (2, 1, lq, lk)).copy()))
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=torch_mask)
+    expected, (gq, gk, gv) = torch_reference(sdpa, q, k, v, upstream=upstream)
     out, cache = part1.attention_forward(q, k, v, mask)
     assert_close(out, expected, "attention output")
     dq, dk, dv = part1.attention_backward(upstream, cache)
@@ -124,13 +128,14 @@ def test_attention_matches_sdpa_values_and_gradients(kind, lq, lk):
     assert_close(dk, gk, "dL/dk")
     assert_close(dv, gv, "dL/dv")
     if mask is not None:
-        assert np.all(cache.p[~np.broadcast_to(mask, cache.p.shape)] == 0), "a masked link must get weight 0 exactly"
+        assert np.all(cache.p[~np.broadcast_to(mask, cache.p.shape)] == 0), (
+            "a masked link must get weight 0 exactly")
 
 
 def test_attention_with_a_custom_scale_matches_sdpa():
     q, k, v, upstream = qkv(seed=1)
-    expected, grads = torch_reference(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, scale=0.3), q, k, v,
-                                      upstream=upstream)
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, scale=0.3)
+    expected, grads = torch_reference(sdpa, q, k, v, upstream=upstream)
     out, cache = part1.attention_forward(q, k, v, scale=0.3)
     assert_close(out, expected, "output, scale 0.3")
     for mine, theirs, name in zip(part1.attention_backward(upstream, cache), grads, "qkv"):
@@ -144,11 +149,13 @@ def test_causal_mask_keeps_earlier_outputs_independent_of_later_tokens():
     before, _, _ = part1.mha_forward(x, x, x, params, 2, attn_mask=part1.causal_mask(6))
     changed = x.copy()
     changed[0, 4] = rng.standard_normal(8)  # a different token at position 4
-    after, _, _ = part1.mha_forward(changed, changed, changed, params, 2, attn_mask=part1.causal_mask(6))
-    np.testing.assert_array_equal(after[0, :4], before[0, :4])  # positions 0..3 never saw position 4
+    after, _, _ = part1.mha_forward(changed, changed, changed, params, 2,
+                                    attn_mask=part1.causal_mask(6))
+    np.testing.assert_array_equal(after[0, :4], before[0, :4])  # 0..3 never saw position 4
     assert not np.allclose(after[0, 4:], before[0, 4:])
     unmasked, _, _ = part1.mha_forward(changed, changed, changed, params, 2)
-    assert not np.allclose(unmasked[0, :4], before[0, :4]), "without the mask the change does leak backwards"
+    assert not np.allclose(unmasked[0, :4], before[0, :4]), (
+        "without the mask the change does leak backwards")
 
 
 def test_softmax_is_stable_and_gives_masked_scores_exactly_zero():
@@ -162,8 +169,10 @@ def test_softmax_is_stable_and_gives_masked_scores_exactly_zero():
 def torch_mha(params: dict, embed: int, heads: int) -> nn.MultiheadAttention:
     mha = nn.MultiheadAttention(embed, heads, batch_first=True, dtype=torch.float64)
     with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.from_numpy(np.concatenate([params["w_q"], params["w_k"], params["w_v"]])))
-        mha.in_proj_bias.copy_(torch.from_numpy(np.concatenate([params["b_q"], params["b_k"], params["b_v"]])))
+        w_in = np.concatenate([params["w_q"], params["w_k"], params["w_v"]])
+        b_in = np.concatenate([params["b_q"], params["b_k"], params["b_v"]])
+        mha.in_proj_weight.copy_(torch.from_numpy(w_in))
+        mha.in_proj_bias.copy_(torch.from_numpy(b_in))
         mha.out_proj.weight.copy_(torch.from_numpy(params["w_o"]))
         mha.out_proj.bias.copy_(torch.from_numpy(params["b_o"]))
     return mha
@@ -187,8 +196,9 @@ def test_multihead_attention_matches_torch(heads, kind, attention):
 
     mha = torch_mha(params, embed, heads)
     tensors = [torch.tensor(a, requires_grad=True) for a in (query, key, value)]
+    # torch's masks: True = blocked
     out, weights = mha(*tensors, key_padding_mask=None if keep is None else torch.from_numpy(~keep),
-                       attn_mask=None if causal is None else torch.from_numpy(~causal),  # torch: True = blocked
+                       attn_mask=None if causal is None else torch.from_numpy(~causal),
                        need_weights=True, average_attn_weights=False)
     out.backward(torch.from_numpy(upstream))
 
@@ -196,7 +206,8 @@ def test_multihead_attention_matches_torch(heads, kind, attention):
     assert_close(mine, out.detach().numpy(), "MHA output")
     assert_close(my_weights, weights.detach().numpy(), "attention weights per head")
     d_query, d_key, d_value, grads = part1.mha_backward(upstream, params, cache)
-    for mine_grad, tensor, name in zip((d_query, d_key, d_value), tensors, ("query", "key", "value")):
+    for mine_grad, tensor, name in zip((d_query, d_key, d_value), tensors,
+                                       ("query", "key", "value")):
         assert_close(mine_grad, tensor.grad.numpy(), f"dL/d{name}")
     in_w, in_b = mha.in_proj_weight.grad.numpy(), mha.in_proj_bias.grad.numpy()
     for i, name in enumerate("qkv"):
@@ -239,7 +250,8 @@ def test_positional_encoding_shifts_are_rotations():
     pe = part1.positional_encoding(40, d)
     for i in range(d // 2):
         angle = k / 10000 ** (2 * i / d)
-        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        rotation = np.array([[math.cos(angle), -math.sin(angle)],
+                             [math.sin(angle), math.cos(angle)]])
         pairs = pe[:, 2 * i:2 * i + 2]
         assert_close(pairs[:-k] @ rotation, pairs[k:], f"pair {i} shifted by {k}")
 
@@ -255,7 +267,8 @@ def test_positional_encoding_needs_an_even_width():
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_padding_does_not_change_a_prediction(pool):
     torch.manual_seed(0)
-    model = part2.TransformerClassifier(50, 4, d_model=16, nhead=2, layers=2, dropout=0.3, pool=pool).eval()
+    model = part2.TransformerClassifier(50, 4, d_model=16, nhead=2, layers=2, dropout=0.3,
+                                        pool=pool).eval()
     ids = torch.randint(2, 50, (3, 6))
     ids[1, 4:] = PAD  # a shorter text in the batch
     padded = torch.cat([ids, torch.full((3, 5), PAD)], dim=1)  # the same texts, 5 more pads each
@@ -302,7 +315,8 @@ def test_warmup_then_cosine_schedule():
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3]) and lrs[10] == pytest.approx(1.0) and lrs[11] < lrs[10]
+    assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3])
+    assert lrs[10] == pytest.approx(1.0) and lrs[11] < lrs[10]
 
 
 def test_vocabulary_comes_from_training_texts_only():
@@ -336,7 +350,8 @@ def test_training_batches_come_in_a_new_order_every_epoch(tmp_path):
 
 
 def lab(tmp_path: Path, *argv: str, module=part2) -> dict:
-    return run_lab(module.main, module.Config, ["--out", str(tmp_path / "runs"), "--device", "cpu", *argv])
+    return run_lab(module.main, module.Config,
+                   ["--out", str(tmp_path / "runs"), "--device", "cpu", *argv])
 
 
 def test_bag_baseline_learns_the_twin(tmp_path, offline):
@@ -355,6 +370,15 @@ def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, argv, messa
     assert lab(tmp_path, *argv) == {"exit": 2}
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_run_folder(tmp_path, offline,
+                                                                              capsys):
+    assert lab(tmp_path, "--smoke", "--batch-size", "100000000") == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "--batch-size 100000000 is more than the" in err and "training texts" in err, err
+    assert err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
 
 
@@ -385,16 +409,19 @@ def test_missing_ag_news_offline_is_one_line(tmp_path, offline, capsys):
 # ------------------------------------------------------------------------------------------
 # The AG News loader
 # ------------------------------------------------------------------------------------------
-CSV = '"3","Oil climbs","Crude prices rose #36;2 on Monday \\\\ traders said."\n"2","Win","The coach said."\n'
+CSV = ('"3","Oil climbs","Crude prices rose #36;2 on Monday \\\\ traders said."\n'
+       '"2","Win","The coach said."\n')
 
 
 def test_ag_news_reads_a_folder_of_csv_files(tmp_path):
     folder = tmp_path / "ag_news_csv"
     folder.mkdir()
     (folder / "train.csv").write_text(CSV)
-    (folder / "test.csv").write_text("label,title,description\n" + CSV)  # a header, as pandas writes
+    # a header, as pandas writes
+    (folder / "test.csv").write_text("label,title,description\n" + CSV)
     data = load_text("ag_news", tmp_path)
-    assert data.classes == AG_NEWS_CLASSES and data.y_train.tolist() == [2, 1] and data.y_test.tolist() == [2, 1]
+    assert data.classes == AG_NEWS_CLASSES
+    assert data.y_train.tolist() == [2, 1] and data.y_test.tolist() == [2, 1]
     assert data.train_texts[0] == "Oil climbs. Crude prices rose $2 on Monday traders said."
 
 
@@ -450,7 +477,8 @@ def test_missing_ag_news_offline_names_the_set_and_leaves_nothing(tmp_path, offl
     root = tmp_path / "empty-data-root"
     with pytest.raises(DataUnavailable, match="ag_news is not in") as info:
         load_text("ag_news")
-    assert "--data-dir" in str(info.value) and "--smoke" in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert "--data-dir" in message and "--smoke" in message and "\n" not in message
     assert not root.exists()
 
 
@@ -470,7 +498,8 @@ def test_reverse_and_sort_pairs():
     for s, t in zip(src, tgt):
         digits = s[s != seq2seq.PAD]
         end = len(digits) + 1
-        assert t[0] == seq2seq.BOS and t[end] == seq2seq.EOS and torch.all(t[end + 1:] == seq2seq.PAD)
+        assert t[0] == seq2seq.BOS and t[end] == seq2seq.EOS
+        assert torch.all(t[end + 1:] == seq2seq.PAD)
         assert torch.equal(t[1:end], digits.flip(0))
     src, tgt = seq2seq.make_pairs(20, 2, 6, "sort", seed=0)
     for s, t in zip(src, tgt):
@@ -486,7 +515,8 @@ def test_decoder_cannot_see_future_target_tokens():
     changed[:, 3] = (changed[:, 3] + 1 - 3) % 10 + 3  # another digit at target position 3
     with torch.inference_mode():
         before, after = model(src, tgt), model(src, changed)
-    torch.testing.assert_close(after[:, :3], before[:, :3], rtol=0, atol=1e-6)  # positions 0..2 never read it
+    # positions 0..2 never read it
+    torch.testing.assert_close(after[:, :3], before[:, :3], rtol=0, atol=1e-6)
     assert not torch.allclose(after[:, 3:], before[:, 3:])
 
 

@@ -1,5 +1,5 @@
-"""Week 6, self-work: how long must a review be? Accuracy and training time against the length
-reviews are cut (or padded) to.
+"""Week 6, self-work: how long must a review be? Accuracy and training time against the
+length reviews are cut (or padded) to.
 
 An RNN's cost grows linearly with the number of steps, and so does how far a gradient must
 travel back (Part 1). Cutting reviews short is faster but throws words away: the half of IMDB
@@ -34,23 +34,26 @@ from week06_rnn.tokens import tokenize
 class Config(BaseConfig):
     """Week 6 self-work: accuracy and time of a BiLSTM on IMDB against the maximum length."""
 
-    lengths: tuple[int, ...] = (32, 64, 128, 256, 512)  # max_len values to compare (tokens per review)
+    lengths: tuple[int, ...] = (32, 64, 128, 256, 512)  # max_len values (tokens per review)
     keep: Literal["first", "last"] = "first"  # which end of a long review to keep
     model: Literal["lstm", "gru"] = "lstm"  # recurrent cell
-    train_subset: Annotated[int, Range(0)] = 10_000  # train on N reviews drawn at random (0: all 25,000)
+    train_subset: Annotated[int, Range(0)] = 10_000  # train on N random reviews (0: all 25,000)
     embed_dim: Annotated[int, Range(1, 1024)] = 64  # word vector size
     hidden: Annotated[int, Range(1, 2048)] = 64  # state size per direction
     vocab_size: Annotated[int, Range(3)] = 25_000  # most frequent training tokens kept
     epochs: Annotated[int, Range(1)] = 4  # passes over the training reviews, per length
     batch_size: Annotated[int, Range(1)] = 64  # reviews per optimizer step
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 3e-3  # peak learning rate (one-cycle, AdamW)
-    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.3  # on the word vectors and on the summary
-    SMOKE: ClassVar[dict] = {"lengths": (4, 48), "model": "lstm", "train_subset": 0, "embed_dim": 32, "hidden": 32,
-                             "vocab_size": 500, "epochs": 8, "batch_size": 32, "lr": 2e-2, "dropout": 0.1}
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 3e-3  # peak learning rate (one-cycle AdamW)
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.3  # on the embeddings and the summary
+    SMOKE: ClassVar[dict] = {"lengths": (4, 48), "model": "lstm", "train_subset": 0,
+                             "embed_dim": 32, "hidden": 32, "vocab_size": 500, "epochs": 8,
+                             "batch_size": 32, "lr": 2e-2, "dropout": 0.1}
 
     def check(self) -> None:
-        if not self.lengths or min(self.lengths) < 1 or len(set(self.lengths)) != len(self.lengths):
-            raise ConfigError(f"--lengths {' '.join(map(str, self.lengths))}: give distinct lengths >= 1")
+        if (not self.lengths or min(self.lengths) < 1
+                or len(set(self.lengths)) != len(self.lengths)):
+            raise ConfigError(f"--lengths {' '.join(map(str, self.lengths))}: "
+                              "give distinct lengths >= 1")
 
 
 def plot_study(rows: list[dict], path, title: str):
@@ -82,35 +85,40 @@ def main(cfg: Config) -> dict:
     # at max_len, so a review of exactly max_len tokens, which lost nothing, would count too.)
     token_counts = torch.tensor([len(tokenize(t)) for t in data.train_texts])
     for max_len in lengths:
-        lab = part2.Config(model=cfg.model, embed_dim=cfg.embed_dim, hidden=cfg.hidden, max_len=max_len, keep=cfg.keep,
-                           vocab_size=cfg.vocab_size, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        lab = part2.Config(model=cfg.model, embed_dim=cfg.embed_dim, hidden=cfg.hidden,
+                           max_len=max_len, keep=cfg.keep, vocab_size=cfg.vocab_size,
+                           epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                            dropout=cfg.dropout, train_subset=cfg.train_subset, seed=cfg.seed)
         b = part2.make_batches(lab, data, device)
-        cut = (token_counts > max_len).float().mean().item()  # share of training reviews that lost words
+        cut = (token_counts > max_len).float().mean().item()  # share of reviews that lost words
         print(f"--- max_len {max_len}: {cut:.0%} of training reviews cut ---")
         seed_everything(cfg.seed)
         model = part2.make_model(lab, len(b.vocab), data.num_classes).to(device)
         try:
-            _, result = part2.train_and_test(lab, b, model, run.sub(f"len{max_len}", max_len=max_len))
+            _, result = part2.train_and_test(lab, b, model,
+                                             run.sub(f"len{max_len}", max_len=max_len))
         except KeyboardInterrupt as e:  # this script has no --resume: say what was kept instead
             word, code = interruption(e)
-            kept = (f"what it finished ({len(run.rows)} epochs in all) is in {run.dir / 'metrics.csv'}"
-                    if run.rows else "no epoch had finished")
-            stopped = Interrupted(f"{word} while training with max_len {max_len}; {kept}. This study has no "
-                                  "--resume: run it again to finish it")
+            kept = (f"what it finished ({len(run.rows)} epochs in all) is in "
+                    f"{run.dir / 'metrics.csv'}" if run.rows else "no epoch had finished")
+            stopped = Interrupted(f"{word} while training with max_len {max_len}; {kept}. "
+                                  "This study has no --resume: run it again to finish it")
             stopped.exit_code = code
             raise stopped from None
+        keys = ("test_acc", "val_acc", "best_epoch", "train_time_s")
         rows.append({"max_len": max_len, "cut_share": cut, "epochs": cfg.epochs,
-                     **{k: result[k] for k in ("test_acc", "val_acc", "best_epoch", "train_time_s")}})
+                     **{k: result[k] for k in keys}})
     for row in rows:
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()))
     plot_study(rows, run.path("max_length.png"), f"{cfg.model} on {data.name}")
-    run.path("study.csv").write_text("\n".join([",".join(rows[0])] + [",".join(str(v) for v in r.values())
-                                                                        for r in rows]) + "\n")
+    lines = [",".join(rows[0])] + [",".join(str(v) for v in r.values()) for r in rows]
+    run.path("study.csv").write_text("\n".join(lines) + "\n")
+    best = max(rows, key=lambda r: r["val_acc"])["max_len"]
     return run.finish(lengths=lengths, test_acc=[r["test_acc"] for r in rows],
-                       train_time_s=[r["train_time_s"] for r in rows], test_acc_shortest=rows[0]["test_acc"],
-                       test_acc_longest=rows[-1]["test_acc"], best_length_on_validation=max(
-                           rows, key=lambda r: r["val_acc"])["max_len"])
+                      train_time_s=[r["train_time_s"] for r in rows],
+                      test_acc_shortest=rows[0]["test_acc"], test_acc_longest=rows[-1]["test_acc"],
+                      best_length_on_validation=best)
 
 
 if __name__ == "__main__":

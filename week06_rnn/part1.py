@@ -35,11 +35,11 @@ from week06_rnn.tokens import PAD, Vocab, tokenize
 
 @dataclass
 class Config(BaseConfig):
-    """Week 6, Part 1: tokens, embeddings, RNN and LSTM cells with BPTT in NumPy, vanishing gradients."""
+    """Week 6, Part 1: tokens, embeddings, RNN and LSTM with BPTT in NumPy, vanishing gradients."""
 
-    steps: Annotated[int, Range(2, 2000)] = 100  # sequence length of the vanishing-gradient measurement
+    steps: Annotated[int, Range(2, 2000)] = 100  # sequence length for the vanishing gradient
     hidden: Annotated[int, Range(1, 512)] = 32  # hidden state size of the measured RNN and LSTM
-    forget_bias: Annotated[float, Range(-10, 10)] = 1.0  # added to the LSTM forget gate's bias (1: the usual advice)
+    forget_bias: Annotated[float, Range(-10, 10)] = 1.0  # added to the LSTM forget bias (advice: 1)
     SMOKE: ClassVar[dict] = {"steps": 40, "hidden": 16}
     UNUSED: ClassVar[tuple] = ("device", "data_dir")  # NumPy on the CPU, no data set
 
@@ -52,13 +52,15 @@ def embedding_forward(E: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return E[ids]
 
 
-def embedding_backward(dx: np.ndarray, ids: np.ndarray, vocab_size: int, padding_idx: int | None = PAD) -> np.ndarray:
+def embedding_backward(dx: np.ndarray, ids: np.ndarray, vocab_size: int,
+                       padding_idx: int | None = PAD) -> np.ndarray:
     """dL/dE[v] = sum over every position (n, t) with ids[n, t] == v of dL/dx[n, t].
 
     A scatter-add: a word used 5 times in the batch collects 5 gradients, and only the rows of
-    words in the batch are nonzero (which is why ``nn.Embedding(sparse=True)`` exists). ``np.add.at``
-    accumulates repeated indices; ``dE[ids] += dx`` would keep only one of them. The padding row
-    gets no gradient, so <pad>'s vector stays as it was (zero), as ``padding_idx`` does in torch.
+    words in the batch are nonzero (which is why ``nn.Embedding(sparse=True)`` exists).
+    ``np.add.at`` accumulates repeated indices; ``dE[ids] += dx`` would keep only one of them.
+    The padding row gets no gradient, so <pad>'s vector stays as it was (zero), as
+    ``padding_idx`` does in torch.
     """
     dE = np.zeros((vocab_size, dx.shape[-1]), dtype=dx.dtype)
     np.add.at(dE, ids.reshape(-1), dx.reshape(-1, dx.shape[-1]))
@@ -71,7 +73,8 @@ def embedding_backward(dx: np.ndarray, ids: np.ndarray, vocab_size: int, padding
 # Vanilla RNN (Elman): h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
 # ----------------------------------------------------------------------------------------
 def rnn_forward(x: np.ndarray, h0: np.ndarray, W_ih, W_hh, b_ih, b_hh) -> np.ndarray:
-    """All hidden states h (N, T, H) of a tanh RNN:  h_t = tanh(x_t W_ih^T + h_{t-1} W_hh^T + b_ih + b_hh)."""
+    """All hidden states h (N, T, H) of a tanh RNN:
+    h_t = tanh(x_t W_ih^T + h_{t-1} W_hh^T + b_ih + b_hh)."""
     N, T, _ = x.shape
     h, prev = np.empty((N, T, W_hh.shape[0])), h0
     for t in range(T):
@@ -80,7 +83,8 @@ def rnn_forward(x: np.ndarray, h0: np.ndarray, W_ih, W_hh, b_ih, b_hh) -> np.nda
     return h
 
 
-def rnn_backward(dh: np.ndarray, x: np.ndarray, h0: np.ndarray, h: np.ndarray, W_ih, W_hh) -> dict[str, np.ndarray]:
+def rnn_backward(dh: np.ndarray, x: np.ndarray, h0: np.ndarray, h: np.ndarray,
+                 W_ih, W_hh) -> dict[str, np.ndarray]:
     """Backpropagation through time for ``rnn_forward``.
 
     ``dh`` (N, T, H) is dL/dh_t from outside (a loss on every output, or only on the last).
@@ -90,7 +94,8 @@ def rnn_backward(dh: np.ndarray, x: np.ndarray, h0: np.ndarray, h: np.ndarray, W
         da_t = (dh_t + carry_t) * (1 - h_t^2)        carry_{t-1} = da_t W_hh
 
     and every shared weight sums its gradient over the steps:
-        dW_ih = sum_t da_t^T x_t,  dW_hh = sum_t da_t^T h_{t-1},  db = sum_t da_t,  dx_t = da_t W_ih.
+        dW_ih = sum_t da_t^T x_t,  dW_hh = sum_t da_t^T h_{t-1},  db = sum_t da_t,
+        dx_t = da_t W_ih.
     Each step back multiplies by W_hh^T diag(1 - h^2): T steps multiply T such factors, the
     product that makes gradients vanish (factors < 1) or explode (> 1).
     """
@@ -142,7 +147,8 @@ def lstm_forward(x: np.ndarray, h0: np.ndarray, c0: np.ndarray, W_ih, W_hh, b_ih
     return h, (x, h0, c0, h, c, gates)
 
 
-def lstm_backward(dh: np.ndarray, cache, W_ih, W_hh, dc_last: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def lstm_backward(dh: np.ndarray, cache, W_ih, W_hh,
+                  dc_last: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """BPTT for ``lstm_forward``; ``dh`` (N, T, H) is dL/dh_t from outside, ``dc_last`` dL/dc_T.
 
     Two paths carry gradient back in time: through h (dh_{t-1} += dz_t W_hh, every step again
@@ -159,7 +165,8 @@ def lstm_backward(dh: np.ndarray, cache, W_ih, W_hh, dc_last: np.ndarray | None 
     N, T, _ = x.shape
     grads = {"x": np.zeros_like(x), "W_ih": np.zeros_like(W_ih), "W_hh": np.zeros_like(W_hh),
              "b": np.zeros(W_hh.shape[0])}
-    dh_next, dc_next = np.zeros_like(h0), (np.zeros_like(c0) if dc_last is None else dc_last.copy())
+    dh_next = np.zeros_like(h0)
+    dc_next = np.zeros_like(c0) if dc_last is None else dc_last.copy()
     for t in reversed(range(T)):
         i, f, g, o = (gates[:, t, k] for k in range(4))
         c_prev = c[:, t - 1] if t > 0 else c0
@@ -167,8 +174,9 @@ def lstm_backward(dh: np.ndarray, cache, W_ih, W_hh, dc_last: np.ndarray | None 
         dh_t = dh[:, t] + dh_next
         tanh_c = np.tanh(c[:, t])
         dc = dh_t * o * (1.0 - tanh_c**2) + dc_next
+        # (N, 4H) in the order i, f, g, o
         dz = np.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g**2),
-                             dh_t * tanh_c * o * (1 - o)], axis=1)  # (N, 4H) in the order i, f, g, o
+                             dh_t * tanh_c * o * (1 - o)], axis=1)
         grads["x"][:, t] = dz @ W_ih
         grads["W_ih"] += dz.T @ x[:, t]
         grads["W_hh"] += dz.T @ h_prev
@@ -178,11 +186,13 @@ def lstm_backward(dh: np.ndarray, cache, W_ih, W_hh, dc_last: np.ndarray | None 
     return grads
 
 
-def init_weights(rng: np.random.Generator, input_size: int, hidden: int, gates: int) -> dict[str, np.ndarray]:
-    """PyTorch's default init for nn.RNN / nn.LSTM: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H))."""
+def init_weights(rng: np.random.Generator, input_size: int, hidden: int,
+                 gates: int) -> dict[str, np.ndarray]:
+    """PyTorch's default init for nn.RNN / nn.LSTM: every weight and bias
+    ~ U(-1/sqrt(H), 1/sqrt(H))."""
     k = 1.0 / np.sqrt(hidden)
-    shapes = {"W_ih": (gates * hidden, input_size), "W_hh": (gates * hidden, hidden), "b_ih": (gates * hidden,),
-              "b_hh": (gates * hidden,)}
+    shapes = {"W_ih": (gates * hidden, input_size), "W_hh": (gates * hidden, hidden),
+              "b_ih": (gates * hidden,), "b_hh": (gates * hidden,)}
     return {name: rng.uniform(-k, k, shape) for name, shape in shapes.items()}
 
 
@@ -206,7 +216,8 @@ def gradient_through_time(cell: str, weights: dict, x: np.ndarray) -> np.ndarray
     return np.linalg.norm(grads["x"], axis=(0, 2))
 
 
-def vanishing_gradient(steps: int, hidden: int, forget_bias: float, seed: int, path) -> dict[str, np.ndarray]:
+def vanishing_gradient(steps: int, hidden: int, forget_bias: float, seed: int,
+                       path) -> dict[str, np.ndarray]:
     """The gradient norm against the distance back in time, for an RNN at PyTorch's default
     init, an RNN with 3x larger recurrent weights (it explodes instead), and an LSTM whose forget
     gate starts mostly open (``forget_bias`` added to its bias)."""
@@ -242,7 +253,8 @@ def main(cfg: Config) -> dict:
     vocab = Vocab.build(tokens, max_size=8)
     for text, toks in zip(corpus, tokens):
         print(f"{text!r:32} -> {toks} -> {vocab.encode(toks)}")
-    print(f"vocabulary (most frequent first, capped at 8): {vocab.itos}; unknown words -> 1, padding -> 0")
+    print(f"vocabulary (most frequent first, capped at 8): {vocab.itos}; "
+          "unknown words -> 1, padding -> 0")
 
     print("\n=== An embedding is a lookup; its gradient a scatter-add ===")
     rng = np.random.default_rng(cfg.seed)
@@ -252,10 +264,12 @@ def main(cfg: Config) -> dict:
     dx = np.ones(ids.shape + (3,))
     dE = embedding_backward(dx, ids, len(vocab))
     counts = {vocab.itos[i]: int(dE[i, 0]) for i in np.unique(ids)}
-    print(f"{tokens[1]}: with dL/dx = 1 everywhere, each row of dE counts the word's uses: {counts}")
+    print(f"{tokens[1]}: with dL/dx = 1 everywhere, each row of dE counts the word's uses: "
+          f"{counts}")
 
     print("\n=== Vanishing (and exploding) gradients through time ===")
-    curves = vanishing_gradient(cfg.steps, cfg.hidden, cfg.forget_bias, cfg.seed, run.path("vanishing_gradient.png"))
+    curves = vanishing_gradient(cfg.steps, cfg.hidden, cfg.forget_bias, cfg.seed,
+                                run.path("vanishing_gradient.png"))
     summary = {}
     for name, norms in curves.items():
         ratio = norms[0] / norms[-1]  # input 1 vs the last input
@@ -264,9 +278,12 @@ def main(cfg: Config) -> dict:
         summary[f"{key}_first_over_last"] = float(ratio)
         for t in range(cfg.steps):
             run.log(curve=name, steps_back=cfg.steps - 1 - t, grad_norm=float(norms[t]))
-    print("An RNN at its default init forgets: after ~20 steps input t barely moves h_T (vanishing).\n"
-          "Larger recurrent weights make the product of Jacobians grow instead (exploding: clip it,\n"
-          "part2.py). The LSTM's cell path, c_{t-1} = f * c_t, keeps the gradient alive far longer.")
+    print("An RNN at its default init forgets: after ~20 steps input t barely moves h_T "
+          "(vanishing).\n"
+          "Larger recurrent weights make the product of Jacobians grow instead "
+          "(exploding: clip it,\n"
+          "part2.py). The LSTM's cell path, c_{t-1} = f * c_t, keeps the gradient alive "
+          "far longer.")
     return run.finish(**summary, vocab_size=len(vocab), steps=cfg.steps)
 
 

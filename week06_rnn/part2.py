@@ -196,6 +196,9 @@ def make_batches(cfg: Config, data: TextData, device: torch.device) -> Batches:
         raise ConfigError(f"--val-fraction {cfg.val_fraction} of {len(order)} training reviews "
                           "leaves none for validation or training; change it or use more reviews")
     val_idx, train_idx = order[:n_val].tolist(), order[n_val:].tolist()
+    if cfg.batch_size > len(train_idx):  # one short batch would train, but the rule is one for all
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(train_idx)} "
+                          "training reviews")
     train_texts = [data.train_texts[i] for i in train_idx]
     vocab = Vocab.build((tokenize(t) for t in train_texts), max_size=cfg.vocab_size)
 

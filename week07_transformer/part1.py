@@ -14,8 +14,9 @@ Scaled dot-product attention ("Attention Is All You Need", eq. 1):
     P = softmax(S) over j          weights: each row sums to 1
     O = P V                        outputs: weighted averages of the values
 
-A mask says which keys a query may look at (True = allowed, as ``F.scaled_dot_product_attention``
-reads a boolean mask): a forbidden score becomes -inf before the softmax, so its weight is exactly 0.
+A mask says which keys a query may look at (True = allowed, as
+``F.scaled_dot_product_attention`` reads a boolean mask): a forbidden score becomes -inf before
+the softmax, so its weight is exactly 0.
 A *padding* mask hides the <pad> positions of short sentences; a *causal* mask hides the future
 (query i sees keys j <= i), which is what lets a decoder be trained on whole sentences at once.
 
@@ -48,8 +49,8 @@ from common.runs import Run
 class Config(BaseConfig):
     """Week 7, Part 1: attention, masks, multi-head attention, positional encoding in NumPy."""
 
-    head_dim: Annotated[int, Range(1, 1024)] = 64  # d_k of the single head timed in the cost-vs-length measurement
-    lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048)  # sequence lengths L timed (L x L scores each)
+    head_dim: Annotated[int, Range(1, 1024)] = 64  # d_k of the head timed for cost vs length
+    lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048)  # lengths L timed (L x L scores each)
     SMOKE: ClassVar[dict] = {"lengths": (128, 256, 512), "head_dim": 32}
     UNUSED: ClassVar[tuple] = ("device", "data_dir")  # NumPy on the CPU, no data set
 
@@ -116,7 +117,8 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndar
     return p @ v, AttentionCache(q, k, v, p, scale)
 
 
-def attention_backward(d_out: np.ndarray, cache: AttentionCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def attention_backward(d_out: np.ndarray, cache: AttentionCache,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of a loss L given d_out = dL/dO, by the chain rule through O = P V, P = softmax(S):
 
         dV = P^T dO                       each value was used with weight P[i, j] by output i
@@ -179,8 +181,9 @@ class MHACache:
     num_heads: int
 
 
-def mha_forward(query: np.ndarray, key: np.ndarray, value: np.ndarray, params: dict[str, np.ndarray],
-                num_heads: int, key_keep: np.ndarray | None = None, attn_mask: np.ndarray | None = None,
+def mha_forward(query: np.ndarray, key: np.ndarray, value: np.ndarray,
+                params: dict[str, np.ndarray], num_heads: int, key_keep: np.ndarray | None = None,
+                attn_mask: np.ndarray | None = None,
                 ) -> tuple[np.ndarray, np.ndarray, MHACache]:
     """MultiHead(Q, K, V) = Concat(head_1, ..., head_H) W_o^T + b_o,
     head_h = Attention(query W_q^T + b_q, key W_k^T + b_k, value W_v^T + b_v) restricted to slice h,
@@ -207,8 +210,10 @@ def mha_forward(query: np.ndarray, key: np.ndarray, value: np.ndarray, params: d
     return out, att_cache.p, MHACache(query, key, value, concat, att_cache, num_heads)
 
 
-def _linear_backward(d_y: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """y = x W^T + b over (N, L, E) inputs: dx = dy W, dW = sum over positions of dy^T x, db = sum dy."""
+def _linear_backward(d_y: np.ndarray, x: np.ndarray,
+                     w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """y = x W^T + b over (N, L, E) inputs: dx = dy W, dW = sum over positions of dy^T x,
+    db = sum dy."""
     flat_dy, flat_x = d_y.reshape(-1, d_y.shape[-1]), x.reshape(-1, x.shape[-1])
     return d_y @ w, flat_dy.T @ flat_x, flat_dy.sum(axis=0)
 
@@ -224,7 +229,8 @@ def mha_backward(d_out: np.ndarray, params: dict[str, np.ndarray], cache: MHACac
     dq, dk, dv = attention_backward(split_heads(d_concat, cache.num_heads), cache.attention)
     d_inputs = []
     for name, d_heads, x in (("q", dq, cache.query), ("k", dk, cache.key), ("v", dv, cache.value)):
-        d_x, grads[f"w_{name}"], grads[f"b_{name}"] = _linear_backward(merge_heads(d_heads), x, params[f"w_{name}"])
+        d_x, grads[f"w_{name}"], grads[f"b_{name}"] = _linear_backward(merge_heads(d_heads), x,
+                                                                       params[f"w_{name}"])
         d_inputs.append(d_x)
     return d_inputs[0], d_inputs[1], d_inputs[2], grads
 
@@ -264,7 +270,8 @@ def scaling_demo(rng: np.random.Generator, dims=(4, 16, 64, 256, 1024), keys: in
         q = rng.standard_normal((trials, 1, d))
         k = rng.standard_normal((trials, keys, d))
         raw = (q @ k.transpose(0, 2, 1))[:, 0]  # (trials, keys)
-        row = {"d_k": d, "score_std_unscaled": float(raw.std()), "score_std_scaled": float((raw / math.sqrt(d)).std())}
+        row = {"d_k": d, "score_std_unscaled": float(raw.std()),
+               "score_std_scaled": float((raw / math.sqrt(d)).std())}
         for name, scores in (("unscaled", raw), ("scaled", raw / math.sqrt(d))):
             p = softmax(scores)
             row[f"max_weight_{name}"] = float(p.max(axis=-1).mean())
@@ -281,7 +288,8 @@ def scaling_demo(rng: np.random.Generator, dims=(4, 16, 64, 256, 1024), keys: in
 SENTENCE = ["the", "cat", "sat", "on", "the", "mat", "because", "the", "cat", "was", "tired"]
 
 
-def sentence_attention(rng: np.random.Generator, d_model: int = 32) -> dict[str, tuple[list[str], np.ndarray]]:
+def sentence_attention(rng: np.random.Generator,
+                       d_model: int = 32) -> dict[str, tuple[list[str], np.ndarray]]:
     """Weights of one untrained attention head over a short sentence: each word is a random
     vector (the same word, the same vector) plus its positional encoding, and W_q = W_k = I, so
     the score is the similarity of two tokens. Repeated words find each other, neighbours share
@@ -296,7 +304,7 @@ def sentence_attention(rng: np.random.Generator, d_model: int = 32) -> dict[str,
     _, cache = attention_forward(x, x, x, causal_mask(len(SENTENCE)))
     views["causal mask"] = (SENTENCE, cache.p)
     padded_tokens = SENTENCE + ["<pad>"] * 3
-    padded = np.concatenate([x, pe[len(SENTENCE):]])  # <pad> embeds as zeros; only its position shows
+    padded = np.concatenate([x, pe[len(SENTENCE):]])  # <pad> embeds as zeros: only position shows
     keep = padding_mask([len(SENTENCE)], len(padded_tokens))[0]
     _, cache = attention_forward(padded, padded, padded, keep[None, :])
     views["padding mask"] = (padded_tokens, cache.p)
@@ -304,7 +312,8 @@ def sentence_attention(rng: np.random.Generator, d_model: int = 32) -> dict[str,
 
 
 def plot_heat_maps(views: dict[str, tuple[list[str], np.ndarray]], path) -> None:
-    fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 5.0), gridspec_kw={"wspace": 0.4})
+    fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 5.0),
+                             gridspec_kw={"wspace": 0.4})
     for ax, (title, (tokens, weights)) in zip(axes, views.items()):
         ax.imshow(weights, cmap="viridis", vmin=0, vmax=1)
         ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right", fontsize=8)
@@ -345,8 +354,8 @@ def plot_cost(rows: list[dict], head_dim: int, path) -> None:
                            (axes[1], "peak_mib", "peak memory (MiB)")):
         values = [r[key] for r in rows]
         ax.loglog(lengths, values, "o-", label="measured")
-        ax.loglog(lengths, [values[-1] * (n / lengths[-1]) ** 2 for n in lengths], "--", color="gray",
-                  label="~ L^2")
+        ax.loglog(lengths, [values[-1] * (n / lengths[-1]) ** 2 for n in lengths], "--",
+                  color="gray", label="~ L^2")
         ax.set(xlabel="sequence length L", ylabel=label)
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -384,14 +393,18 @@ def main(cfg: Config) -> dict:
     upstream = rng.standard_normal((2, 5, 8))
     out, _, cache = mha_forward(x, x, x, params, 2, keep, causal_mask(5))
     dq, dk, dv, grads = mha_backward(upstream, params, cache)
-    loss = lambda x_: float(np.sum(mha_forward(x_, x_, x_, params, 2, keep, causal_mask(5))[0] * upstream))
+    loss = lambda x_: float(np.sum(mha_forward(x_, x_, x_, params, 2, keep, causal_mask(5))[0]
+                                   * upstream))
     summary["mha_dx_rel_error"] = max_relative_error(dq + dk + dv, numerical_grad(loss, x))
 
     def loss_w(w):
-        return float(np.sum(mha_forward(x, x, x, {**params, "w_q": w}, 2, keep, causal_mask(5))[0] * upstream))
+        out_w = mha_forward(x, x, x, {**params, "w_q": w}, 2, keep, causal_mask(5))[0]
+        return float(np.sum(out_w * upstream))
 
-    summary["mha_dwq_rel_error"] = max_relative_error(grads["w_q"], numerical_grad(loss_w, params["w_q"]))
-    print(f"max relative error dL/dx {summary['mha_dx_rel_error']:.1e}, dL/dW_q {summary['mha_dwq_rel_error']:.1e}")
+    summary["mha_dwq_rel_error"] = max_relative_error(grads["w_q"],
+                                                      numerical_grad(loss_w, params["w_q"]))
+    print(f"max relative error dL/dx {summary['mha_dx_rel_error']:.1e}, "
+          f"dL/dW_q {summary['mha_dwq_rel_error']:.1e}")
 
     print("\n=== Attention weights of a short sentence ===")
     views = sentence_attention(rng)
@@ -410,7 +423,8 @@ def main(cfg: Config) -> dict:
     costs = []
     for length in sorted(cfg.lengths):
         costs.append(attention_cost(length, cfg.head_dim, rng))
-        print(f"L = {length:5d}: {costs[-1]['time_ms']:9.2f} ms  peak {costs[-1]['peak_mib']:8.2f} MiB")
+        print(f"L = {length:5d}: {costs[-1]['time_ms']:9.2f} ms  "
+              f"peak {costs[-1]['peak_mib']:8.2f} MiB")
         run.log(step="cost", **costs[-1])
     plot_cost(costs, cfg.head_dim, run.path("attention_cost.png"))
     lengths = [c["length"] for c in costs]

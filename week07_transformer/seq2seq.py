@@ -45,36 +45,40 @@ VOCAB = 13
 
 @dataclass
 class Config(BaseConfig):
-    """Week 7: nn.Transformer reverses (or sorts) digit sequences; teacher forcing, greedy decoding."""
+    """Week 7: nn.Transformer reverses (or sorts) digits; teacher forcing, greedy decoding."""
 
-    task: Literal["reverse", "sort"] = "reverse"  # what the target is: the digits backwards, or in order
+    task: Literal["reverse", "sort"] = "reverse"  # the target: the digits backwards, or in order
     min_digits: Annotated[int, Range(1, 64)] = 3  # shortest source sequence
     max_digits: Annotated[int, Range(1, 64)] = 10  # longest source sequence
     train_size: Annotated[int, Range(1)] = 20_000  # training pairs (drawn once, fixed)
     d_model: Annotated[int, Range(2, 1024)] = 64  # token vector width
     nhead: Annotated[int, Range(1, 64)] = 4  # attention heads
     layers: Annotated[int, Range(1, 12)] = 2  # encoder layers, and as many decoder layers
-    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # dropout (the data is endless in kind: rarely needed)
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # seldom needed (endless variety)
     epochs: Annotated[int, Range(1)] = 8  # passes over the training pairs
     batch_size: Annotated[int, Range(1)] = 64  # pairs per optimizer step
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # peak learning rate (AdamW, warmup then cosine)
-    warmup: Annotated[float, Range(0, 0.5)] = 0.05  # share of steps spent warming the learning rate up
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # peak learning rate (warmup + cosine)
+    warmup: Annotated[float, Range(0, 0.5)] = 0.05  # share of steps warming the learning rate up
 
-    SMOKE: ClassVar[dict] = {"min_digits": 3, "max_digits": 5, "train_size": 2000, "d_model": 32, "layers": 1,
-                             "epochs": 3, "batch_size": 32, "lr": 3e-3}
+    SMOKE: ClassVar[dict] = {"min_digits": 3, "max_digits": 5, "train_size": 2000, "d_model": 32,
+                             "layers": 1, "epochs": 3, "batch_size": 32, "lr": 3e-3}
     UNUSED: ClassVar[tuple] = ("data_dir",)  # synthetic data made in memory
 
     def check(self) -> None:
         if self.min_digits > self.max_digits:
-            raise ConfigError(f"--min-digits {self.min_digits} is more than --max-digits {self.max_digits}")
+            raise ConfigError(f"--min-digits {self.min_digits} is more than "
+                              f"--max-digits {self.max_digits}")
         if self.d_model % self.nhead or self.d_model % 2:
-            raise ConfigError(f"--d-model {self.d_model} must be even and divisible by --nhead {self.nhead}")
+            raise ConfigError(f"--d-model {self.d_model} must be even and divisible by "
+                              f"--nhead {self.nhead}")
         if self.batch_size > self.train_size:
-            raise ConfigError(f"--batch-size {self.batch_size} is more than --train-size {self.train_size}")
+            raise ConfigError(f"--batch-size {self.batch_size} is more than "
+                              f"--train-size {self.train_size}")
 
 
 # ---- The task ----
-def make_pairs(n: int, min_digits: int, max_digits: int, task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_pairs(n: int, min_digits: int, max_digits: int, task: str,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` pairs: sources (n, max_digits) and targets (n, max_digits + 2) = <bos> answer <eos>,
     both right-padded with <pad>. Lengths are uniform in [min_digits, max_digits]."""
     g = torch.Generator().manual_seed(seed)
@@ -101,31 +105,35 @@ def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor
 class Seq2SeqTransformer(nn.Module):
     """Shared token embedding (+ sinusoidal positions) -> nn.Transformer -> next-token scores."""
 
-    def __init__(self, d_model: int = 64, nhead: int = 4, layers: int = 2, dropout: float = 0.0, max_len: int = 128):
+    def __init__(self, d_model: int = 64, nhead: int = 4, layers: int = 2, dropout: float = 0.0,
+                 max_len: int = 128):
         super().__init__()
         self.scale = math.sqrt(d_model)
         self.embed = nn.Embedding(VOCAB, d_model, padding_idx=PAD)
         nn.init.normal_(self.embed.weight, std=d_model**-0.5)
         self.position = PositionalEncoding(d_model, max_len)
-        with warnings.catch_warnings():  # "enable_nested_tensor is True, but ...": nn.Transformer's own default
+        # "enable_nested_tensor is True, but ...": nn.Transformer's own default
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            self.transformer = nn.Transformer(d_model, nhead, layers, layers, 4 * d_model, dropout, batch_first=True,
-                                              norm_first=True)
+            self.transformer = nn.Transformer(d_model, nhead, layers, layers, 4 * d_model, dropout,
+                                              batch_first=True, norm_first=True)
         self.out = nn.Linear(d_model, VOCAB)
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder outputs ("memory") and the source padding mask (True = <pad>)."""
         src_pad = src == PAD
-        return self.transformer.encoder(self.position(self.embed(src) * self.scale), src_key_padding_mask=src_pad), \
-            src_pad
+        x = self.position(self.embed(src) * self.scale)
+        return self.transformer.encoder(x, src_key_padding_mask=src_pad), src_pad
 
-    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_pad: torch.Tensor) -> torch.Tensor:
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor,
+               src_pad: torch.Tensor) -> torch.Tensor:
         """Next-token scores (N, T, VOCAB) for every prefix of ``tgt_in``. The causal mask is all
         the target needs: its pads come after its real tokens, so no real position sees them
         (the pads' own outputs are ignored by the loss)."""
         mask = causal_mask(tgt_in.shape[1], tgt_in.device)
-        h = self.transformer.decoder(self.position(self.embed(tgt_in) * self.scale), memory, tgt_mask=mask,
-                                     tgt_is_causal=True, memory_key_padding_mask=src_pad)
+        x = self.position(self.embed(tgt_in) * self.scale)
+        h = self.transformer.decoder(x, memory, tgt_mask=mask, tgt_is_causal=True,
+                                     memory_key_padding_mask=src_pad)
         return self.out(h)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
@@ -138,7 +146,8 @@ def teacher_forcing_loss(model: nn.Module, src: torch.Tensor, tgt: torch.Tensor)
     """The decoder reads tgt[:, :-1] (<bos> a b c) and must say tgt[:, 1:] (a b c <eos>): every
     position is one next-token prediction, all in one pass. Pad targets are ignored."""
     logits = model(src, tgt[:, :-1])
-    return F.cross_entropy(logits.float().reshape(-1, VOCAB), tgt[:, 1:].reshape(-1), ignore_index=PAD)
+    return F.cross_entropy(logits.float().reshape(-1, VOCAB), tgt[:, 1:].reshape(-1),
+                           ignore_index=PAD)
 
 
 @torch.inference_mode()
@@ -159,7 +168,8 @@ def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, max_steps: int) 
     return out[:, 1:]
 
 
-def exact_match(model: Seq2SeqTransformer, src: torch.Tensor, tgt: torch.Tensor, batch_size: int = 500) -> float:
+def exact_match(model: Seq2SeqTransformer, src: torch.Tensor, tgt: torch.Tensor,
+                batch_size: int = 500) -> float:
     """Share of sequences whose greedy output equals the target exactly (all digits and <eos>)."""
     right = 0
     for i in range(0, len(src), batch_size):
@@ -174,17 +184,21 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     n_eval = max(200, cfg.train_size // 20)
-    src, tgt = make_pairs(cfg.train_size + 2 * n_eval, cfg.min_digits, cfg.max_digits, cfg.task, cfg.seed)
-    train = TensorLoader(src[:cfg.train_size], tgt[:cfg.train_size], cfg.batch_size, shuffle=True, device=device,
-                         seed=cfg.seed)
-    val_src, val_tgt = src[cfg.train_size:-n_eval].to(device), tgt[cfg.train_size:-n_eval].to(device)
+    src, tgt = make_pairs(cfg.train_size + 2 * n_eval, cfg.min_digits, cfg.max_digits, cfg.task,
+                          cfg.seed)
+    train = TensorLoader(src[:cfg.train_size], tgt[:cfg.train_size], cfg.batch_size, shuffle=True,
+                         device=device, seed=cfg.seed)
+    val_src = src[cfg.train_size:-n_eval].to(device)
+    val_tgt = tgt[cfg.train_size:-n_eval].to(device)
     test_src, test_tgt = src[-n_eval:].to(device), tgt[-n_eval:].to(device)
-    model = Seq2SeqTransformer(cfg.d_model, cfg.nhead, cfg.layers, cfg.dropout, cfg.max_digits + 2).to(device)
+    model = Seq2SeqTransformer(cfg.d_model, cfg.nhead, cfg.layers, cfg.dropout,
+                               cfg.max_digits + 2).to(device)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     total = cfg.epochs * len(train)
     # Part 2's schedule: a linear warmup, then a half cosine to 0, stepped after every batch.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(total, round(cfg.warmup * total)))
+    warm = round(cfg.warmup * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(total, warm))
     run = Run.start(cfg, __file__, device)
     print(f"{cfg.task} {cfg.min_digits}-{cfg.max_digits} digits: {cfg.train_size} training pairs, "
           f"{n_eval} validation, {n_eval} test; {params:,} parameters")
@@ -207,20 +221,23 @@ def main(cfg: Config) -> dict:
         run.log(show=True, epoch=epoch, train_loss=train_loss, val_exact=val_exact,
                 lr=optimizer.param_groups[0]["lr"])
         if val_exact > best[0]:
-            best = (val_exact, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = (val_exact, epoch, weights)
     model.load_state_dict(best[2])  # chosen on validation; the test set is used once, below
     test_exact = exact_match(model, test_src, test_tgt)
-    shown = lambda ids: " ".join(str(i - 3) if i >= 3 else ["<pad>", "<bos>", "<eos>"][i] for i in ids.tolist()
-                                 if i != PAD)
-    for source, output in zip(test_src[:3], greedy_decode(model, test_src[:3], test_tgt.shape[1] - 1)):
+    shown = lambda ids: " ".join(str(i - 3) if i >= 3 else ["<pad>", "<bos>", "<eos>"][i]
+                                 for i in ids.tolist() if i != PAD)
+    outputs = greedy_decode(model, test_src[:3], test_tgt.shape[1] - 1)
+    for source, output in zip(test_src[:3], outputs):
         print(f"test example: {shown(source)}  ->  {shown(output)}")
-    plot_curves({"train loss": run.history("train_loss")}, run.path("loss.png"), ylabel="cross-entropy",
-                title=f"{cfg.task}: teacher-forced loss", logy=True)
-    plot_curves({"validation": run.history("val_exact")}, run.path("exact_match.png"), ylabel="exact match",
-                title=f"{cfg.task}: greedy decoding")
+    plot_curves({"train loss": run.history("train_loss")}, run.path("loss.png"),
+                ylabel="cross-entropy", title=f"{cfg.task}: teacher-forced loss", logy=True)
+    plot_curves({"validation": run.history("val_exact")}, run.path("exact_match.png"),
+                ylabel="exact match", title=f"{cfg.task}: greedy decoding")
     run.save_checkpoint(model, epoch=best[1])
     return run.finish(test_exact=test_exact, val_exact=best[0], kept_epoch=best[1], params=params,
-                       final_train_loss=run.history("train_loss")[-1], first_train_loss=run.history("train_loss")[0])
+                      final_train_loss=run.history("train_loss")[-1],
+                      first_train_loss=run.history("train_loss")[0])
 
 
 if __name__ == "__main__":

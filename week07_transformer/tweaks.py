@@ -5,7 +5,7 @@ residual sum: the layout that is hard to train without warmup), trained five tim
 initial weights on the same batches, changing one thing at a time:
 
     plain            no warmup, no dropout, no label smoothing
-    warmup           the lr rises linearly over the first 10% of the steps (slow start, fewer blow-ups)
+    warmup           the lr rises linearly over the first 10% of the steps (fewer blow-ups)
     dropout          dropout 0.2 in attention, feed-forward and embeddings (against overfitting)
     label_smoothing  targets 0.9 / 0.1 spread over the other classes (against over-confidence)
     all              the three together
@@ -45,34 +45,37 @@ VARIANTS = {
 
 @dataclass
 class Config(BaseConfig):
-    """Week 7 self-work: warmup, dropout and label smoothing against slow convergence and overfitting."""
+    """Week 7 self-work: warmup, dropout, label smoothing vs slow convergence and overfitting."""
 
     epochs: Annotated[int, Range(1)] = 8  # passes over the training texts, for each variant
     batch_size: Annotated[int, Range(1)] = 64  # texts per optimizer step
     d_model: Annotated[int, Range(2, 1024)] = 128  # Transformer width
     nhead: Annotated[int, Range(1, 64)] = 4  # attention heads
-    layers: Annotated[int, Range(1, 24)] = 4  # encoder layers (deeper post-LN stacks need warmup more)
-    norm_first: bool = False  # post-LN (the 2017 layout) by default; --norm-first: pre-LN, which tolerates no warmup
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # peak learning rate, the same for every variant
+    layers: Annotated[int, Range(1, 24)] = 4  # encoder layers (deep post-LN needs warmup more)
+    norm_first: bool = False  # post-LN (the 2017 layout); --norm-first: pre-LN, fine without warmup
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # peak LR, the same for every variant
     max_len: Annotated[int, Range(1, 4096)] = 64  # tokens kept per text
     vocab_size: Annotated[int, Range(3)] = 30_000  # vocabulary size (with <pad> and <unk>)
-    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # share of training texts held out
-    train_subset: Annotated[int, Range(0)] = 10_000  # training texts used (0: all): few texts make overfitting show
+    val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.1  # share of training held out
+    train_subset: Annotated[int, Range(0)] = 10_000  # texts used (0: all): few let overfitting show
 
-    SMOKE: ClassVar[dict] = {"epochs": 3, "batch_size": 32, "d_model": 32, "nhead": 2, "layers": 1, "lr": 5e-3,
-                             "max_len": 24, "vocab_size": 400}
+    SMOKE: ClassVar[dict] = {"epochs": 3, "batch_size": 32, "d_model": 32, "nhead": 2, "layers": 1,
+                             "lr": 5e-3, "max_len": 24, "vocab_size": 400}
 
     def check(self) -> None:
         if self.d_model % self.nhead or self.d_model % 2:
-            raise ConfigError(f"--d-model {self.d_model} must be even and divisible by --nhead {self.nhead}")
+            raise ConfigError(f"--d-model {self.d_model} must be even and divisible by "
+                              f"--nhead {self.nhead}")
 
 
 def variant_config(cfg: Config, settings: dict) -> part2.Config:
-    return part2.Config(smoke=cfg.smoke, seed=cfg.seed, device=cfg.device, data_dir=cfg.data_dir, out=cfg.out,
-                        epochs=cfg.epochs, batch_size=cfg.batch_size, d_model=cfg.d_model, nhead=cfg.nhead,
-                        layers=cfg.layers, norm_first=cfg.norm_first, lr=cfg.lr, max_len=cfg.max_len,
-                        vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, train_subset=cfg.train_subset,
-                        patience=cfg.epochs, **settings)  # patience = epochs: every epoch runs, the best is kept
+    # patience = epochs: every epoch runs, the best is kept
+    return part2.Config(smoke=cfg.smoke, seed=cfg.seed, device=cfg.device, data_dir=cfg.data_dir,
+                        out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                        d_model=cfg.d_model, nhead=cfg.nhead, layers=cfg.layers,
+                        norm_first=cfg.norm_first, lr=cfg.lr, max_len=cfg.max_len,
+                        vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
+                        train_subset=cfg.train_subset, patience=cfg.epochs, **settings)
 
 
 def main(cfg: Config) -> dict:
@@ -81,7 +84,8 @@ def main(cfg: Config) -> dict:
     data = load_ag_news(cfg)
     splits, vocab = encode(variant_config(cfg, VARIANTS["plain"]), data)
     if cfg.batch_size > len(splits.x_train):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(splits.x_train)} training texts")
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the "
+                          f"{len(splits.x_train)} training texts")
     run = Run.start(cfg, __file__, device)
     summaries: dict[str, dict] = {}
     for name, settings in VARIANTS.items():
@@ -94,22 +98,26 @@ def main(cfg: Config) -> dict:
         accs = [r["val_acc"] for r in rows]
         best_acc = max(accs)
         kept = evaluate(model, val)  # plain cross-entropy, whatever loss the variant trained with
-        summaries[name] = {"best_val_acc": best_acc, "kept_val_acc": kept["acc"], "kept_val_ce": kept["loss"],
-                           "epochs_to_95pct": next(i for i, a in enumerate(accs, 1) if a >= 0.95 * best_acc),
+        summaries[name] = {"best_val_acc": best_acc, "kept_val_acc": kept["acc"],
+                           "kept_val_ce": kept["loss"],
+                           "epochs_to_95pct": next(i for i, a in enumerate(accs, 1)
+                                                   if a >= 0.95 * best_acc),
                            "final_train_val_gap": rows[-1]["train_acc"] - rows[-1]["val_acc"],
                            "test_acc": evaluate(model, test)["acc"]}
     for key in ("val_acc", "train_loss"):
-        curves = {v: [(r["epoch"], r[key]) for r in run.rows if r["variant"] == v] for v in VARIANTS}
-        plot_curves(curves, run.path(f"variants_{key}.png"), ylabel=key, title=f"post-LN={not cfg.norm_first}, "
-                    f"lr {cfg.lr:g}, {data.name}")
-    entries = [{"week": run.week, "script": run.script, "dir": v, "summary": s, "config": {"variant": v}}
-               for v, s in summaries.items()]
+        curves = {v: [(r["epoch"], r[key]) for r in run.rows if r["variant"] == v]
+                  for v in VARIANTS}
+        plot_curves(curves, run.path(f"variants_{key}.png"), ylabel=key,
+                    title=f"post-LN={not cfg.norm_first}, lr {cfg.lr:g}, {data.name}")
+    entries = [{"week": run.week, "script": run.script, "dir": v, "summary": s,
+                "config": {"variant": v}} for v, s in summaries.items()]
     table = compare_table(entries, metrics=list(summaries["plain"]))
     run.path("comparison.txt").write_text(table + "\n")
     print(table)
-    best = max(summaries, key=lambda v: summaries[v]["kept_val_acc"])  # on validation, never on test
+    # chosen on validation, never on test
+    best = max(summaries, key=lambda v: summaries[v]["kept_val_acc"])
     return run.finish(**{f"{k}_{v}": x for v, s in summaries.items() for k, x in s.items()},
-                       variants=list(VARIANTS), best_variant=best, data=data.name)
+                      variants=list(VARIANTS), best_variant=best, data=data.name)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ every way of keeping a model, and each copy is checked against the eager model o
 other than the one it was exported with (tolerance: ATOL below), then timed:
 
     state_dict        tensors only; rebuild the class, load the weights (weights_only=True)
-    whole model       torch.save(model) pickles the object: refused by weights_only=True, and rightly:
-                      unpickling runs code (demonstrated with a harmless payload, never executed)
+    whole model       torch.save(model) pickles the object: refused by weights_only=True, and
+                      rightly: unpickling runs code (shown with a harmless payload, never executed)
     checkpoint        model + optimizer + scheduler + epoch (common.checkpoint): training resumes
                       exactly; the weights alone do not (AdamW's moments are lost)
     torch.export      .pt2 file, dynamic batch axis; needs no Python class to load (but unpickles)
@@ -49,19 +49,20 @@ from common.runs import Run
 from week03_cnn.part2 import CNN
 from week10_deploy.export import export_onnx, export_program
 
-ATOL = 1e-4  # largest |difference| from eager accepted: float32 kernels summing in another order, not a bug
+# largest |difference| from eager accepted: float32 kernels summing in another order, not a bug
+ATOL = 1e-4
 
 
 @dataclass
 class Config(BaseConfig):
-    """Week 10, Part 1: state_dict vs pickle, checkpoints, torch.export, ONNX, TorchScript (legacy)."""
+    """Week 10, Part 1: state_dict vs pickle, checkpoints, torch.export, ONNX, old TorchScript."""
 
-    dataset: Literal["mnist", "cifar10"] = "mnist"  # image shape and classes of the model (data: synthetic twin)
-    width: Annotated[int, Range(1, 512)] = 32  # channels of the CNN's first block (Week 3's default)
-    train_steps: Annotated[int, Range(1)] = 20  # optimizer steps before saving (BN statistics, AdamW moments)
-    export_batch: Annotated[int, Range(2)] = 8  # batch size of the example input given to the exporters
+    dataset: Literal["mnist", "cifar10"] = "mnist"  # image shape and classes (data: synthetic twin)
+    width: Annotated[int, Range(1, 512)] = 32  # channels of the CNN's first block (Week 3's: 32)
+    train_steps: Annotated[int, Range(1)] = 20  # steps before saving (BN statistics, AdamW moments)
+    export_batch: Annotated[int, Range(2)] = 8  # batch size of the example input for the exporters
     check_batches: tuple[int, ...] = (1, 5, 64)  # batch sizes the copies are compared with eager at
-    repeats: Annotated[int, Range(1)] = 100  # timed calls per copy and batch size (the median is reported)
+    repeats: Annotated[int, Range(1)] = 100  # timed calls per copy and batch size (median reported)
 
     SMOKE: ClassVar[dict] = {"width": 8, "train_steps": 6, "check_batches": (1, 5), "repeats": 10}
     UNUSED: ClassVar[tuple] = ("device", "data_dir")  # CPU inference on the synthetic twin
@@ -95,7 +96,7 @@ def median_ms(call, x, repeats: int) -> float:
 
 # ---- A model in a realistic state: trained a little, so BN statistics and AdamW moments exist ----
 def trained_model(cfg: Config):
-    data = load(cfg.dataset, smoke=True, seed=cfg.seed)  # the twin: Part 1 is about files, not accuracy
+    data = load(cfg.dataset, smoke=True, seed=cfg.seed)  # twin: Part 1 is about files, not accuracy
     model = CNN(data.x_train.shape[1], data.num_classes, (cfg.width, 2 * cfg.width, 4 * cfg.width),
                 batch_norm=True, dropout=0.2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -131,32 +132,37 @@ class RunsCodeWhenUnpickled:
 
 def state_dict_round_trip(model: nn.Module, make: callable, x: torch.Tensor, folder: Path) -> dict:
     torch.save(model.state_dict(), folder / "weights.pt")  # tensors in a dict: nothing to execute
-    fresh = make()  # the code defines the architecture ...
-    fresh.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))  # ... the file only holds numbers
+    fresh = make()  # the code defines the architecture, the file only holds numbers
+    fresh.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
     fresh.eval()
     with torch.inference_mode():
         diff = max_diff(fresh(x), model(x))
-    torch.save(model, folder / "whole_model.pt")  # pickles the object: needs week03_cnn.part2.CNN to load
-    torch.save({"weights": model.state_dict(), "surprise": RunsCodeWhenUnpickled()}, folder / "malicious.pt")
+    torch.save(model, folder / "whole_model.pt")  # a pickle: loading needs week03_cnn.part2.CNN
+    torch.save({"weights": model.state_dict(), "surprise": RunsCodeWhenUnpickled()},
+               folder / "malicious.pt")
     refused = {}
     for name in ("whole_model.pt", "malicious.pt"):
         try:
             torch.load(folder / name, weights_only=True)  # the default since PyTorch 2.6
             refused[name] = False
-        except Exception as e:  # pickle.UnpicklingError: "Weights only load failed ... Unsupported global"
+        except Exception as e:
+            # pickle.UnpicklingError: "Weights only load failed ... Unsupported global"
             refused[name] = True
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            why = f"it would call or build {found.group(1)}" if found else str(e).splitlines()[0][:90]
+            why = (f"it would call or build {found.group(1)}" if found
+                   else str(e).splitlines()[0][:90])
             print(f"  torch.load({name}, weights_only=True) refused it: {why}")
-    # We never call torch.load(..., weights_only=False) on these: on a file from elsewhere that is
-    # running the stranger's code. Only for files you made yourself, and a state_dict needs none of it.
+    # We never call torch.load(..., weights_only=False) on these: on a file from elsewhere that
+    # is running the stranger's code. Only for your own files; a state_dict needs none of it.
     return {"state_dict_max_abs_diff": diff, "pickled_model_refused": refused["whole_model.pt"],
             "malicious_refused": refused["malicious.pt"]}
 
 
 # ---- 2. A full training checkpoint: resume exactly ----
-def checkpoint_round_trip(model, optimizer, scheduler, make, batches, folder: Path, x: torch.Tensor) -> dict:
-    path = save_checkpoint(folder / "checkpoint.pt", model, optimizer, scheduler, epoch=1, script="week10/part1")
+def checkpoint_round_trip(model, optimizer, scheduler, make, batches, folder: Path,
+                          x: torch.Tensor) -> dict:
+    path = save_checkpoint(folder / "checkpoint.pt", model, optimizer, scheduler, epoch=1,
+                           script="week10/part1")
     resumed = make()
     resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=2e-3)
     resumed_sched = torch.optim.lr_scheduler.StepLR(resumed_opt, step_size=5, gamma=0.5)
@@ -202,7 +208,8 @@ def dynamic_graph_pitfall(folder: Path) -> dict:
           f"(its only hint, a TracerWarning: {trace_warned})")
     torch_log = logging.getLogger("torch")
     level = torch_log.level
-    torch_log.setLevel(logging.CRITICAL)  # the exporter also prints the partial graph; its error says enough
+    # the exporter also prints the partial graph; its error says enough
+    torch_log.setLevel(logging.CRITICAL)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             export_program(model, positive, folder / "branchy.pt2")
@@ -217,16 +224,19 @@ def dynamic_graph_pitfall(folder: Path) -> dict:
 
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
-    torch.set_num_threads(torch.get_num_threads())  # as configured (OMP_NUM_THREADS); stated in the summary
+    # as configured (OMP_NUM_THREADS); stated in the summary
+    torch.set_num_threads(torch.get_num_threads())
     run = Run.start(cfg, __file__, torch.device("cpu"))
     folder = run.path("files")
     folder.mkdir()
     model, optimizer, scheduler, data, batches = trained_model(cfg)
-    make = lambda: CNN(model.features[0].in_channels, data.num_classes, (cfg.width, 2 * cfg.width, 4 * cfg.width),
+    widths = (cfg.width, 2 * cfg.width, 4 * cfg.width)
+    make = lambda: CNN(model.features[0].in_channels, data.num_classes, widths,
                        batch_norm=True, dropout=0.2)
     c, h, w = data.x_train.shape[1:]
     normalize = normalizer(data.mean, data.std)
-    inputs = {b: normalize(data.x_test[torch.arange(b) % len(data.x_test)]) for b in cfg.check_batches}
+    inputs = {b: normalize(data.x_test[torch.arange(b) % len(data.x_test)])
+              for b in cfg.check_batches}
     x = inputs[max(cfg.check_batches)]
 
     print("1. state_dict vs pickling the whole model")
@@ -234,15 +244,18 @@ def main(cfg: Config) -> dict:
     results = state_dict_round_trip(model, make, x, folder)
     with torch.inference_mode():  # the pitfall before any export: forgetting model.eval()
         results["train_mode_diff"] = max_diff(model.train()(x), model.eval()(x))
-    print(f"  eval() vs train() outputs differ by up to {results['train_mode_diff']:.3g} (Dropout, BN batch stats)")
+    print(f"  eval() vs train() outputs differ by up to {results['train_mode_diff']:.3g} "
+          "(Dropout, BN batch stats)")
 
     print("2. a full training checkpoint (common.checkpoint) and an exact resume")
     results.update(checkpoint_round_trip(model, optimizer, scheduler, make, batches, folder, x))
-    print(f"  3 more steps after loading: checkpoint {results['checkpoint_max_abs_diff']:.3g} from the "
-          f"uninterrupted model, weights alone {results['weights_only_resume_diff']:.3g}")
+    print(f"  3 more steps after loading: checkpoint {results['checkpoint_max_abs_diff']:.3g} "
+          f"from the uninterrupted model, weights alone "
+          f"{results['weights_only_resume_diff']:.3g}")
     model.eval()
 
-    print(f"3. exports with an example batch of {cfg.export_batch}, checked at batches {list(cfg.check_batches)}")
+    print(f"3. exports with an example batch of {cfg.export_batch}, "
+          f"checked at batches {list(cfg.check_batches)}")
     example = normalize(data.x_test[: cfg.export_batch])
     export_program(model, example, folder / "model.pt2")
     program = torch.export.load(folder / "model.pt2").module()
@@ -252,21 +265,23 @@ def main(cfg: Config) -> dict:
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_input = session.get_inputs()[0]
     print(f"  ONNX input {onnx_input.name}: {onnx_input.shape} (the batch axis is a symbol)")
-    with warnings.catch_warnings(record=True) as caught:  # the legacy path, and what PyTorch says of it
+    # the legacy path, and what PyTorch says of it
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         scripted = torch.jit.trace(model, example)
         buffer = io.BytesIO()
         torch.jit.save(scripted, buffer)
         buffer.seek(0)
         scripted = torch.jit.load(buffer)
-    deprecations = list(dict.fromkeys(str(w.message) for w in caught if "deprecated" in str(w.message)))
+    deprecations = list(dict.fromkeys(str(w.message) for w in caught
+                                      if "deprecated" in str(w.message)))
     for message in deprecations:
         if "trace_method" not in message:
             print(f"  TorchScript: {message}")
     results["torchscript_deprecated"] = bool(deprecations)
 
-    copies = {"eager": model, "pt2": program, "torchscript": scripted,
-              "onnx": lambda t: torch.from_numpy(session.run(None, {onnx_input.name: t.numpy()})[0])}
+    run_onnx = lambda t: torch.from_numpy(session.run(None, {onnx_input.name: t.numpy()})[0])
+    copies = {"eager": model, "pt2": program, "torchscript": scripted, "onnx": run_onnx}
     with torch.inference_mode():
         for name, call in copies.items():
             diffs = [max_diff(call(inputs[b]), model(inputs[b])) for b in cfg.check_batches]
@@ -278,10 +293,13 @@ def main(cfg: Config) -> dict:
                 ms = median_ms(call, inputs[b], cfg.repeats)
                 run.log(form=name, batch=b, max_abs_diff=diff, median_ms=ms)
                 results[f"{name}_ms_batch{b}"] = ms
+    eager_ms = results["eager_ms_batch1"]
     for name in ("pt2", "onnx", "torchscript"):
-        results[f"{name}_speedup_batch1"] = results["eager_ms_batch1"] / results[f"{name}_ms_batch1"]
-    print("  median ms at batch 1: " + ", ".join(f"{n} {results[f'{n}_ms_batch1']:.3f}" for n in copies)
-          + f"  (ONNX Runtime {results['onnx_speedup_batch1']:.2f}x eager; {torch.get_num_threads()} threads)")
+        results[f"{name}_speedup_batch1"] = eager_ms / results[f"{name}_ms_batch1"]
+    print("  median ms at batch 1: "
+          + ", ".join(f"{n} {results[f'{n}_ms_batch1']:.3f}" for n in copies)
+          + f"  (ONNX Runtime {results['onnx_speedup_batch1']:.2f}x eager; "
+          f"{torch.get_num_threads()} threads)")
 
     print("4. dynamic graphs")
     results.update(dynamic_graph_pitfall(folder))

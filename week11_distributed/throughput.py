@@ -1,5 +1,5 @@
-"""Week 11: a throughput sweep: images per second of Part 2's training step for every batch size x
-DataLoader workers x mixed precision, plotted, with the best setting named.
+"""Week 11: a throughput sweep: images per second of Part 2's training step for every
+batch size x DataLoader workers x mixed precision, plotted, with the best setting named.
 
 Things to look for: bigger batches amortize the per-step overheads (Python, optimizer, kernel
 launches) until the compute units are full; worker processes help only when loading is the
@@ -8,7 +8,7 @@ training); bf16 autocast pays where the hardware computes in bf16 (recent GPUs, 
 AVX512-BF16/AMX) and costs where it is emulated. Timing is wall time after warm-up steps.
 
 Run: python week11_distributed/throughput.py [--smoke] [--help]
-     python week11_distributed/throughput.py --data-dir DATA --batch-sizes 32 128 512 --workers 0 1 2
+     python week11_distributed/throughput.py --data-dir DATA --batch-sizes 32 512 --workers 0 1 2
 """
 
 from __future__ import annotations
@@ -41,32 +41,38 @@ class Config(BaseConfig):
     amp: bool = True  # also measure bf16 autocast, where the device computes bf16 natively
     width: Annotated[int, Range(1, 512)] = 16  # channels of the first conv block (Part 2's CNN)
     blocks: Annotated[int, Range(1, 4)] = 3  # conv blocks
-    warmup_steps: Annotated[int, Range(0)] = 3  # untimed steps first (worker start-up, first-call costs)
+    warmup_steps: Annotated[int, Range(0)] = 3  # untimed steps first (worker start-up, first calls)
     steps: Annotated[int, Range(1)] = 20  # timed steps per setting
 
-    SMOKE: ClassVar[dict] = {"batch_sizes": (16, 32), "workers": (0, 1), "width": 8, "warmup_steps": 1, "steps": 3}
+    SMOKE: ClassVar[dict] = {"batch_sizes": (16, 32), "workers": (0, 1), "width": 8,
+                             "warmup_steps": 1, "steps": 3}
 
     def check(self) -> None:
-        for name, values, lo, hi in (("batch-sizes", self.batch_sizes, 1, 1 << 20), ("workers", self.workers, 0, 64)):
+        for name, values, lo, hi in (("batch-sizes", self.batch_sizes, 1, 1 << 20),
+                                     ("workers", self.workers, 0, 64)):
             if not values or any(not lo <= v <= hi for v in values):
-                raise ConfigError(f"--{name}: give one or more values in [{lo}, {hi}], got {list(values)}")
+                raise ConfigError(f"--{name}: give one or more values in [{lo}, {hi}], "
+                                  f"got {list(values)}")
 
 
 def precisions(device: torch.device, amp: bool) -> list[str]:
     """fp32 always; bf16 where it is computed natively (emulated bf16 is slower than fp32)."""
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu" and cpu_has_native_bf16()
+    native = (device.type == "cuda" and torch.cuda.is_bf16_supported()
+              or device.type == "cpu" and cpu_has_native_bf16())
     return ["fp32", "bf16"] if amp and native else ["fp32"]
 
 
-def measure(data, device: torch.device, batch_size: int, workers: int, precision: str, cfg: Config) -> float:
+def measure(data, device: torch.device, batch_size: int, workers: int, precision: str,
+            cfg: Config) -> float:
     """Images per second of ``steps`` training steps, after ``warmup_steps``."""
     seed_everything(cfg.seed)
     dataset = Images(data.x_train, data.y_train, data.mean[0], data.std[0])
     loader = make_loader(dataset, batch_size, DistInfo(device=device), cfg.seed, "batched", workers)
-    model = prepare_model(CNN(1, data.num_classes, tuple(cfg.width * 2**i for i in range(cfg.blocks))), device)
+    widths = tuple(cfg.width * 2**i for i in range(cfg.blocks))
+    model = prepare_model(CNN(1, data.num_classes, widths), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = iter(loader)
-    cpu_bf16 = precision == "bf16" and device.type == "cpu"  # on CUDA, train_step autocasts by itself
+    cpu_bf16 = precision == "bf16" and device.type == "cpu"  # on CUDA train_step autocasts itself
     for _ in range(cfg.warmup_steps):
         train_step(model, batches, optimizer, None, 1, device, cpu_bf16)
     if device.type == "cuda":
@@ -86,8 +92,9 @@ def main(cfg: Config) -> dict:
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     most = max(cfg.batch_sizes) * (cfg.warmup_steps + cfg.steps)
     if most > len(data.x_train):
-        raise LabError(f"batch size {max(cfg.batch_sizes)} x {cfg.warmup_steps + cfg.steps} steps needs {most} "
-                       f"images in one epoch; {data.name} has {len(data.x_train)}: fewer --steps or smaller batches")
+        raise LabError(f"batch size {max(cfg.batch_sizes)} x {cfg.warmup_steps + cfg.steps} "
+                       f"steps needs {most} images in one epoch; {data.name} has "
+                       f"{len(data.x_train)}: fewer --steps or smaller batches")
     run = Run.start(cfg, __file__, device)
     kinds = precisions(device, cfg.amp)
     if cfg.amp and kinds == ["fp32"]:
@@ -100,17 +107,20 @@ def main(cfg: Config) -> dict:
             for batch_size in cfg.batch_sizes:
                 rate = measure(data, device, batch_size, workers, precision, cfg)
                 print(f"{label:>18s}  batch {batch_size:5d}: {rate:9,.0f} images/s")
-                run.log(precision=precision, workers=workers, batch_size=batch_size, images_per_s=round(rate, 1))
+                run.log(precision=precision, workers=workers, batch_size=batch_size,
+                        images_per_s=round(rate, 1))
                 curves.setdefault(label, []).append((batch_size, rate))
                 results.append((rate, precision, workers, batch_size))
-    plot_curves(curves, run.path("throughput.png"), xlabel="batch size", ylabel="training images per second",
+    plot_curves(curves, run.path("throughput.png"), xlabel="batch size",
+                ylabel="training images per second",
                 title=f"{data.name}, {device.type}, {torch.get_num_threads()} thread(s)")
     best, worst = max(results), min(results)
     print(f"best: {best[0]:,.0f} images/s with {best[1]}, {best[2]} workers, batch {best[3]} "
           f"({best[0] / worst[0]:.1f}x the slowest setting)")
-    return run.finish(best_images_per_s=round(best[0], 1), best_precision=best[1], best_workers=best[2],
-                       best_batch_size=best[3], slowest_images_per_s=round(worst[0], 1), settings=len(results),
-                       precisions=kinds)
+    return run.finish(best_images_per_s=round(best[0], 1), best_precision=best[1],
+                      best_workers=best[2], best_batch_size=best[3],
+                      slowest_images_per_s=round(worst[0], 1), settings=len(results),
+                      precisions=kinds)
 
 
 if __name__ == "__main__":

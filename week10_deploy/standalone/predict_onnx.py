@@ -24,12 +24,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 BUNDLE_FORMAT = "dl-labs-bundle/1"
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
-MAX_PIXELS = 4096 * 4096  # width x height above which an image is refused (a decompression bomb guard)
+MAX_PIXELS = 4096 * 4096  # width x height above which an image is refused (decompression bombs)
 
 
 class BadInput(ValueError):
     """An input the model cannot take, with the HTTP status the service answers it with:
-    400 unreadable, 413 too large, 415 wrong content type, 422 readable but wrong shape/type/values."""
+    400 unreadable, 413 too large, 415 wrong content type, 422 readable but wrong
+    shape/type/values."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -66,7 +67,8 @@ def prepare_image(image: Image.Image, shape: tuple[int, int, int]) -> np.ndarray
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy()
 
 
-def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, shape: tuple[int, int, int],
+                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes (PNG, JPEG, GIF, BMP, WebP, TIFF...) -> (C, H, W) float32 in [0, 1].
 
     Pillow reads only the header on ``open``: the size is checked before any pixel is decoded,
@@ -76,19 +78,22 @@ def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int = MAX
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise BadInput(400, "the upload is not an image Pillow can read (send a PNG, JPEG, GIF, BMP or WebP)") from None
+        raise BadInput(400, "the upload is not an image Pillow can read "
+                            "(send a PNG, JPEG, GIF, BMP or WebP)") from None
     except Image.DecompressionBombError:
-        raise BadInput(413, f"the image has too many pixels (the limit is {max_pixels:,})") from None
+        raise BadInput(413, f"the image has too many pixels "
+                            f"(the limit is {max_pixels:,})") from None
     except Exception as e:  # a header that lies in other ways
         raise BadInput(400, f"the image cannot be read ({type(e).__name__}: {e})") from None
     if image.width * image.height > max_pixels:
-        raise BadInput(413, f"the image is {image.width}x{image.height} = {image.width * image.height:,} pixels; "
-                            f"the limit is {max_pixels:,}")
+        raise BadInput(413, f"the image is {image.width}x{image.height} = "
+                            f"{image.width * image.height:,} pixels; the limit is {max_pixels:,}")
     try:
         image.load()  # decode now: a truncated file fails here ("image file is truncated")
         return prepare_image(image, shape)
     except Exception as e:
-        raise BadInput(400, f"the image is damaged or cut short ({type(e).__name__}: {e})") from None
+        raise BadInput(400, f"the image is damaged or cut short "
+                            f"({type(e).__name__}: {e})") from None
 
 
 def pixels_from_json(value, shape: tuple[int, int, int], batch: bool) -> np.ndarray:
@@ -98,7 +103,8 @@ def pixels_from_json(value, shape: tuple[int, int, int], batch: bool) -> np.ndar
     try:
         array = np.array(value)
     except (ValueError, TypeError):
-        raise BadInput(422, "'pixels' is ragged or not a nested list of numbers (rows of equal length)") from None
+        raise BadInput(422, "'pixels' is ragged or not a nested list of numbers "
+                            "(rows of equal length)") from None
     if array.dtype.kind not in "iuf":
         ragged = "ragged (rows of unequal length) or not all numbers"
         what = ragged if array.dtype.kind == "O" else f"not numbers ({array.dtype})"
@@ -108,12 +114,14 @@ def pixels_from_json(value, shape: tuple[int, int, int], batch: bool) -> np.ndar
     shapes = [(len(array),) + s for s in expected] if batch and array.ndim else expected
     if tuple(array.shape) not in shapes:
         wanted = " or ".join(str(list(s)) for s in expected)
-        raise BadInput(422, f"'pixels' has shape {list(array.shape)}; expected {'a list of ' if batch else ''}{wanted}")
+        raise BadInput(422, f"'pixels' has shape {list(array.shape)}; "
+                            f"expected {'a list of ' if batch else ''}{wanted}")
     array = array.astype(np.float32).reshape((-1, *one))
     if batch and len(array) == 0:
         raise BadInput(422, "'pixels' holds no images")
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-        raise BadInput(422, "'pixels' values must be finite and in [0, 1] (divide 0..255 values by 255)")
+        raise BadInput(422, "'pixels' values must be finite and in [0, 1] "
+                            "(divide 0..255 values by 255)")
     return array
 
 
@@ -195,7 +203,8 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, H, W) float32 in [0, 1] -> (N, classes) logits. Thread-safe (ONNX Runtime's
         ``run`` may be called from several threads on one session)."""
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+        return self.session.run([OUTPUT_NAME], feed)[0]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.logits(batch).astype(np.float64))
@@ -209,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     under "errors" with --json) beside the others' answers, and the exit status is then 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", help="bundle folder (model.onnx + metadata.json)")
-    parser.add_argument("images", nargs="+", help="image files (any size or mode: converted like the service does)")
-    parser.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("images", nargs="+",
+                        help="image files (any size or mode: converted like the service does)")
+    parser.add_argument("--top-k", type=int, default=3,
+                        help="classes to show per image (default 3)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
