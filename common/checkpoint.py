@@ -72,8 +72,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _plain(value: Any) -> Any:
     """Reduce to types that ``weights_only=True`` loading accepts (dict/list/str/numbers)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, dict):  # int keys stay ints: an optimizer's state_dict is keyed by them
+        return {k if isinstance(k, int) else str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, (str, int, float, bool, type(None), torch.Tensor)):

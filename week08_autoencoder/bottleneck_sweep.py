@@ -5,6 +5,9 @@ of the code changes), each against PCA with as many components: the test MSE per
 (pixels in [0, 1], the same test images for all) against the code size, and the same test
 images rebuilt by each.
 
+A sweep has no --resume (it keeps no checkpoints): after Ctrl-C it says which sizes finished
+(their metrics rows are in the run folder's metrics.csv) and which to run again.
+
 Run: python week08_autoencoder/bottleneck_sweep.py [--smoke] [--help]
      python week08_autoencoder/bottleneck_sweep.py --bottlenecks 2 4 8 16 32 64 --arch conv
 """
@@ -20,21 +23,22 @@ import numpy as np
 
 from common.config import Range
 from common.device import pick_device, seed_everything
-from common.errors import ConfigError
+from common.errors import ConfigError, Interrupted
 from common.plots import save
-from common.runner import launch
+from common.runner import interruption, launch
 from common.runs import Run
 from week08_autoencoder import part1, part2
+from week08_autoencoder.plots import reconstruction_figure
 
 
 @dataclass
 class Config(part2.Settings):
     """Week 8 self-work: one autoencoder per bottleneck size, each against PCA at that size."""
 
-    bottlenecks: Annotated[tuple[int, ...], Range(1, 784)] = (2, 8, 32, 64)  # code sizes to train, one model each
+    bottlenecks: Annotated[tuple[int, ...], Range(1, 784)] = (2, 8, 32, 64)  # one model per size
 
-    SMOKE: ClassVar[dict] = {"epochs": 8, "batch_size": 32, "hidden": (128,), "channels": (8, 16), "lr": 1e-2,
-                             "bottlenecks": (2, 16)}
+    SMOKE: ClassVar[dict] = {"epochs": 8, "batch_size": 32, "hidden": (128,), "channels": (8, 16),
+                             "lr": 1e-2, "bottlenecks": (4, 16)}
     UNUSED: ClassVar[tuple] = ("bottleneck",)  # one per model: --bottlenecks
 
     def check(self) -> None:
@@ -43,7 +47,8 @@ class Config(part2.Settings):
             raise ConfigError("--bottlenecks needs at least one size, e.g. --bottlenecks 2 8 32")
 
 
-def plot_sweep(sizes: list[int], ae: list[float], pca: list[float], mean_mse: float, path, title: str):
+def plot_sweep(sizes: list[int], ae: list[float], pca: list[float], mean_mse: float, path,
+               title: str):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(sizes, ae, marker="o", label="autoencoder")
     ax.plot(sizes, pca, marker="s", label="PCA, same number of components")
@@ -57,6 +62,24 @@ def plot_sweep(sizes: list[int], ae: list[float], pca: list[float], mean_mse: fl
     return save(fig, path)
 
 
+def sweep_interrupted(e: KeyboardInterrupt, size: int, sizes: list[int], run: Run) -> Interrupted:
+    """Ctrl-C / SIGTERM during the sweep: there is no --resume here, so say plainly what was
+    kept (the metrics rows of the sizes trained so far) and which sizes are left to run."""
+    what, code = interruption(e)
+    done = sizes[:sizes.index(size)]
+    epochs = sum(r.get("bottleneck") == size for r in run.rows)
+    kept = [f"bottlenecks {' '.join(map(str, done))} (finished)"] if done else []
+    kept += [f"{epochs} epoch(s) of bottleneck {size}"] if epochs else []
+    where = (f"the metrics of {' and '.join(kept)} are in {run.dir / 'metrics.csv'}" if kept
+             else f"no epoch finished (run folder {run.dir})")
+    left = " ".join(map(str, sizes[len(done):]))
+    stopped = Interrupted(f"{what} while training bottleneck {size}; a sweep keeps no checkpoints "
+                          f"and has no --resume: {where}. To finish, run the sizes left: "
+                          f"--bottlenecks {left}")
+    stopped.exit_code = code  # 130 for Ctrl-C, 143 for SIGTERM
+    return stopped
+
+
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -64,7 +87,8 @@ def main(cfg: Config) -> dict:
     train, val, test = part2.make_loaders(cfg, data, device)
     run = Run.start(cfg, __file__, device)
     x_test = part2.pixels(data.x_test)
-    pca = part1.pca_eig(part2.pixels(train.x.cpu()))  # fitted once: k components are the first k of any larger fit
+    # Fitted once: the first k components of any larger fit are the k-component PCA.
+    pca = part1.pca_eig(part2.pixels(train.x.cpu()))
     mean_mse = float(np.mean((x_test - pca.mean) ** 2))
     sizes = sorted(set(cfg.bottlenecks))
     shown = data.x_test[:10]
@@ -72,8 +96,12 @@ def main(cfg: Config) -> dict:
     for size in sizes:
         print(f"--- bottleneck {size} ---")
         settings = dataclasses.replace(cfg, bottleneck=size)
-        model, history = part2.train_autoencoder(settings, train, val, device,
-                                                 log=run.sub(f"d{size}", bottleneck=size))
+        try:
+            model = part2.train_autoencoder(settings, train, val, device,
+                                            run.sub(f"d{size}", bottleneck=size), checkpoints=False)
+        except KeyboardInterrupt as e:
+            raise sweep_interrupted(e, size, sizes, run) from None
+        history = [r for r in run.rows if r["bottleneck"] == size]
         ae_mse.append(part2.reconstruction_mse(model, test))
         pca_mse.append(float(np.mean((x_test - pca.reconstruct(x_test, size)) ** 2)))
         print(f"bottleneck {size}: test MSE autoencoder {ae_mse[-1]:.5f}, PCA {pca_mse[-1]:.5f}")
@@ -83,11 +111,13 @@ def main(cfg: Config) -> dict:
                         f"val_loss_d{size}": history[-1]["val_loss"]})
     plot_sweep(sizes, ae_mse, pca_mse, mean_mse, run.path("sweep.png"),
                f"{cfg.arch} autoencoder vs PCA ({data.name}, {len(data.x_test)} test images)")
-    part2.reconstruction_figure(rows, run.path("reconstructions.png"), "the same test images from each code size")
+    reconstruction_figure(rows, run.path("reconstructions.png"),
+                          "the same test images from each code size")
     print(f"{'size':>6} {'autoencoder':>12} {'PCA':>9}")
     for size, a, p in zip(sizes, ae_mse, pca_mse):
         print(f"{size:6d} {a:12.5f} {p:9.5f}")
-    return run.finish(**summary, mean_image_mse=mean_mse, bottlenecks=sizes, arch=cfg.arch, loss=cfg.loss)
+    return run.finish(**summary, mean_image_mse=mean_mse, bottlenecks=sizes, arch=cfg.arch,
+                      loss=cfg.loss)
 
 
 if __name__ == "__main__":

@@ -30,20 +30,21 @@ from week08_autoencoder import part1, part2
 
 @dataclass
 class Config(part2.Settings):
-    """Week 8 self-work: k-means on autoencoder codes, on PCA codes and on raw pixels, scored against labels."""
+    """Week 8 self-work: k-means on autoencoder codes, PCA codes and raw pixels, against labels."""
 
     bottleneck: Annotated[int, Range(1, 784)] = 10  # size of the latent code (and of the PCA code)
     clusters: Annotated[int, Range(2, 100)] = 10  # k of k-means
-    restarts: Annotated[int, Range(1, 100)] = 3  # k-means++ starts per clustering; the lowest inertia is kept
+    restarts: Annotated[int, Range(1, 100)] = 3  # k-means++ starts each; the lowest inertia is kept
     cluster_points: Annotated[int, Range(10)] = 10000  # test images clustered (at most all of them)
 
-    SMOKE: ClassVar[dict] = {"epochs": 8, "batch_size": 32, "hidden": (128,), "channels": (8, 16), "lr": 1e-2,
-                             "restarts": 2}
+    SMOKE: ClassVar[dict] = {"epochs": 8, "batch_size": 32, "hidden": (128,), "channels": (8, 16),
+                             "lr": 1e-2, "restarts": 2}
 
     def check(self) -> None:
         super().check()
         if self.clusters > self.cluster_points:
-            raise ConfigError(f"--clusters {self.clusters} is more than --cluster-points {self.cluster_points}")
+            raise ConfigError(f"--clusters {self.clusters} is more than --cluster-points "
+                              f"{self.cluster_points}")
 
 
 def plot_scores(scores: dict[str, dict[str, float]], path, title: str):
@@ -69,24 +70,28 @@ def main(cfg: Config) -> dict:
     if cfg.clusters > n:
         raise ConfigError(f"--clusters {cfg.clusters} is more than the {n} test images to cluster")
     run = Run.start(cfg, __file__, device)
-    model, _ = part2.train_autoencoder(cfg, train, val, device, log=run)
+    # No checkpoints: this script has no --resume (Ctrl-C says there is nothing to resume).
+    model = part2.train_autoencoder(cfg, train, val, device, run, checkpoints=False)
 
     labels = data.y_test[:n].numpy()
     x = part2.pixels(data.x_test[:n])
-    pca = part1.pca_eig(part2.pixels(train.x.cpu()))  # fitted on the training images, like the autoencoder
-    views = {"pixels": x, "PCA": pca.transform(x, cfg.bottleneck), "latent": part2.encode_all(model, data.x_test[:n],
-                                                                                             device)}
+    pca = part1.pca_eig(part2.pixels(train.x.cpu()))  # fitted on the training images, like the AE
+    views = {"pixels": x, "PCA": pca.transform(x, cfg.bottleneck),
+             "latent": part2.encode_all(model, data.x_test[:n], device)}
     scores, summary = {}, {}
     for name, features in views.items():
         result = part1.best_of_restarts(features, cfg.clusters, cfg.restarts, 300, cfg.seed)
         acc, score = part1.matched_accuracy(labels, result.labels), part1.nmi(labels, result.labels)
         scores[name] = {"accuracy": acc, "NMI": score}
         key = name.lower()
-        summary.update({f"acc_{key}": acc, f"nmi_{key}": score, f"iterations_{key}": result.iterations})
-        print(f"k-means on {name:7s} ({features.shape[1]:4d} numbers per image): accuracy after matching {acc:.3f}, "
-              f"NMI {score:.3f}, {result.iterations} iterations")
-        run.log(representation=name, dims=features.shape[1], accuracy=acc, nmi=score, iterations=result.iterations)
-    plot_scores(scores, run.path("scores.png"), f"k-means (k={cfg.clusters}) on {n} test images of {data.name}")
+        summary.update({f"acc_{key}": acc, f"nmi_{key}": score,
+                        f"iterations_{key}": result.iterations})
+        print(f"k-means on {name:7s} ({features.shape[1]:4d} numbers per image): accuracy after "
+              f"matching {acc:.3f}, NMI {score:.3f}, {result.iterations} iterations")
+        run.log(representation=name, dims=features.shape[1], accuracy=acc, nmi=score,
+                iterations=result.iterations)
+    plot_scores(scores, run.path("scores.png"),
+                f"k-means (k={cfg.clusters}) on {n} test images of {data.name}")
     return run.finish(**summary, clustered=n, bottleneck=cfg.bottleneck, arch=cfg.arch)
 
 

@@ -1,8 +1,8 @@
-"""Week 9, self-work: a learning-rate / Adam beta1 / label-smoothing sweep of the DCGAN, each run scored.
+"""Week 9, self-work: a learning-rate / Adam beta1 / label-smoothing sweep of the DCGAN, scored.
 
 Run: python week09_gan/sweep.py [--smoke] [--help]
-     python week09_gan/sweep.py --data-dir DATA        # DCGAN's recipe, then lr 1e-3, beta1 0.9, smoothing 0.1
-     python week09_gan/sweep.py --data-dir DATA --design grid --lrs 2e-4 1e-3 --beta1s 0.5 0.9   # all 8
+     python week09_gan/sweep.py --data-dir DATA   # DCGAN's, then lr 1e-3, beta1 0.9, smoothing 0.1
+     python week09_gan/sweep.py --data-dir DATA --design grid --lrs 2e-4 1e-3 --beta1s 0.5 0.9
 
 Each setting (``--design around``: the first value of each list, then each other value changed
 alone; ``--design grid``: every combination) trains Part 2's DCGAN from the same initial weights
@@ -38,6 +38,7 @@ from common.plots import save
 from common.runner import launch
 from common.runs import Run, compare_table
 from week09_gan import part2
+from week09_gan.plots import GRID_SIDE, save_grid
 from week09_gan.quality import gan_split, get_scorer
 
 
@@ -46,19 +47,20 @@ class Config(BaseConfig):
     """Week 9, self-work: the DCGAN under several learning rates, beta1s and label smoothings."""
 
     dataset: Literal["mnist", "cifar10"] = "mnist"  # which image data set to imitate
-    lrs: Annotated[tuple[float, ...], Range(0, 1e6, lo_open=True)] = (2e-4, 1e-3)  # Adam learning rates to try
-    beta1s: Annotated[tuple[float, ...], Range(0, 1, hi_open=True)] = (0.5, 0.9)  # Adam beta1 values to try
-    smoothings: Annotated[tuple[float, ...], Range(0, 0.5)] = (0.0, 0.1)  # one-sided label smoothings to try
-    design: Literal["around", "grid"] = "around"  # around: the first values, then each other value alone; grid: all
+    lrs: Annotated[tuple[float, ...], Range(0, 1e6, lo_open=True)] = (2e-4, 1e-3)  # Adam lrs to try
+    beta1s: Annotated[tuple[float, ...], Range(0, 1, hi_open=True)] = (0.5, 0.9)  # Adam beta1s
+    smoothings: Annotated[tuple[float, ...], Range(0, 0.5)] = (0.0, 0.1)  # one-sided smoothings
+    design: Literal["around", "grid"] = "around"  # around: firsts, then each other alone; grid: all
     epochs: Annotated[int, Range(1)] = 2  # epochs of each run
-    train_subset: Annotated[int, Range(0)] = 20_000  # GAN training images per run, drawn at random (0: all)
+    train_subset: Annotated[int, Range(0)] = 20_000  # GAN training images, at random (0: all)
     batch_size: Annotated[int, Range(2)] = 128  # images per step
     latent_dim: Annotated[int, Range(1, 4096)] = 64  # size of the noise vector z
     g_width: Annotated[int, Range(1, 1024)] = 32  # channels of G's last hidden layer
     d_width: Annotated[int, Range(1, 1024)] = 32  # channels of D's first layer
     score_samples: Annotated[int, Range(10)] = 10_000  # images generated per run for the score
-    SMOKE: ClassVar[dict] = {"lrs": (2e-3,), "beta1s": (0.5,), "smoothings": (0.0, 0.1), "epochs": 2,
-                             "batch_size": 32, "latent_dim": 16, "g_width": 16, "d_width": 8, "score_samples": 200}
+    SMOKE: ClassVar[dict] = {"lrs": (2e-3,), "beta1s": (0.5,), "smoothings": (0.0, 0.1),
+                             "epochs": 2, "batch_size": 32, "latent_dim": 16, "g_width": 16,
+                             "d_width": 8, "score_samples": 200}
 
     def check(self) -> None:
         for name in ("lrs", "beta1s", "smoothings"):
@@ -105,43 +107,50 @@ def main(cfg: Config) -> dict:
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     x_train, _, x_val, _ = gan_split(data)
     if cfg.train_subset and cfg.train_subset < len(x_train):
-        x_train = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))
-                          [:cfg.train_subset]]
+        g = torch.Generator().manual_seed(cfg.seed)
+        x_train = x_train[torch.randperm(len(x_train), generator=g)[:cfg.train_subset]]
     if len(x_train) < cfg.batch_size:
-        raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} training images")
+        raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} "
+                       "training images")
     scorer = get_scorer(cfg.dataset, data, cfg.smoke, device)
     run = Run.start(cfg, __file__, device)
     real_val = part2.to_tanh_range(x_val)
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(part2.Config)
               if hasattr(cfg, f.name) and f.name != "resume"}
     summaries, finals = {}, []
-    fixed_z = torch.randn(part2.GRID_SIDE, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    fixed_z = torch.randn(GRID_SIDE, cfg.latent_dim,
+                          generator=torch.Generator().manual_seed(cfg.seed))
     for lr, beta1, smoothing in settings(cfg):
         name = label(lr, beta1, smoothing)
         print(f"\n--- {name} ---")
+        log_every = max(1, min(50, len(x_train) // cfg.batch_size // 4))
         gan_cfg = part2.Config(**{**shared, "lr": lr, "beta1": beta1, "label_smoothing": smoothing,
-                                  "log_every": max(1, min(50, len(x_train) // cfg.batch_size // 4))})
-        log = run.sub(name.replace(" ", "_"), setting=name)
-        summaries[name], gan = part2.train_gan(gan_cfg, data, x_train, real_val, scorer, device, log)
+                                  "log_every": log_every})
+        view = run.sub(name.replace(" ", "_"), setting=name)
+        summaries[name], gan = part2.train_gan(gan_cfg, data, x_train, real_val, scorer, device,
+                                               view)
         finals.append(part2.generate(gan.generator, fixed_z.to(device)))
     plot_scores(summaries, run.path("sweep_fd.png"))
-    part2.save_grid(torch.cat(finals), run.path("sweep_samples.png"), "the same noise through each final generator",
-                    row_labels=list(summaries))
+    save_grid(torch.cat(finals), run.path("sweep_samples.png"),
+              "the same noise through each final generator", row_labels=list(summaries))
     entries = [{"week": run.week, "script": run.script, "dir": name, "summary": s,
                 "config": {"setting": name}} for name, s in summaries.items()]
     table = compare_table(entries, metrics=["fd", "fd_real", "min_class_share", "max_class_share",
-                                            "last_epoch_d_real", "last_epoch_d_fake", "train_time_s"])
+                                            "last_epoch_d_real", "last_epoch_d_fake",
+                                            "train_time_s"])
     run.path("comparison.txt").write_text(table + "\n")
     print(table)
-    best = min(summaries, key=lambda n: summaries[n]["fd"])  # held-out real images, not the test set
+    best = min(summaries, key=lambda n: summaries[n]["fd"])  # held-out real images, not test ones
     print(f"lowest Frechet distance: {best} ({summaries[best]['fd']:.3f}; real vs real "
           f"{summaries[best]['fd_real']:.3f})")
     scores = {f"fd_{name.replace(' ', '_')}": s["fd"] for name, s in summaries.items()}
-    coverage = {f"min_class_share_{name.replace(' ', '_')}": s["min_class_share"] for name, s in summaries.items()}
+    coverage = {f"min_class_share_{name.replace(' ', '_')}": s["min_class_share"]
+                for name, s in summaries.items()}
     first = next(iter(summaries.values()))
-    return run.finish(best=best, runs=len(summaries), **scores, **coverage, fd_real=first["fd_real"],
-                       fd_start=first["fd_start"], classifier_val_acc=scorer.val_acc,
-                       fd_spread=float(np.ptp([s["fd"] for s in summaries.values()])))
+    return run.finish(best=best, runs=len(summaries), **scores, **coverage,
+                      fd_real=first["fd_real"], fd_start=first["fd_start"],
+                      classifier_val_acc=scorer.val_acc,
+                      fd_spread=float(np.ptp([s["fd"] for s in summaries.values()])))
 
 
 if __name__ == "__main__":
