@@ -38,7 +38,8 @@ def mnist_mlp(data_dir: str, device: str, options: dict) -> dict:
     from common.data import load
     from common.device import CpuBFloat16, pick_device
     from common.loader import TensorLoader
-    from week02_mlp.part2 import evaluate, prepare, setup, train_one_epoch
+    from week02_mlp.data import prepare
+    from week02_mlp.part2 import evaluate, setup, train_one_epoch
 
     options, extra = config_options(options, Config, extra_keys=("bf16",))
     bf16 = str(extra.get("bf16", "on"))

@@ -31,6 +31,7 @@ from benchmarks.run import Benchmark, config_options
 from common.data import load
 from common.device import pick_device, prepare_model, seed_everything
 from week12_capstone import part1, part2
+from week12_capstone.build import make_model
 
 
 def epochs_for_budget(cfg: part2.Config, budget_s: float, device: torch.device,
@@ -38,7 +39,7 @@ def epochs_for_budget(cfg: part2.Config, budget_s: float, device: torch.device,
     """Whole epochs of ``cfg``'s model that fit in ``budget_s``: the median of a few timed
     training steps (part1's probe, on random images) scaled to an epoch, +10% for validation."""
     data = load("cifar10", synthetic=True, n_synthetic=64)
-    model = prepare_model(part2.make_model(cfg, data), device, channels_last=cfg.model == "resnet")
+    model = prepare_model(make_model(cfg, data), device, channels_last=cfg.model == "resnet")
     step_s = part1.measured_step_s(model, cfg.batch_size, tuple(data.x_train.shape[1:]), 3, device)
     epoch_s = 1.1 * step_s * (n_train // cfg.batch_size)
     return max(1, min(200, math.floor(budget_s / epoch_s))), epoch_s

@@ -16,7 +16,7 @@ from common.config import parse_config
 from common.errors import DataUnavailable, NonFiniteLoss
 from common.parity import assert_close, torch_reference
 from tests.conftest import run_lab
-from week02_mlp import iris_cv, optimizers, part1, part2, sweep
+from week02_mlp import iris_cv, optimizers, part1, part2, report, sweep
 
 RNG = np.random.default_rng(0)
 
@@ -297,7 +297,7 @@ def test_part2_bad_values_stop_in_parsing(argv, message, capsys):
 def test_worst_mistakes_are_the_confident_wrong_ones():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.99, 0.01]])
     targets = torch.tensor([0, 0, 1, 1])  # rows 1, 2, 3 are wrong, with confidence 0.8, 0.6, 0.99
-    assert part2.worst_mistakes(probs, targets, k=2).tolist() == [3, 1]
+    assert report.worst_mistakes(probs, targets, k=2).tolist() == [3, 1]
 
 
 def test_part2_without_mnist_offline_says_what_to_do(offline):

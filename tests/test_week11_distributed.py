@@ -30,6 +30,7 @@ from common.distributed import DistInfo
 from common.parity import assert_close
 from tests.conftest import ROOT, offline_env, run_lab
 from week11_distributed import part1, part2, profiling, restart
+from week11_distributed.data import Images
 
 REGIONS = ("data", "forward", "backward", "optimizer")
 
@@ -164,7 +165,7 @@ def single_run(tmp_path_factory):
     records the indices of every training batch it loads (Images.__getitem__ gets a list)."""
     tmp = tmp_path_factory.mktemp("single")
     seen: list[torch.Tensor] = []
-    load_batch = part2.Images.__getitem__
+    load_batch = Images.__getitem__
 
     def spy(self, index):
         seen.append(torch.as_tensor(index).clone())
@@ -173,7 +174,7 @@ def single_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for key, value in offline_env(tmp).items():
             patch.setenv(key, value)
-        patch.setattr(part2.Images, "__getitem__", spy)
+        patch.setattr(Images, "__getitem__", spy)
         return lab(tmp, *SINGLE_ARGS), tmp, seen
 
 
@@ -192,7 +193,7 @@ def test_each_rank_sees_its_own_shard_in_a_new_order_every_epoch():
     """train_one_epoch for rank 0 and rank 1 of 2 (no process group needed: a plain model)."""
     seen: dict[tuple[int, int], list[int]] = {}
 
-    class Recorded(part2.Images):
+    class Recorded(Images):
         def __getitem__(self, index):
             seen.setdefault(self.key, []).extend(torch.as_tensor(index).tolist())
             return super().__getitem__(index)

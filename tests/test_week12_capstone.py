@@ -24,7 +24,7 @@ from common.loader import TensorLoader, normalizer
 from common.parity import assert_close
 from tests.conftest import run_lab
 from week04_regularization.best_cnn import SpeedNet
-from week12_capstone import deploy, part1, part2, report, vit
+from week12_capstone import build, deploy, part1, part2, report, vit
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_duplicate_report_finds_copies_within_and_across_splits():
 def test_audit_checks_the_validation_split_part2_trains_with():
     data = load("cifar10", smoke=True)
     cfg = parse_config(part2.Config, ["--smoke"])
-    _, val, _ = part2.make_loaders(cfg, data, DistInfo())
+    _, val, _ = build.make_loaders(cfg, data, DistInfo())
     facts, arrays = part1.audit(data, cfg.val_fraction, cfg.seed)
     assert torch.equal(arrays["y_val"], val.y)
     normalized = normalizer(data.mean, data.std)(arrays["x_val"])

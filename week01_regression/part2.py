@@ -10,7 +10,6 @@ Run: python week01_regression/part2.py [--smoke] [--help]
 from __future__ import annotations
 
 import math
-import platform
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
@@ -25,6 +24,7 @@ from common.loader import TensorLoader
 from common.plots import plot_curves
 from common.runner import launch
 from common.runs import Run
+from week01_regression.introspect import environment, graph_chain
 from week01_regression.part1 import closed_form, load_arrays
 
 
@@ -34,11 +34,9 @@ class Config(BaseConfig):
 
     epochs: Annotated[int, Range(1)] = 100  # passes over the training data for each model
     batch_size: Annotated[int, Range(1)] = 32  # examples per SGD step
-    # Learning rates stop at 1e6: far past any that trains, and below float32's 3.4e38, past which
-    # torch.optim cannot even represent the step (a RuntimeError instead of a diverging loss).
+    # At most 1e6: far past any that trains, far below float32's 3.4e38 (where optim cannot step).
     lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.05  # linear (MSELoss) SGD step size
     logistic_lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.1  # logistic SGD step size
-    # Any point on the axis, negative too; bounded only so that 3x^3 stays a readable number.
     x: Annotated[float, Range(-1e6, 1e6)] = 2.0  # where the polynomial's derivative is taken
     synthetic: bool = False  # use synthetic twins of diabetes and breast_cancer, not the real sets
 
@@ -46,29 +44,7 @@ class Config(BaseConfig):
     UNUSED: ClassVar[tuple] = ('data_dir',)  # bundled with scikit-learn: no --data-dir
 
 
-# ----------------------------------------------------------------------------------------
-# 1. The environment
-# ----------------------------------------------------------------------------------------
-def environment(device: torch.device) -> dict:
-    """What this machine offers PyTorch. Run it first on a new machine: it shows whether the
-    install sees your GPU (a CPU-only wheel reports CUDA available: False even with a GPU)."""
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "device": str(device),
-        "cuda_available": torch.cuda.is_available(),
-        "cuda_version": str(torch.version.cuda),  # the wheel's CUDA ("None": a CPU-only wheel)
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "mps_available": torch.backends.mps.is_available(),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    return info
-
-
-# ----------------------------------------------------------------------------------------
-# 2. Autograd on a polynomial
-# ----------------------------------------------------------------------------------------
+# ---- 2. Autograd on a polynomial (1., the environment: introspect.py) ------------------
 def polynomial(x: torch.Tensor) -> torch.Tensor:
     """f(x) = 3x^3 - 2x^2 + x."""
     return 3 * x**3 - 2 * x**2 + x
@@ -77,30 +53,6 @@ def polynomial(x: torch.Tensor) -> torch.Tensor:
 def polynomial_grad(x: float) -> float:
     """f'(x) = 9x^2 - 4x + 1, by the power rule: the hand-derived answer autograd must match."""
     return 9 * x**2 - 4 * x + 1
-
-
-def graph_chain(fn) -> list[str]:
-    """The names of the backward nodes reachable from ``fn`` (a tensor's ``grad_fn``), depth first.
-
-    Each operation run on a tensor that requires grad adds a node that knows how to pass a
-    gradient back to its inputs (``next_functions``). AccumulateGrad nodes are the leaves: they
-    add the incoming gradient into a leaf tensor's ``.grad``.
-    """
-    names, stack, seen = [], [(fn, 0)], set()
-    while stack:
-        node, depth = stack.pop()
-        if node is None:  # an input that needs no gradient (a constant)
-            continue
-        name = type(node).__name__
-        if hasattr(node, "variable"):  # AccumulateGrad: the leaf tensor whose .grad it fills
-            name += " (adds into the leaf tensor's .grad)"
-        if id(node) in seen:  # several paths lead here (x is used 3 times): no repeated subtree
-            names.append("  " * depth + name + " (same node as above)")
-            continue
-        seen.add(id(node))
-        names.append("  " * depth + name)
-        stack.extend((child, depth + 1) for child, _ in reversed(node.next_functions))
-    return names
 
 
 def autograd_demo(x_value: float) -> dict:
@@ -131,9 +83,7 @@ def autograd_demo(x_value: float) -> dict:
                 poly_grad_accumulated=accumulated)
 
 
-# ----------------------------------------------------------------------------------------
-# 3. Manual gradients vs autograd on the linear model
-# ----------------------------------------------------------------------------------------
+# ---- 3. Manual gradients vs autograd on the linear model -------------------------------
 def manual_mse_grads(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Part 1's formulas in torch: r = X w + b - y, dL/dw = (2/n) X^T r, dL/db = (2/n) sum r."""
@@ -151,9 +101,7 @@ def autograd_mse_grads(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: tor
     return w.grad, b.grad
 
 
-# ----------------------------------------------------------------------------------------
-# 4. and 5. The two models, PyTorch style
-# ----------------------------------------------------------------------------------------
+# ---- 4. and 5. The two models, PyTorch style -------------------------------------------
 def train(model: nn.Module, loader: TensorLoader, loss_fn: nn.Module,
           optimizer: torch.optim.Optimizer, epochs: int, evaluate) -> list[dict]:
     """The loop every PyTorch training script has. ``evaluate()`` returns a dict of test metrics."""
@@ -180,13 +128,11 @@ def train(model: nn.Module, loader: TensorLoader, loss_fn: nn.Module,
 def bce_stability_demo() -> dict:
     """Why BCEWithLogitsLoss(z, y) and not BCELoss(sigmoid(z), y).
 
-    For a confident wrong answer, z = 40 and y = 0, the true loss is log(1 + e^40) ~ 40. In
-    float32, sigmoid(40) rounds to exactly 1.0, so BCELoss must take log(1 - 1) = log(0):
-    PyTorch clamps it to -100 and the gradient through the rounded sigmoid is 0, so the model
-    stops learning from its worst mistakes. BCEWithLogitsLoss computes max(z, 0) - z y +
-    log(1 + e^-|z|) (the log-sum-exp trick) straight from z: exact, and its gradient
-    sigmoid(z) - y stays informative.
-    """
+    A confident wrong answer, z = 40 and y = 0, has loss log(1 + e^40) ~ 40. In float32
+    sigmoid(40) is exactly 1.0, so BCELoss takes log(1 - 1) = log(0): clamped to -100, with a
+    gradient of 0 through the rounded sigmoid: no learning from the worst mistakes.
+    BCEWithLogitsLoss computes max(z, 0) - z y + log(1 + e^-|z|) (log-sum-exp) from z: exact,
+    with the informative gradient sigmoid(z) - y."""
     z = torch.tensor([40.0, -120.0], requires_grad=True)
     y = torch.tensor([0.0, 1.0])
     with_logits = nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
@@ -227,10 +173,10 @@ def main(cfg: Config) -> dict:
     print(f"  dL/dw[:3] by hand {manual_w[:3].tolist()}\n  autograd {auto_w[:3].tolist()}")
     print(f"  max |difference| over all weights and the bias: {grad_diff:.1e}")
 
-    print(f"\n== 4. linear regression on {reg.name}: nn.Linear + MSELoss + optim.SGD")
-    # float32 tensors on the chosen device; targets shaped (n, 1) like the model's output.
-    def tensors(*arrays):
+    def tensors(*arrays):  # float32 on the device; targets (n, 1) like the model's output
         return [torch.as_tensor(a, dtype=torch.float32, device=device) for a in arrays]
+
+    print(f"\n== 4. linear regression on {reg.name}: nn.Linear + MSELoss + optim.SGD")
 
     x_tr, y_tr, x_te, y_te = tensors(reg.x_train, reg.y_train[:, None],
                                      reg.x_test, reg.y_test[:, None])
@@ -248,9 +194,8 @@ def main(cfg: Config) -> dict:
     w_exact, b_exact = closed_form(reg.x_train, reg.y_train)
     exact_test_mse = float(np.mean((reg.x_test @ w_exact + b_exact - reg.y_test) ** 2))
     print(f"  after {cfg.epochs} epochs: train MSE {linear_history[-1]['train_loss']:.1f}, "
-          f"test MSE {linear_history[-1]['test_mse']:.1f} (closed form from Part 1: "
-          f"{exact_test_mse:.1f}; minibatch SGD with a constant step keeps jittering around "
-          "the minimum)")
+          f"test MSE {linear_history[-1]['test_mse']:.1f} (Part 1's closed form: "
+          f"{exact_test_mse:.1f}; SGD with a constant step jitters around the minimum)")
 
     print(f"\n== 5. logistic regression on {clf.name}: nn.Linear + BCEWithLogitsLoss + optim.SGD")
     stability = bce_stability_demo()

@@ -25,6 +25,8 @@ from common.plots import plt, save
 from common.runner import launch
 from common.runs import Run
 from week02_mlp import part2
+from week02_mlp.data import Splits
+from week02_mlp.quiet import train_quietly
 
 
 @dataclass
@@ -74,9 +76,9 @@ def held_out_accuracy(model_cfg: part2.Config, x_tr, y_tr, x_te, y_te, classes: 
     with the training rows' mean and std only: the test rows stay unseen."""
     mean, std = x_tr.mean(dim=0), x_tr.std(dim=0).clamp_min(1e-6)
     scale = lambda x: (x - mean) / std  # noqa: E731
-    sets = part2.Splits(scale(x_tr), y_tr, x_tr[:0], y_tr[:0], scale(x_te), y_te, classes,
-                        is_image=False)
-    model, _ = part2.train_quietly(model_cfg, sets, device)
+    sets = Splits(scale(x_tr), y_tr, x_tr[:0], y_tr[:0], scale(x_te), y_te, classes,
+                  is_image=False)
+    model, _ = train_quietly(model_cfg, sets, device)
     return part2.evaluate(model, TensorLoader(sets.x_test, sets.y_test, 256, device=device))["acc"]
 
 

@@ -25,6 +25,8 @@ from common.plots import plot_curves
 from common.runner import launch
 from common.runs import Run
 from week02_mlp import part2
+from week02_mlp.data import prepare
+from week02_mlp.quiet import train_quietly
 
 
 @dataclass
@@ -49,7 +51,7 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    sets = part2.prepare(data, cfg.val_fraction, cfg.seed)
+    sets = prepare(data, cfg.val_fraction, cfg.seed)
     if len(sets.x_val) < 10:  # the curves compare validation accuracy
         raise ConfigError(f"--val-fraction {cfg.val_fraction} holds out {len(sets.x_val)} of "
                           f"{data.name}'s {len(data.x_train)} training examples; "
@@ -67,7 +69,7 @@ def main(cfg: Config) -> dict:
                                  shift=0, seed=cfg.seed, device=cfg.device)
         print(f"--- {name} (lr {lr:g})")
         t0 = time.perf_counter()
-        _, rows = part2.train_quietly(part2_cfg, sets, device)
+        _, rows = train_quietly(part2_cfg, sets, device)
         seconds = time.perf_counter() - t0
         for row in rows:  # one spreadsheet: metrics.csv with an optimizer column
             run.log(optimizer=name, **row)

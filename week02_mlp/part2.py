@@ -15,7 +15,6 @@ Run: python week02_mlp/part2.py [--smoke] [--help]
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
@@ -25,16 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.augment import translate
-from common.checkpoint import load_checkpoint
 from common.config import Range, ResumableConfig
-from common.data import ImageData, TabularData, load
+from common.data import load
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError
-from common.loader import TensorLoader, normalizer, split
-from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
+from common.loader import TensorLoader
+from common.plots import plot_history
 from common.runner import launch
-from common.runs import Run, week_and_script
+from common.runs import Run
 from common.train import check_finite
+from week02_mlp.data import Splits, prepare
+from week02_mlp.report import report_mistakes
 
 
 @dataclass
@@ -187,11 +187,9 @@ def main(cfg: Config) -> dict:
     if len(sets.x_val):
         val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    done = 0
-    if cfg.resume:  # weights, optimizer, schedule and random state as they were after that epoch
-        script = "/".join(week_and_script(__file__))  # checked BEFORE Run.start touches its folder
-        done = load_checkpoint(cfg.resume, model, optimizer, scheduler, script=script)["epoch"]
-    run = Run.start(cfg, __file__, device)  # resumed: the same folder, metrics.csv up to `done`
+    run = Run.start(cfg, __file__, device)  # --resume: that run's folder, its rows so far
+    # --resume: weights, optimizer, schedule and random state as they were after that epoch
+    done = run.restore(model, optimizer, scheduler)["epoch"]
     print(f"data: {data.name}: {len(sets.x_train)} train, {len(sets.x_val)} validation, "
           f"{len(sets.x_test)} test")
 
@@ -210,7 +208,7 @@ def main(cfg: Config) -> dict:
     plot_history(run.rows, run.path("curves.png"), title=f"MLP on {data.name}")
     test_batches = TensorLoader(sets.x_test, sets.y_test, 2048, device=device)
     test = evaluate(model, test_batches)  # the test set, once, at the end
-    report_mistakes(model, test_batches, data, sets.classes, run, test["acc"])
+    report_mistakes(*predict(model, test_batches), data, sets.classes, run, test["acc"])
     last = run.rows[-1]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"test accuracy {test['acc']:.4f}; {n_params:,} parameters; trained in {train_time:.1f}s")
@@ -220,80 +218,6 @@ def main(cfg: Config) -> dict:
                       train_time_s=round(train_time, 2), params=n_params,
                       fastest_epoch_s=min(r["epoch_time_s"] for r in run.rows),
                       threads=torch.get_num_threads(), chance=1 / len(sets.classes))
-
-
-# ---- Data: tensors in memory, normalized once; pictures of the results --------------------
-@dataclass
-class Splits:
-    """Normalized float tensors for training, validation (may be empty) and test."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    classes: list[str]
-    is_image: bool
-
-    @property
-    def in_features(self) -> int:
-        return self.x_train[0].numel()
-
-
-def prepare(data: ImageData | TabularData, val_fraction: float, seed: int = 0) -> Splits:
-    """Hold out a validation split, then standardize the inputs: tabular features with the mean
-    and std of the training part only (using validation or test rows would leak information
-    about them), images with the per-channel pixel statistics of the training images."""
-    x_tr, y_tr, x_val, y_val = split(data.x_train, data.y_train, val_fraction, seed)
-    if isinstance(data, ImageData):
-        scale = normalizer(data.mean, data.std)  # uint8 pixels -> standardized float32
-    else:
-        mean, std = x_tr.mean(dim=0), x_tr.std(dim=0).clamp_min(1e-6)
-        scale = lambda x: (x - mean) / std  # noqa: E731
-    return Splits(scale(x_tr), y_tr, scale(x_val), y_val, scale(data.x_test), data.y_test,
-                  list(data.classes), isinstance(data, ImageData))
-
-
-def worst_mistakes(probs: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` wrong predictions the model was most confident about."""
-    confidence, predicted = probs.max(dim=1)
-    wrong = (predicted != targets).nonzero().flatten()
-    return wrong[confidence[wrong].argsort(descending=True)[:k]]
-
-
-def report_mistakes(model: nn.Module, batches, data, classes: list[str], run: Run,
-                    acc: float) -> None:
-    """confusion.png, and for images worst_mistakes.png: the most confident wrong answers."""
-    logits, targets = (t.cpu() for t in predict(model, batches))
-    predicted, probs = logits.argmax(dim=1), logits.softmax(dim=1)
-    matrix = confusion_matrix(targets.numpy(), predicted.numpy(), len(classes))
-    plot_confusion(matrix, classes, run.path("confusion.png"),
-                   title=f"test accuracy {acc:.2%} ({len(targets)})")
-    worst = worst_mistakes(probs, targets, k=24)
-    if isinstance(data, ImageData) and len(worst):
-        titles = [f"{classes[targets[i]]}->{classes[predicted[i]]} {probs[i].max():.2f}"
-                  for i in worst]
-        plot_images(data.x_test[worst].numpy(), run.path("worst_mistakes.png"), titles=titles,
-                    ncols=8, title="most confident mistakes (true->predicted, confidence)")
-
-
-def train_quietly(cfg: Config, sets: Splits, device: torch.device) -> tuple[MLP, list[dict]]:
-    """For the week's self-work scripts: the loop above without run folder or checkpoints; one
-    row of train and validation metrics per epoch, ending early if the loss is no longer finite."""
-    model, optimizer, scheduler, train_batches = setup(cfg, sets, device)
-    val_batches = None
-    if len(sets.x_val):
-        val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device)
-    loss_fn, rows = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), []
-    for epoch in range(1, cfg.epochs + 1):
-        train = train_one_epoch(model, train_batches, loss_fn, optimizer, scheduler)
-        val = evaluate(model, val_batches) if val_batches else {}
-        rows.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
-                     **{f"val_{k}": v for k, v in val.items()}})
-        if not math.isfinite(train["loss"]):
-            break
-    return model, rows
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from common.plots import plt, save
 from common.runner import launch
 from common.runs import Run
 from week02_mlp import part2
+from week02_mlp.data import Splits, prepare
+from week02_mlp.quiet import train_quietly
 
 
 @dataclass
@@ -57,11 +59,11 @@ class Config(BaseConfig):
                               "e.g. --lrs 0.01 0.1")
 
 
-def load_subset(cfg: Config) -> part2.Splits:
+def load_subset(cfg: Config) -> Splits:
     """MNIST (or its twin with --smoke), the first ``train_size`` training images, split."""
     data = load("mnist", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     data.x_train, data.y_train = data.x_train[:cfg.train_size], data.y_train[:cfg.train_size]
-    sets = part2.prepare(data, cfg.val_fraction, cfg.seed)
+    sets = prepare(data, cfg.val_fraction, cfg.seed)
     if len(sets.x_val) < 10:  # every cell is judged on the validation images
         raise ConfigError(f"--train-size {cfg.train_size} with --val-fraction {cfg.val_fraction} "
                           f"leaves {len(sets.x_val)} validation images; hold out at least 10")
@@ -89,12 +91,12 @@ class CellResult:
         return "stable"
 
 
-def sweep_cell(cfg: part2.Config, sets: part2.Splits, device: torch.device) -> CellResult:
+def sweep_cell(cfg: part2.Config, sets: Splits, device: torch.device) -> CellResult:
     """Train with ``cfg`` and judge the result on the validation split."""
     val_batches = TensorLoader(sets.x_val, sets.y_val, 2048, device=device)
     initial_model = part2.setup(cfg, sets, device)[0]  # the weights every cell starts from
     initial_loss = part2.evaluate(initial_model, val_batches)["loss"]
-    model, rows = part2.train_quietly(cfg, sets, device)
+    model, rows = train_quietly(cfg, sets, device)
     if not (math.isfinite(rows[-1]["train_loss"]) and math.isfinite(rows[-1]["val_loss"])):
         return CellResult(math.nan, math.nan, initial_loss, math.nan)
     logits, _ = part2.predict(model, val_batches)

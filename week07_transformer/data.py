@@ -16,7 +16,7 @@ from common.data import data_root
 from common.errors import ConfigError, DataUnavailable
 from common.loader import TensorLoader
 from common.text import TextData, load_text
-from week02_mlp.part2 import Splits
+from week02_mlp.data import Splits
 from week06_rnn.tokens import Vocab, encode_texts, tokenize
 
 

@@ -39,7 +39,7 @@ from common.progress import progress
 from common.runner import launch
 from common.runs import Run
 from common.train import check_finite, evaluate, predict
-from week02_mlp.part2 import Splits
+from week02_mlp.data import Splits
 from week03_cnn.part2 import per_class_accuracy
 from week04_regularization.part2 import EarlyStopping
 from week06_rnn.tokens import PAD

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from common.checkpoint import load_checkpoint
 from common.config import Range, ResumableConfig
-from common.data import ImageData, load
+from common.data import load
 from common.device import autocast, prepare_model, seed_everything
 from common.distributed import (
     DistInfo,
@@ -44,12 +44,12 @@ from common.distributed import (
     wrap,
 )
 from common.errors import LabError
-from common.loader import split
 from common.plots import plot_history
 from common.runner import launch
 from common.runs import Run
 from common.train import check_finite
 from week03_cnn.part2 import CNN
+from week11_distributed.data import Images, make_datasets
 
 
 @dataclass
@@ -69,7 +69,6 @@ class Config(ResumableConfig):
     workers: Annotated[int, Range(0, 64)] = 0  # DataLoader worker processes per rank
 
     SMOKE: ClassVar[dict] = {"epochs": 3, "batch_size": 16, "width": 16, "lr": 1e-2}
-    # Settings that do not change what is computed may differ on resume.
     RESUME_MAY_CHANGE: ClassVar[tuple] = (*ResumableConfig.RESUME_MAY_CHANGE, "loading", "workers")
 
 
@@ -77,16 +76,14 @@ def make_loader(dataset: Images, batch_size: int, info: DistInfo, seed: int,
                 loading: str = "batched", workers: int = 0) -> DataLoader:
     """This rank's shard in batches. drop_last everywhere: every rank must run the same number
     of steps, or the others wait forever in an all-reduce the short one never joins."""
-    # Rank r of N gets examples r, r + N, ... of a shuffle seeded with seed + epoch: the ranks
-    # agree without talking, and their shards never overlap.
+    # Rank r of N: examples r, r + N, ... of a shuffle seeded by seed + epoch: no talk, no overlap.
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, seed=seed, drop_last=True)
     options = dict(num_workers=workers, pin_memory=info.device.type == "cuda")
     if loading == "per_sample":  # B calls of dataset[i], then default_collate stacks them
         return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, **options)
-    # batch_size=None: the sampler hands out lists of B indices, each answered in one gather.
-    batches = BatchSampler(sampler, batch_size, drop_last=True)
-    return DataLoader(dataset, batch_size=None, sampler=batches, **options)
+    batches = BatchSampler(sampler, batch_size, drop_last=True)  # lists of B indices
+    return DataLoader(dataset, batch_size=None, sampler=batches, **options)  # one gather each
 
 
 def shard_sampler(loader: DataLoader) -> DistributedSampler:
@@ -169,8 +166,7 @@ def main(cfg: Config) -> dict:
         t0 = time.perf_counter()
         row = train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg.accumulate,
                               info.device)
-        # Each rank's loss is its own shard's: the mean over the ranks is the epoch's loss.
-        train_loss = all_reduce_mean(row["train_loss"], info).item()
+        train_loss = all_reduce_mean(row["train_loss"], info).item()  # each rank's shard: mean
         seconds = time.perf_counter() - t0
         check_finite(train_loss, epoch)  # the same value on every rank: all stop together
         val = evaluate_shards(net, val_set, info)
@@ -187,42 +183,14 @@ def main(cfg: Config) -> dict:
     if run is None:
         return {"rank": info.rank, "test_acc": test["acc"]}
 
-    rows = run.rows
-    title = f"CNN on {data.name}, {info.world_size} rank(s)"
-    plot_history(rows, run.path("curves.png"), title=title)
+    rows, last = run.rows, run.rows[-1]
+    plot_history(rows, run.path("curves.png"),
+                 title=f"CNN on {data.name}, {info.world_size} rank(s)")
     print(f"largest weight difference between ranks: {spread:.3g}")
-    return run.finish(test_acc=test["acc"], final_val_acc=rows[-1]["val_acc"],
-                      final_train_loss=rows[-1]["train_loss"],
-                      first_train_loss=rows[0]["train_loss"], steps=rows[-1]["step"],
+    return run.finish(test_acc=test["acc"], final_val_acc=last["val_acc"], steps=last["step"],
+                      final_train_loss=last["train_loss"], first_train_loss=rows[0]["train_loss"],
                       world_size=info.world_size, global_batch=per_step * info.world_size,
-                      weights_spread=spread, images_per_s=rows[-1]["images_per_s"])
-
-
-class Images(Dataset):
-    """uint8 images (N, 1, 28, 28) held in memory, handed out normalized. ``dataset[i]`` is one
-    example (DataLoader calls it B times per batch and stacks: ``--loading per_sample``);
-    ``dataset[list_of_indices]`` is a whole batch in one gather (``--loading batched``): the
-    fix for the bottleneck profiling.py finds."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: float, std: float):
-        self.x, self.y, self.mean, self.std = x, y, mean, std
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, index):
-        return self.normalize(self.x[index]), self.y[index]
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255 - self.mean) / self.std
-
-
-def make_datasets(cfg: Config, data: ImageData) -> tuple[Images, Images, Images]:
-    """Training, validation (held out from the training images, the same on every rank), test."""
-    x, y, x_val, y_val = split(data.x_train, data.y_train, cfg.val_fraction, cfg.seed)
-    mean, std = data.mean[0], data.std[0]
-    return (Images(x, y, mean, std), Images(x_val, y_val, mean, std),
-            Images(data.x_test, data.y_test, mean, std))
+                      weights_spread=spread, images_per_s=last["images_per_s"])
 
 
 def make_model(cfg: Config, num_classes: int) -> CNN:
@@ -233,8 +201,7 @@ def make_model(cfg: Config, num_classes: int) -> CNN:
 
 
 def restore(run: Run | None, resume: str, net: nn.Module, optimizer, scheduler) -> dict:
-    """``{"epoch": 0}`` for a new run. On --resume every rank loads the same checkpoint (on a
-    cluster: from a shared file system) and gets its epoch and extras; rank 0 through its run."""
+    """``{"epoch": 0}``, or on --resume the epoch and extras: every rank loads the checkpoint."""
     if run is not None:
         return run.restore(net, optimizer, scheduler)
     if not resume:

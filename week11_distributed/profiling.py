@@ -42,7 +42,8 @@ from common.plots import save
 from common.runner import launch
 from common.runs import Run
 from week03_cnn.part2 import CNN
-from week11_distributed.part2 import Images, make_loader, shard_sampler, train_step
+from week11_distributed.data import Images
+from week11_distributed.part2 import make_loader, shard_sampler, train_step
 
 REGIONS = ("data", "forward", "backward", "optimizer")
 # name -> (--loading, channels_last): each a fix on the one before

@@ -43,6 +43,7 @@ from common.runner import interruption, launch
 from common.runs import Run, week_and_script
 from common.train import check_finite
 from week11_distributed import part2
+from week11_distributed.data import make_datasets
 
 
 @dataclass
@@ -191,7 +192,7 @@ def stopped(e: KeyboardInterrupt, info: DistInfo, progress: Progress,
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    train_set, val_set, test_set = part2.make_datasets(cfg, data)
+    train_set, val_set, test_set = make_datasets(cfg, data)
     info = setup(cfg.device)
     restarted = restart_count() > 0
     if restarted and not cfg.resume:

@@ -28,7 +28,8 @@ from common.plots import plot_curves
 from common.runner import launch
 from common.runs import Run
 from week03_cnn.part2 import CNN
-from week11_distributed.part2 import Images, make_loader, train_step
+from week11_distributed.data import Images
+from week11_distributed.part2 import make_loader, train_step
 
 
 @dataclass

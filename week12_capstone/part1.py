@@ -41,6 +41,7 @@ from common.runner import launch
 from common.runs import Run
 from common.train import evaluate, fit
 from week12_capstone import part2
+from week12_capstone.build import make_model
 from week12_capstone.report import wilson_interval
 
 
@@ -246,7 +247,7 @@ def candidates(data: ImageData, smoke: bool) -> dict[str, tuple[nn.Module, int]]
         else:
             widths = (p2.width, 2 * p2.width, 4 * p2.width)
             formula = speednet_flops(size, channels, data.num_classes, widths)
-        out[name] = (part2.make_model(p2, data), formula)
+        out[name] = (make_model(p2, data), formula)
     pixels = int(np.prod(data.x_train.shape[1:]))
     out["baseline"] = (baseline_model(data), linear_flops(1, pixels, data.num_classes))
     return out

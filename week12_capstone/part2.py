@@ -1,10 +1,10 @@
 """Week 12, Part 2: the capstone pipeline in one command, from a config to a served model.
 
-    data -> model (the Vision Transformer of vit.py, or Week 4's residual CNN) -> training (the
-    loop below: Week 4's schedules and early stopping, checkpoints, exact resume, DDP under
-    torchrun) -> evaluation (report.py: accuracy with a Wilson interval, confusion matrix, worst
-    errors, curves) -> ONNX export checked against eager, served by the Week 10 service
-    (deploy.py) -> model card
+    data -> model (the Vision Transformer of vit.py, or Week 4's residual CNN; both built in
+    build.py) -> training (the loop below: Week 4's schedules and early stopping, checkpoints,
+    exact resume, DDP under torchrun) -> evaluation (report.py: accuracy with a Wilson interval,
+    confusion matrix, worst errors, curves) -> ONNX export checked against eager, served by the
+    Week 10 service (deploy.py) -> model card
 
 Everything lands in one run folder: checkpoint.pt, report.md (+ PNGs), bundle/ (model.onnx,
 model.pt2, metadata.json), model_card.md, summary.json.
@@ -25,28 +25,25 @@ from typing import Annotated, ClassVar, Literal
 import torch
 from torch import nn
 
-from common.checkpoint import load_checkpoint, read_checkpoint
 from common.config import Range, ResumableConfig
-from common.data import ImageData, load, subset
+from common.data import load, subset
 from common.device import autocast, prepare_model, seed_everything
-from common.distributed import DistInfo, all_reduce_mean, setup, shard, teardown, wrap
-from common.errors import CheckpointError, ConfigError
-from common.loader import TensorLoader, derive_seed, normalizer, split
+from common.distributed import DistInfo, all_reduce_mean, setup, teardown, wrap
+from common.errors import ConfigError
+from common.loader import TensorLoader
 from common.plots import plot_history
 from common.runner import launch
 from common.runs import Run
 from common.train import check_finite, evaluate
-from week03_cnn.part2 import training_augment
-from week04_regularization.best_cnn import SpeedNet, whitening_filters
 from week04_regularization.part2 import (
     EarlyStopping,
     make_decay_optimizer,
     make_scheduler,
     step_per_epoch,
 )
+from week12_capstone.build import check_resume_matches_launch, make_loaders, make_model, restore
 from week12_capstone.deploy import check_deploy_dependencies, export_and_serve
 from week12_capstone.report import evaluate_test, write_model_card, write_report
-from week12_capstone.vit import ViT
 
 
 @dataclass
@@ -87,46 +84,6 @@ class Config(ResumableConfig):
                               "(each head gets dim/heads channels)")
 
 
-def make_model(cfg: Config, data: ImageData) -> nn.Module:
-    """The ViT, or Week 4's SpeedNet (a residual CNN) with its patch-whitening first layer
-    computed from 1000 training images drawn at random (the JPEG copy is stored class by class)."""
-    channels, size = data.x_train.shape[1], data.x_train.shape[2]
-    if cfg.model == "vit":
-        return ViT(in_channels=channels, image_size=size, num_classes=data.num_classes,
-                   patch=cfg.patch, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
-                   mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
-    net = SpeedNet((cfg.width, 2 * cfg.width, 4 * cfg.width), num_classes=data.num_classes,
-                   in_channels=channels)
-    g = torch.Generator().manual_seed(cfg.seed)
-    sample = torch.randperm(len(data.x_train), generator=g)[:1000]
-    images = normalizer(data.mean, data.std)(data.x_train[sample])  # (1000, C, H, W)
-    net.stem.weight.data.copy_(whitening_filters(images))
-    return net
-
-
-def make_loaders(cfg: Config, data: ImageData,
-                 info: DistInfo) -> tuple[TensorLoader, TensorLoader, TensorLoader]:
-    """Training batches (this process's shard under torchrun, Week 3's crop + flip), validation
-    held out of the training set, and the test set, all normalized with the training statistics.
-    A setting the data cannot satisfy is refused here, before Run.start writes anything."""
-    x, y, x_val, y_val = split(data.x_train, data.y_train, cfg.val_fraction, cfg.seed)
-    if len(x_val) == 0:
-        raise ConfigError(f"--val-fraction {cfg.val_fraction} of {len(data.x_train)} training "
-                          "images holds out none for validation; use more images or a larger one")
-    x, y = shard(x, y, info)  # rank r trains on examples r, r+W, ...; val and test stay whole
-    if len(x) < cfg.batch_size:  # drop_last: an epoch would have no batch at all
-        where = "of each process" if info.distributed else "left after validation"
-        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(x)} training "
-                          f"images {where}")
-    normalize = normalizer(data.mean, data.std)
-    train = TensorLoader(x, y, cfg.batch_size, shuffle=True, drop_last=True, device=info.device,
-                         seed=derive_seed(cfg.seed, info.rank), augment=training_augment("cifar10"),
-                         transform=normalize)
-    val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=info.device)
-    test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=info.device)
-    return train, val, test
-
-
 def train_one_epoch(model: nn.Module, train: TensorLoader, optimizer: torch.optim.Optimizer,
                     scheduler, per_batch: bool, loss_fn: nn.Module) -> dict:
     model.train()
@@ -155,29 +112,6 @@ def validate(model: nn.Module, val: TensorLoader, loss_fn: nn.Module, info: Dist
     figures = evaluate(model, val, loss_fn)
     return {f"val_{k}": all_reduce_mean(torch.tensor(v, dtype=torch.float64), info).item()
             for k, v in figures.items()}
-
-
-def check_resume_matches_launch(resume: str, info: DistInfo) -> None:
-    """A checkpoint saved under torchrun holds the DistributedDataParallel wrapper ("module."
-    names); one saved by a single process does not. Say so before touching the run's folder."""
-    if not resume:
-        return
-    under_torchrun = read_checkpoint(resume)["model_class"] == "DistributedDataParallel"
-    if under_torchrun != info.distributed:
-        how = "under torchrun (several processes)" if under_torchrun else "by a single process"
-        again = "torchrun --nproc_per_node N " if under_torchrun else "python "
-        raise CheckpointError(f"{resume} was saved {how}; resume it the same way "
-                              f"({again}week12_capstone/part2.py --resume {resume})")
-
-
-def restore(run: Run | None, resume: str, model, optimizer, scheduler) -> dict:
-    """run.restore on rank 0; the other ranks (no run folder) load the same checkpoint."""
-    if run is not None:
-        return run.restore(model, optimizer, scheduler)
-    if not resume:
-        return {"epoch": 0}
-    payload = load_checkpoint(resume, model, optimizer, scheduler, script="week12/part2")
-    return {**payload["extra"], "epoch": payload["epoch"]}
 
 
 def main(cfg: Config) -> dict:
