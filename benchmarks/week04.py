@@ -32,11 +32,13 @@ from week03_cnn import part2 as week3
 from week04_regularization import best_cnn, part2
 
 
-def week3_epochs_for_budget(budget_s: float, device: torch.device, settings: dict, n_train: int = 50_000) -> int:
+def week3_epochs_for_budget(budget_s: float, device: torch.device, settings: dict,
+                            n_train: int = 50_000) -> int:
     """How many whole epochs of the Week 3 CNN fit in ``budget_s``: time a few training steps
     on random images of CIFAR-10's shape, then scale to an epoch (+10% for evaluation)."""
     cfg = week3.Config(**settings)
-    model = fast_model(week3.make_model(cfg, load("cifar10", synthetic=True, n_synthetic=64)), device)
+    shape_only = load("cifar10", synthetic=True, n_synthetic=64)
+    model = fast_model(week3.make_model(cfg, shape_only), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
@@ -62,8 +64,8 @@ def best_vs_week3(data_dir: str, device: str, options: dict) -> dict:
     preset = best_cnn.Config.PRESETS["recipe"]["gpu"] if on_gpu else {}
     settings = {**preset, **fields, "recipe": "gpu" if on_gpu else "cpu"}
     with tempfile.TemporaryDirectory() as out:
-        recipe = best_cnn.main(best_cnn.Config(**settings, budget_s=budget_s, data_dir=data_dir, device=device,
-                                               out=out))
+        recipe = best_cnn.main(best_cnn.Config(**settings, budget_s=budget_s, data_dir=data_dir,
+                                               device=device, out=out))
     result = {"metric": "test_acc", "value": recipe["test_acc"], "data": "CIFAR-10, JPEG copy",
               "budget_s": budget_s, "recipe_test_acc_no_tta": recipe["test_acc_no_tta"],
               "recipe_train_time_s": recipe["train_time_s"], "recipe_epochs": recipe["epochs_done"],
@@ -74,9 +76,10 @@ def best_vs_week3(data_dir: str, device: str, options: dict) -> dict:
     week3_budget = budget_s or math.ceil(recipe["train_time_s"])
     week3_epochs = week3_epochs_for_budget(week3_budget, pick_device(device), WEEK3_CIFAR10)
     plain = train_fast({**WEEK3_CIFAR10, "epochs": week3_epochs}, data_dir, device)
-    return {**result, "week3_test_acc": plain["test_acc"], "difference": recipe["test_acc"] - plain["test_acc"],
-            "week3_budget_s": week3_budget, "week3_epochs": week3_epochs, "week3_train_time_s": plain["train_s"],
-            "week3_params": plain["params"]}
+    return {**result, "week3_test_acc": plain["test_acc"],
+            "difference": recipe["test_acc"] - plain["test_acc"],
+            "week3_budget_s": week3_budget, "week3_epochs": week3_epochs,
+            "week3_train_time_s": plain["train_s"], "week3_params": plain["params"]}
 
 
 def schedules(data_dir: str, device: str, options: dict) -> dict:
@@ -84,15 +87,19 @@ def schedules(data_dir: str, device: str, options: dict) -> dict:
     settings = {"schedule": "all", "epochs": 8, "train_subset": 10_000, **fields}
     with tempfile.TemporaryDirectory() as out:
         summary = part2.main(part2.Config(**settings, data_dir=data_dir, device=device, out=out))
-    per_schedule = {k: v for k, v in summary.items() if any(k.endswith(f"_{s}") for s in part2.SCHEDULES)}
-    return {"metric": "test_acc", "value": summary["test_acc"], "best_schedule": summary["best_schedule"],
-            "data": "CIFAR-10, JPEG copy", "settings": settings, **per_schedule,
-            "torch_threads": torch.get_num_threads()}
+    per_schedule = {k: v for k, v in summary.items()
+                    if any(k.endswith(f"_{s}") for s in part2.SCHEDULES)}
+    return {"metric": "test_acc", "value": summary["test_acc"],
+            "best_schedule": summary["best_schedule"], "data": "CIFAR-10, JPEG copy",
+            "settings": settings, **per_schedule, "torch_threads": torch.get_num_threads()}
 
 
 ENTRIES = {
-    "cifar10_best": Benchmark(best_vs_week3, "Week 4 best-CNN recipe on CIFAR-10 (JPEG copy) vs the Week 3 CNN, "
-                                             "same training-time budget (budget_s, CPU default 600 s)"),
-    "cifar10_schedules": Benchmark(schedules, "Week 4 LR schedules (step/plateau/onecycle/cosine) with early "
-                                              "stopping on CIFAR-10 (JPEG copy), 10k training images, 8 epochs"),
+    "cifar10_best": Benchmark(best_vs_week3,
+                              "Week 4 best-CNN recipe on CIFAR-10 (JPEG copy) vs the Week 3 CNN, "
+                              "same training-time budget (budget_s, CPU default 600 s)"),
+    "cifar10_schedules": Benchmark(schedules,
+                                   "Week 4 LR schedules (step/plateau/onecycle/cosine) with early "
+                                   "stopping on CIFAR-10 (JPEG copy), 10k training images, "
+                                   "8 epochs"),
 }

@@ -36,30 +36,39 @@ def train_losses(rows: list[dict], **match) -> list[float]:
 
 
 def check_part1(summary: dict, rows: list[dict]) -> None:
-    # float64 NumPy loops vs im2col: the same sums in another order, so rounding-level differences only.
-    assert summary["forward_max_abs_diff"] < 1e-10 and summary["backward_max_abs_diff"] < 1e-10, summary
-    assert summary["forward_speedup"] > 1 and summary["backward_speedup"] > 1, "im2col should beat the loops"
-    assert summary["pool_grad_nonzero"] == summary["pool_windows"], "max-pool: one gradient per window"
+    # float64 NumPy loops vs im2col: the same sums in another order, so rounding-level
+    # differences only.
+    assert summary["forward_max_abs_diff"] < 1e-10, summary
+    assert summary["backward_max_abs_diff"] < 1e-10, summary
+    assert summary["forward_speedup"] > 1 and summary["backward_speedup"] > 1, (
+        "im2col should beat the loops")
+    assert summary["pool_grad_nonzero"] == summary["pool_windows"], (
+        "max-pool: one gradient per window")
 
 
 def check_part2(summary: dict, rows: list[dict]) -> None:
     assert summary["test_acc"] > 0.3, summary  # chance is 0.1 on the 10-class twin
     losses = train_losses(rows)
     assert len(losses) == summary["epochs_done"] and losses[-1] < 0.8 * losses[0], losses
-    assert float(rows[-1]["lr"]) < 0.01 * max(float(r["lr"]) for r in rows), "one-cycle anneals to ~0"
+    assert float(rows[-1]["lr"]) < 0.01 * max(float(r["lr"]) for r in rows), (
+        "one-cycle anneals to ~0")
 
 
 def check_bn_dropout(summary: dict, rows: list[dict]) -> None:
-    for key, variant in (("plain", "plain"), ("bn", "BN"), ("dropout", "Dropout"), ("bn_dropout", "BN+Dropout")):
-        assert summary[f"test_acc_{key}"] > 0.2, summary  # chance is 0.1: every variant learns the twin
+    for key, variant in (("plain", "plain"), ("bn", "BN"), ("dropout", "Dropout"),
+                         ("bn_dropout", "BN+Dropout")):
+        # chance is 0.1: every variant learns the twin
+        assert summary[f"test_acc_{key}"] > 0.2, summary
         losses = train_losses(rows, variant=variant)
         assert len(losses) == 12 and losses[-1] < 0.9 * losses[0], (variant, losses)
     bn, plain = train_losses(rows, variant="BN"), train_losses(rows, variant="plain")
-    assert bn[-1] < plain[-1], "BN trains faster (lower training loss after the same steps): the script's claim"
+    assert bn[-1] < plain[-1], (
+        "BN trains faster (lower training loss after the same steps): the script's claim")
     assert summary["diverged"] == [] and summary["allowed_nan"] == []
 
 
-SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2, "bn_dropout.py": check_bn_dropout}
+SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2,
+                  "bn_dropout.py": check_bn_dropout}
 
 # (batch, in channels, out channels, height, width, kernel, stride, padding)
 CONV_CASES = [
@@ -76,7 +85,8 @@ CONV_IDS = [f"n{n}-c{c}-f{f}-{h}x{w}-k{k}-s{s}-p{p}" for n, c, f, h, w, k, s, p 
 
 def conv_inputs(n, c, f, h, w, k, s, p, seed=0):
     rng = np.random.default_rng(seed)
-    x, weight, bias = rng.standard_normal((n, c, h, w)), rng.standard_normal((f, c, k, k)), rng.standard_normal(f)
+    x = rng.standard_normal((n, c, h, w))
+    weight, bias = rng.standard_normal((f, c, k, k)), rng.standard_normal(f)
     x[..., ::3, ::2] = 0.0  # exact zeros among the inputs (DESIGN.md 7), as after a ReLU
     weight.flat[::4] = 0.0
     oh, ow = part1.conv_output_size(h, k, s, p), part1.conv_output_size(w, k, s, p)
@@ -107,7 +117,8 @@ def test_vectorized_conv_equals_loops(case):
     *_, s, p = case
     x, weight, bias, upstream = conv_inputs(*case, seed=1)
     np.testing.assert_allclose(part1.conv2d_forward(x, weight, bias, s, p),
-                               part1.conv2d_forward_loops(x, weight, bias, s, p), rtol=1e-12, atol=1e-12)
+                               part1.conv2d_forward_loops(x, weight, bias, s, p),
+                               rtol=1e-12, atol=1e-12)
     for fast, slow in zip(part1.conv2d_backward(upstream, x, weight, s, p),
                           part1.conv2d_backward_loops(upstream, x, weight, s, p)):
         np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12)
@@ -122,10 +133,12 @@ def test_conv_weight_gradient_matches_finite_differences():
 
 
 @pytest.mark.parametrize("size,kernel,stride,padding", [
-    (28, 3, 1, 1), (32, 3, 2, 1), (7, 2, 2, 0), (9, 5, 3, 2), (10, 4, 3, 0), (5, 5, 1, 0), (6, 1, 2, 0),
+    (28, 3, 1, 1), (32, 3, 2, 1), (7, 2, 2, 0), (9, 5, 3, 2), (10, 4, 3, 0), (5, 5, 1, 0),
+    (6, 1, 2, 0),
 ])
 def test_output_size_formula_matches_torch(size, kernel, stride, padding):
-    y = F.conv2d(torch.zeros(1, 1, size, size), torch.zeros(1, 1, kernel, kernel), stride=stride, padding=padding)
+    y = F.conv2d(torch.zeros(1, 1, size, size), torch.zeros(1, 1, kernel, kernel),
+                 stride=stride, padding=padding)
     assert y.shape[-1] == part1.conv_output_size(size, kernel, stride, padding)
 
 
@@ -135,12 +148,13 @@ def test_output_size_rejects_a_window_that_does_not_fit():
 
 
 # (batch, channels, height, width, kernel, stride, padding): stride < kernel overlaps windows
-POOL_CASES = [(2, 3, 8, 8, 2, 2, 0), (1, 2, 7, 9, 3, 2, 1), (2, 1, 6, 6, 3, 1, 1), (1, 4, 9, 7, 3, 3, 0),
-              (2, 2, 5, 5, 2, 1, 0)]
+POOL_CASES = [(2, 3, 8, 8, 2, 2, 0), (1, 2, 7, 9, 3, 2, 1), (2, 1, 6, 6, 3, 1, 1),
+              (1, 4, 9, 7, 3, 3, 0), (2, 2, 5, 5, 2, 1, 0)]
+POOL_IDS = [f"c{c}-{h}x{w}-k{k}-s{s}-p{p}" for _, c, h, w, k, s, p in POOL_CASES]
 
 
 @pytest.mark.parametrize("values", ["normal", "ties"])
-@pytest.mark.parametrize("case", POOL_CASES, ids=[f"c{c}-{h}x{w}-k{k}-s{s}-p{p}" for _, c, h, w, k, s, p in POOL_CASES])
+@pytest.mark.parametrize("case", POOL_CASES, ids=POOL_IDS)
 def test_maxpool_matches_torch(case, values):
     n, c, h, w, k, s, p = case
     rng = np.random.default_rng(3)
@@ -159,7 +173,7 @@ def test_maxpool_matches_torch(case, values):
 
 @pytest.mark.parametrize("window, winner", [
     ([[1.0, 5.0], [3.0, 2.0]], (0, 1)),
-    ([[1.0, 5.0], [5.0, 2.0]], (0, 1)),  # a tie: the first maximum in row-major order wins, as in PyTorch
+    ([[1.0, 5.0], [5.0, 2.0]], (0, 1)),  # a tie: the first maximum (row-major) wins, as in torch
     ([[0.0, 0.0], [0.0, 0.0]], (0, 0)),
 ])
 def test_maxpool_gradient_goes_only_to_the_max(window, winner):
@@ -170,7 +184,8 @@ def test_maxpool_gradient_goes_only_to_the_max(window, winner):
     expected[(0, 0, *winner)] = 7.0
     assert y.item() == np.max(window)
     np.testing.assert_array_equal(dx, expected)
-    _, (torch_dx,) = torch_reference(lambda a: F.max_pool2d(a, 2), x, upstream=np.array([[[[7.0]]]]))
+    _, (torch_dx,) = torch_reference(lambda a: F.max_pool2d(a, 2), x,
+                                     upstream=np.array([[[[7.0]]]]))
     np.testing.assert_array_equal(torch_dx, expected)  # the same tie rule as PyTorch's
 
 
@@ -181,8 +196,10 @@ def test_worked_example_and_sobel_on_a_step_edge(capsys):
     step = np.zeros((5, 6))
     step[:, :3] = 1.0  # bright left half, dark right half: one vertical edge
     kernels = part1.EDGE_FILTERS
-    sobel_x = part1.conv2d_forward(step[None, None], kernels["Sobel x (vertical edges)"][None, None], np.zeros(1))
-    sobel_y = part1.conv2d_forward(step[None, None], kernels["Sobel y (horizontal edges)"][None, None], np.zeros(1))
+    sobel_x = part1.conv2d_forward(step[None, None],
+                                   kernels["Sobel x (vertical edges)"][None, None], np.zeros(1))
+    sobel_y = part1.conv2d_forward(step[None, None],
+                                   kernels["Sobel y (horizontal edges)"][None, None], np.zeros(1))
     assert np.all(sobel_x[0, 0, :, 1:3] == 4) and np.all(sobel_x[0, 0, :, [0, 3]] == 0)
     assert np.all(sobel_y == 0)  # no horizontal edges
 
@@ -228,16 +245,19 @@ def test_cnn_predictions_use_running_statistics_and_no_dropout():
 
 def test_per_class_accuracy_divides_by_the_true_class_counts():
     true = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2])
-    pred = np.array([0, 0, 1, 1, 1, 1, 0, 2, 2])  # class 0: 2 of 4 right, class 1: 2 of 2, class 2: 2 of 3
+    # class 0: 2 of 4 right, class 1: 2 of 2, class 2: 2 of 3
+    pred = np.array([0, 0, 1, 1, 1, 1, 0, 2, 2])
     matrix = confusion_matrix(true, pred, 3)
     assert matrix[0, 1] == 2 and matrix[2, 0] == 1, "rows are true classes, columns predictions"
-    np.testing.assert_allclose(per_class_accuracy(matrix), [2 / 4, 2 / 2, 2 / 3])  # column sums: 3, 4, 2
+    # column sums: 3, 4, 2
+    np.testing.assert_allclose(per_class_accuracy(matrix), [2 / 4, 2 / 2, 2 / 3])
 
 
 def shifts_of(image: torch.Tensor, padding: int) -> list[torch.Tensor]:
     padded = F.pad(image.float()[None], (padding,) * 4, mode="reflect")[0]
     size = image.shape[-1]
-    return [padded[:, dy:dy + size, dx:dx + size] for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
+    offsets = range(2 * padding + 1)
+    return [padded[:, dy:dy + size, dx:dx + size] for dy in offsets for dx in offsets]
 
 
 def test_digits_are_shifted_but_never_mirrored_and_photos_are_flipped():
@@ -245,7 +265,8 @@ def test_digits_are_shifted_but_never_mirrored_and_photos_are_flipped():
     digits = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=g)
     out = training_augment("mnist")(digits, torch.Generator().manual_seed(1)).float()
     for image, augmented in zip(digits, out):
-        assert any(torch.equal(augmented, s) for s in shifts_of(image, 2)), "a digit may only be shifted"
+        assert any(torch.equal(augmented, s) for s in shifts_of(image, 2)), (
+            "a digit may only be shifted")
     photos = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
     out = training_augment("cifar10")(photos, torch.Generator().manual_seed(1)).float()
     flipped = sum(any(torch.equal(augmented, s) for s in shifts_of(image.flip(-1), 4))
@@ -265,10 +286,10 @@ def test_cnn_learns_the_synthetic_cifar_twin(tmp_path, offline):
     summary = lab(tmp_path, "--smoke")
     rows = read_checkpoint(Path(summary["run_dir"]) / "checkpoint.pt")["extra"]["rows"]
     check_part2(summary, rows)
-    assert set(summary["per_class_acc"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                                             "horse", "ship", "truck"}
-    assert {"confusion.png", "curves.png", "feature_maps_block1.png", "metrics.csv", "checkpoint.pt"} <= \
-        {p.name for p in Path(summary["run_dir"]).iterdir()}
+    assert set(summary["per_class_acc"]) == {"airplane", "automobile", "bird", "cat", "deer",
+                                             "dog", "frog", "horse", "ship", "truck"}
+    assert {"confusion.png", "curves.png", "feature_maps_block1.png", "metrics.csv",
+            "checkpoint.pt"} <= {p.name for p in Path(summary["run_dir"]).iterdir()}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -280,7 +301,8 @@ def test_cnn_learns_the_synthetic_cifar_twin(tmp_path, offline):
     (["--epochs", "0"], "--epochs: must be >= 1"),
     (["--batch-size", "0"], "--batch-size: must be >= 1"),
     (["--lr", "0"], "--lr: must be in (0, 1000000]"),
-    (["--lr", "1e308"], "--lr: must be in (0, 1000000]"),  # above float32's range: a torch traceback before
+    # above float32's range: a torch traceback before
+    (["--lr", "1e308"], "--lr: must be in (0, 1000000]"),
     (["--val-fraction", "0.9"], "--val-fraction: must be in [0, 0.5]"),
 ])
 def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, argv, message, capsys):
@@ -290,27 +312,35 @@ def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, argv, messa
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_batch_larger_than_the_training_set_stops_before_the_run_folder(tmp_path, offline, capsys):
-    assert lab(tmp_path, "--smoke", "--batch-size", "5000") == {"exit": 1}
-    assert "--batch-size 5000 is more than the 461 training images" in capsys.readouterr().err
+def test_a_batch_larger_than_the_training_set_stops_before_the_run_folder(tmp_path, offline,
+                                                                          capsys):
+    """A setting that cannot work with the data is a ConfigError (exit 2), found before
+    anything is written."""
+    assert lab(tmp_path, "--smoke", "--batch-size", "5000") == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "--batch-size 5000 is more than the 461 training images" in err, err
+    assert err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
 
 
-def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(tmp_path, offline, monkeypatch, capsys, ctrl_c):
-    args = ["--smoke", "--epochs", "3"]  # 14 steps per epoch; one-cycle stepped per batch, dropout, BN
+def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(tmp_path, offline, monkeypatch,
+                                                                 capsys, ctrl_c):
+    # 14 steps per epoch; one-cycle stepped per batch, dropout, BN
+    args = ["--smoke", "--epochs", "3"]
     straight = lab(tmp_path / "straight", *args)
     ctrl_c(20)  # in epoch 2
     assert lab(tmp_path / "cut", *args) == {"exit": 130}
     err = capsys.readouterr().err
     (checkpoint,) = (tmp_path / "cut" / "runs").glob("week03/part2/*/checkpoint.pt")
-    assert err == f"interrupted: stopped; the checkpoint of epoch 1 is {checkpoint} (continue with --resume " \
-                  f"{checkpoint}; the unfinished epoch is redone)\n"
+    assert err == (f"interrupted: stopped; the checkpoint of epoch 1 is {checkpoint} (continue "
+                   f"with --resume {checkpoint}; the unfinished epoch is redone)\n")
     steps = ctrl_c(0)
     resumed = lab(tmp_path / "cut", "--resume", str(checkpoint))
     assert steps.steps == 28, "the resumed run trains epochs 2 and 3 only (14 steps each)"
     assert resumed["run_dir"] == str(checkpoint.parent) and resumed["epochs_done"] == 3
     weights = read_checkpoint(checkpoint)["model"]
-    for name, value in read_checkpoint(Path(straight["run_dir"]) / "checkpoint.pt")["model"].items():
+    expected = read_checkpoint(Path(straight["run_dir"]) / "checkpoint.pt")["model"]
+    for name, value in expected.items():
         assert torch.equal(value, weights[name]), name
     assert resumed["test_acc"] == straight["test_acc"]
     capsys.readouterr()
@@ -323,7 +353,8 @@ def test_resume_refuses_another_scripts_or_another_models_checkpoint(tmp_path, o
     assert lab(tmp_path, "--smoke", "--resume", str(foreign)) == {"exit": 2}
     err = capsys.readouterr().err
     assert "written by week04/part2, not week03/part2" in err and err.count("\n") == 1, err
-    other_model = save_checkpoint(tmp_path / "other" / "checkpoint.pt", nn.Linear(2, 2), script="week03/part2")
+    other_model = save_checkpoint(tmp_path / "other" / "checkpoint.pt", nn.Linear(2, 2),
+                                  script="week03/part2")
     assert lab(tmp_path, "--smoke", "--resume", str(other_model)) == {"exit": 1}
     err = capsys.readouterr().err
     assert "holds a Linear, not a CNN" in err and err.count("\n") == 1, err
@@ -337,32 +368,39 @@ def test_resume_refuses_another_scripts_or_another_models_checkpoint(tmp_path, o
 # BatchNorm and Dropout, side by side
 # ------------------------------------------------------------------------------------------
 def test_bn_dropout_variants_learn_and_log_every_epoch(tmp_path, offline):
-    summary = lab(tmp_path, "--smoke", "--high-lr-factor", "0", main=bn_dropout.main, cls=bn_dropout.Config)
+    summary = lab(tmp_path, "--smoke", "--high-lr-factor", "0", main=bn_dropout.main,
+                  cls=bn_dropout.Config)
     run_dir = Path(summary["run_dir"])
     import csv
 
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    check_bn_dropout(summary, rows)  # an optimizer at lr 0 (or BN missing) would leave these at chance
-    assert [r["variant"] for r in rows] == [v for v in ("plain", "BN", "Dropout", "BN+Dropout") for _ in range(12)]
+    check_bn_dropout(summary, rows)  # an optimizer at lr 0 (or BN missing) leaves these at chance
+    assert [r["variant"] for r in rows] == [v for v in ("plain", "BN", "Dropout", "BN+Dropout")
+                                            for _ in range(12)]
     assert "test_acc_plain_high_lr" not in summary and (run_dir / "bn_dropout.png").exists()
     assert summary["step_loss_jitter_bn"] > 0
 
 
 def test_a_diverged_variant_is_reported_and_its_nan_figures_declared(tmp_path, offline):
-    summary = lab(tmp_path, "--smoke", "--epochs", "1", "--batch-size", "32", "--lr", "0.5", "--high-lr-factor", "2000",
-                  main=bn_dropout.main, cls=bn_dropout.Config)  # the plain network at lr 1000 blows up
+    # the plain network at lr 1000 blows up
+    summary = lab(tmp_path, "--smoke", "--epochs", "1", "--batch-size", "32", "--lr", "0.5",
+                  "--high-lr-factor", "2000", main=bn_dropout.main, cls=bn_dropout.Config)
     assert summary["diverged"] == ["plain, high lr"]
-    assert math.isnan(summary["test_acc_plain_high_lr"]) and "test_acc_plain_high_lr" in summary["allowed_nan"]
+    assert math.isnan(summary["test_acc_plain_high_lr"])
+    assert "test_acc_plain_high_lr" in summary["allowed_nan"]
     assert all(key.endswith("_plain_high_lr") for key in summary["allowed_nan"])
     assert math.isfinite(summary["test_acc_bn_high_lr"])
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "1e308"], "--lr: must be in (0, 1000000]"),
-    (["--high-lr-factor", "1e308"], "--high-lr-factor: must be in [0, 1000000]"),  # lr x factor overflowed float32
+    # lr x factor overflowed float32
+    (["--high-lr-factor", "1e308"], "--high-lr-factor: must be in [0, 1000000]"),
 ])
-def test_bn_dropout_learning_rates_torch_cannot_represent_fail_in_parsing(tmp_path, argv, message, capsys):
-    assert lab(tmp_path, "--smoke", *argv, main=bn_dropout.main, cls=bn_dropout.Config) == {"exit": 2}
+def test_bn_dropout_learning_rates_torch_cannot_represent_fail_in_parsing(tmp_path, argv, message,
+                                                                          capsys):
+    assert lab(tmp_path, "--smoke", *argv, main=bn_dropout.main,
+               cls=bn_dropout.Config) == {"exit": 2}
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
 

@@ -34,14 +34,16 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
     assert abs(summary["bn_out_std"] - 1) < 1e-3  # BatchNorm output: unit variance per feature
     assert summary["sgd_l2_vs_decoupled"] < 1e-12  # the same update for plain SGD, up to rounding
     assert summary["adam_l2_vs_adamw"] > 0.1  # and clearly different for Adam
-    assert abs(summary["dropout_zero_fraction"] - 0.3) < 0.02 and abs(summary["dropout_mean"] - 1) < 0.05
+    assert abs(summary["dropout_zero_fraction"] - 0.3) < 0.02
+    assert abs(summary["dropout_mean"] - 1) < 0.05
 
 
 def losses_fall(rows: list[dict]) -> None:
     """The training loss of the last epoch is below the first, for every schedule in the rows."""
     for schedule in dict.fromkeys(r.get("schedule", "") for r in rows):
         losses = [float(r["train_loss"]) for r in rows if r.get("schedule", "") == schedule]
-        assert len(losses) >= 2 and losses[-1] < losses[0], f"{schedule or 'training'} loss did not fall: {losses}"
+        assert len(losses) >= 2 and losses[-1] < losses[0], (
+            f"{schedule or 'training'} loss did not fall: {losses}")
 
 
 def check_part2(summary: dict, rows: list[dict]) -> None:
@@ -93,7 +95,8 @@ def test_batchnorm_matches_torch_in_training_and_eval(shape, module_cls):
         x = rng.normal(3, 2, shape)
         upstream = rng.normal(0, 1, shape)
         if step == 1:  # exact zeros and ties (DESIGN.md 7)
-            x[:, 0] = 2.5  # a constant channel: var = 0, x_hat = 0 exactly, only eps keeps 1/sqrt finite
+            # a constant channel: var = 0, x_hat = 0 exactly, only eps keeps 1/sqrt finite
+            x[:, 0] = 2.5
             x[:, 1] = rng.integers(-1, 2, x[:, 1].shape)  # few distinct values, zeros among them
             upstream[:, 1] = 0.0
         out, dx, dgamma, dbeta = _torch_step(ref.train(), x, upstream)
@@ -102,7 +105,8 @@ def test_batchnorm_matches_torch_in_training_and_eval(shape, module_cls):
         assert_close(mine.d_gamma, dgamma, f"train dL/dgamma, step {step}")
         assert_close(mine.d_beta, dbeta, f"train dL/dbeta, step {step}")
         assert_close(mine.running_mean, ref.running_mean.numpy(), f"running mean, step {step}")
-        assert_close(mine.running_var, ref.running_var.numpy(), f"running var (unbiased), step {step}")
+        assert_close(mine.running_var, ref.running_var.numpy(),
+                     f"running var (unbiased), step {step}")
 
     x = rng.normal(3, 2, shape)
     upstream = rng.normal(0, 1, shape)
@@ -126,7 +130,8 @@ def test_batchnorm_rejects_other_shapes():
 def test_inverted_dropout_keeps_the_expectation(p):
     rng = np.random.default_rng(1)
     x = rng.normal(0, 1, 20)
-    samples = np.stack([part1.dropout_forward(x, p, training=True, rng=rng)[0] for _ in range(20_000)])
+    samples = np.stack([part1.dropout_forward(x, p, training=True, rng=rng)[0]
+                        for _ in range(20_000)])
     # Each output is x / (1-p) with probability 1-p, else 0: std of the mean = |x| sqrt(p/(1-p)/n).
     tolerance = 5 * np.abs(x) * math.sqrt(p / (1 - p) / len(samples)) + 1e-12
     assert np.all(np.abs(samples.mean(0) - x) < tolerance)
@@ -191,17 +196,20 @@ def test_sgd_l2_and_decoupled_decay_are_the_same_and_match_torch():
     assert_close(decoupled, ref, "SGD with decoupled decay")
 
 
-@pytest.mark.parametrize("decoupled, torch_cls", [(False, torch.optim.Adam), (True, torch.optim.AdamW)])
+@pytest.mark.parametrize("decoupled, torch_cls", [(False, torch.optim.Adam),
+                                                  (True, torch.optim.AdamW)])
 def test_adam_l2_and_adamw_match_torch(decoupled, torch_cls):
     lr, wd = 0.05, 0.1
     ref = _torch_trajectory(lambda p: torch_cls(p, lr=lr, weight_decay=wd))
     state = part1.AdamState(np.zeros(3), np.zeros(3))
-    mine = _numpy_trajectory(lambda w, g: part1.adam_step(w, g, state, lr, weight_decay=wd, decoupled=decoupled))
+    mine = _numpy_trajectory(lambda w, g: part1.adam_step(w, g, state, lr, weight_decay=wd,
+                                                          decoupled=decoupled))
     assert_close(mine, ref, torch_cls.__name__)
 
 
 @pytest.mark.parametrize("decoupled, torch_cls, weight_decay", [
-    (False, torch.optim.Adam, 0.0), (False, torch.optim.Adam, 1e-4), (True, torch.optim.AdamW, 0.1)])
+    (False, torch.optim.Adam, 0.0), (False, torch.optim.Adam, 1e-4),
+    (True, torch.optim.AdamW, 0.1)])
 def test_adam_matches_torch_step_by_step_with_tiny_gradients(decoupled, torch_cls, weight_decay):
     """Gradients of 1e-4 .. 1e-8 make sqrt(v_hat) comparable to eps = 1e-8, so where eps goes
     (sqrt(v_hat) + eps, not sqrt(v_hat + eps)) changes every step. Weights, m and v are compared
@@ -248,17 +256,21 @@ def _torch_lrs(make_scheduler, steps, base_lr=0.1, momentum=0.9):
 
 S = torch.optim.lr_scheduler
 SCHEDULE_CASES = {
-    "StepLR": (lambda o: S.StepLR(o, step_size=7, gamma=0.3), lambda t: part1.step_lr(t, 0.1, 7, 0.3), 30),
-    "ExponentialLR": (lambda o: S.ExponentialLR(o, gamma=0.93), lambda t: part1.exponential_lr(t, 0.1, 0.93), 30),
+    "StepLR": (lambda o: S.StepLR(o, step_size=7, gamma=0.3),
+               lambda t: part1.step_lr(t, 0.1, 7, 0.3), 30),
+    "ExponentialLR": (lambda o: S.ExponentialLR(o, gamma=0.93),
+                      lambda t: part1.exponential_lr(t, 0.1, 0.93), 30),
     "CosineAnnealingLR": (lambda o: S.CosineAnnealingLR(o, T_max=25, eta_min=0.001),
                           lambda t: part1.cosine_lr(t, 0.1, 25, 0.001), 26),
     "LinearLR warmup": (lambda o: S.LinearLR(o, start_factor=0.05, end_factor=1.0, total_iters=8),
                         lambda t: part1.linear_warmup_lr(t, 0.1, 0.05, 1.0, 8), 20),
     "OneCycleLR cos": (lambda o: S.OneCycleLR(o, max_lr=0.1, total_steps=40, pct_start=0.3),
                        lambda t: part1.one_cycle_lr(t, 0.1, 40, 0.3), 40),
-    "OneCycleLR linear": (lambda o: S.OneCycleLR(o, max_lr=0.2, total_steps=33, pct_start=0.25, div_factor=10,
-                                                 final_div_factor=100, anneal_strategy="linear"),
-                          lambda t: part1.one_cycle_lr(t, 0.2, 33, 0.25, 10, 100, anneal="linear"), 33),
+    "OneCycleLR linear": (lambda o: S.OneCycleLR(o, max_lr=0.2, total_steps=33, pct_start=0.25,
+                                                 div_factor=10, final_div_factor=100,
+                                                 anneal_strategy="linear"),
+                          lambda t: part1.one_cycle_lr(t, 0.2, 33, 0.25, 10, 100,
+                                                       anneal="linear"), 33),
 }
 
 
@@ -291,12 +303,15 @@ def test_schedule_curves_share_one_length():
 # Part 2: when each scheduler steps, early stopping, choosing on validation, resume
 # ---------------------------------------------------------------------------------------------
 def lab(module, out: Path, *argv: str) -> dict:
-    """Run a Week 4 script in this process as its command line would; the summary, or the exit status."""
+    """Run a Week 4 script in this process as its command line would; the summary, or the exit
+    status."""
     return run_lab(module.main, module.Config, ["--out", str(out), "--device", "cpu", *argv])
 
 
-TINY = ("--smoke", "--width", "4", "--blocks", "2")  # part2 in about a second (461 training images, batch 32)
-STEPS_PER_EPOCH = (512 - round(0.1 * 512)) // 32  # the twin's 512 images less 10% validation, whole batches
+# part2 in about a second (461 training images, batch 32)
+TINY = ("--smoke", "--width", "4", "--blocks", "2")
+# the twin's 512 images less 10% validation, whole batches
+STEPS_PER_EPOCH = (512 - round(0.1 * 512)) // 32
 
 
 def linear_case():
@@ -316,7 +331,8 @@ def run_epochs(model, optimizer, train, val, epochs: int, early=None, scheduler=
     for epoch in range(1, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         train_epoch(model, train, optimizer, loss_fn=F.mse_loss)
-        rows.append({"epoch": epoch, "lr": lr, "val_loss": evaluate(model, val, F.mse_loss)["loss"]})
+        val_loss = evaluate(model, val, F.mse_loss)["loss"]
+        rows.append({"epoch": epoch, "lr": lr, "val_loss": val_loss})
         if scheduler is not None:
             part2.step_per_epoch(scheduler, rows[-1]["val_loss"])
         if early is not None and early.update(rows[-1]["val_loss"], epoch):
@@ -332,7 +348,8 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     assert model.weight.item() == pytest.approx(10 * (1 - 0.9**5), rel=1e-6)  # not restored yet
     assert early.restore_best() == 3
     assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)  # epoch 3's weight
-    assert early.state_dict()["best_weights"]["weight"].item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)
+    assert early.state_dict()["best_weights"]["weight"].item() == pytest.approx(
+        10 * (1 - 0.9**3), rel=1e-6)
 
 
 def test_early_stopping_restores_the_best_weights_on_the_last_epoch_too():
@@ -348,7 +365,7 @@ def test_early_stopping_state_survives_a_checkpoint():
     as the uninterrupted run would (the exact-resume tests below check it end to end)."""
     model, optimizer, train, val = linear_case()
     early = part2.EarlyStopping(model, patience=2)
-    run_epochs(model, optimizer, train, val, 4, early)  # best epoch 3, one epoch without a lower loss
+    run_epochs(model, optimizer, train, val, 4, early)  # best epoch 3, then one not lower
     resumed = part2.EarlyStopping(model, patience=2)
     resumed.load_state_dict(early.state_dict())
     assert (resumed.best_epoch, resumed.best_loss) == (3, early.best_loss)
@@ -357,7 +374,8 @@ def test_early_stopping_state_survives_a_checkpoint():
         model.weight.fill_(-1.0)
     assert resumed.restore_best() == 3
     assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)
-    assert part2.EarlyStopping(model, patience=2).restore_best() == 0  # nothing seen: nothing restored
+    # nothing seen: nothing restored
+    assert part2.EarlyStopping(model, patience=2).restore_best() == 0
     assert model.weight.item() == pytest.approx(10 * (1 - 0.9**3), rel=1e-6)
 
 
@@ -369,7 +387,8 @@ def test_reduce_on_plateau_is_handed_the_validation_loss_once_per_epoch():
     scheduler, per_batch = part2.make_scheduler("plateau", optimizer, epochs=6, steps_per_epoch=1)
     assert not per_batch
     rows = run_epochs(model, optimizer, train, val, 6, scheduler=scheduler)
-    # epoch 1 sets the best; 2 and 3 do not improve (> patience 1): x0.1 from epoch 4, again from epoch 6
+    # epoch 1 sets the best; 2 and 3 do not improve (> patience 1): x0.1 from epoch 4, again from
+    # epoch 6
     assert [row["lr"] for row in rows] == pytest.approx([0.5, 0.5, 0.5, 0.05, 0.05, 0.005])
 
     # A falling validation loss (w moves toward the target 10 every epoch) is never cut; a
@@ -400,9 +419,11 @@ def test_one_cycle_steps_after_every_batch_and_cosine_after_every_epoch():
     for _ in range(4):
         lrs.append(optimizer.param_groups[0]["lr"])
         part2.train_one_epoch(model, batches, optimizer, cosine, per_batch)
-        assert optimizer.param_groups[0]["lr"] == lrs[-1], "train_one_epoch must not step a per-epoch schedule"
+        assert optimizer.param_groups[0]["lr"] == lrs[-1], (
+            "train_one_epoch must not step a per-epoch schedule")
         part2.step_per_epoch(cosine, val_loss=1.0)
-    # Part 1's formula at t = epochs done: the rate each epoch trained with (per batch would fall 3x faster)
+    # Part 1's formula at t = epochs done: the rate each epoch trained with (per batch would
+    # fall 3x faster)
     assert lrs == pytest.approx([part1.cosine_lr(t, 0.1, 4) for t in range(4)])
 
 
@@ -414,8 +435,10 @@ def test_train_one_epoch_reports_the_mean_loss_and_accuracy_of_the_pass():
     nn.init.zeros_(model.bias)
     y = torch.tensor([0, 1, 1, 1, 0, 0, 1, 1])
     batches = TensorLoader(torch.randn(8, 3), y, 4, shuffle=True)
-    row = part2.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), None, False)
-    assert row["train_loss"] == pytest.approx(math.log(2)) and row["train_acc"] == pytest.approx(3 / 8)
+    row = part2.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), None,
+                                False)
+    assert row["train_loss"] == pytest.approx(math.log(2))
+    assert row["train_acc"] == pytest.approx(3 / 8)
 
 
 def test_make_scheduler_knows_which_step_per_batch():
@@ -432,31 +455,38 @@ def test_one_weight_decay_split_for_the_week_no_decay_on_batchnorm_and_biases():
     assert decayed["weight_decay"] == 0.05 and all(p.ndim > 1 for p in decayed["params"])
     assert free["weight_decay"] == 0.0 and all(p.ndim == 1 for p in free["params"])
     assert len(decayed["params"]) + len(free["params"]) == len(list(model.parameters()))
-    assert best_cnn.make_decay_optimizer is part2.make_decay_optimizer  # the speed recipe uses the same one
+    # the speed recipe uses the same one
+    assert best_cnn.make_decay_optimizer is part2.make_decay_optimizer
     speed = best_cnn.SpeedNet((4, 8, 8))
     sgd = part2.make_decay_optimizer(speed, "sgd", 0.4, 5e-4, momentum=0.85, no_decay_lr_scale=16)
     weights, others = sgd.param_groups
-    assert weights["lr"] == 0.4 and others["lr"] == pytest.approx(6.4) and others["weight_decay"] == 0
+    assert weights["lr"] == 0.4 and others["lr"] == pytest.approx(6.4)
+    assert others["weight_decay"] == 0
     assert weights["momentum"] == 0.85 and weights["nesterov"]
-    frozen = {id(p) for p in speed.parameters() if not p.requires_grad}  # whitening filters, BN gammas
+    # whitening filters, BN gammas
+    frozen = {id(p) for p in speed.parameters() if not p.requires_grad}
     assert frozen and not frozen & {id(p) for g in sgd.param_groups for p in g["params"]}
 
 
 def test_part2_chooses_the_schedule_on_validation_not_on_test(tmp_path, monkeypatch):
     val_loss = {"step": 0.9, "plateau": 0.5, "onecycle": 0.7, "cosine": 0.6}
-    test_acc = {"step": 0.9, "plateau": 0.2, "onecycle": 0.5, "cosine": 0.4}  # the test set would pick step
+    # the test set would pick step
+    test_acc = {"step": 0.9, "plateau": 0.2, "onecycle": 0.5, "cosine": 0.4}
 
     def fake(schedule, make_model, train, val, test, cfg, device, log):
-        row = {"epoch": 1, "train_loss": 1.0, "val_loss": val_loss[schedule], "val_acc": 0.5, "lr": 0.1}
+        row = {"epoch": 1, "train_loss": 1.0, "val_loss": val_loss[schedule], "val_acc": 0.5,
+               "lr": 0.1}
         log.log(**row)
         return [row], {"val_loss": val_loss[schedule], "test_acc": test_acc[schedule]}
 
     monkeypatch.setattr(part2, "train_schedule", fake)
-    summary = part2.main(parse_config(part2.Config, ["--out", str(tmp_path), *TINY, "--schedule", "all"]))
+    summary = part2.main(parse_config(part2.Config,
+                                      ["--out", str(tmp_path), *TINY, "--schedule", "all"]))
     assert summary["best_schedule"] == "plateau" and summary["test_acc"] == 0.2
 
 
-def test_part2_compares_all_schedules_in_one_run_and_meets_the_test_set_once_each(tmp_path, monkeypatch):
+def test_part2_compares_all_schedules_in_one_run_and_meets_the_test_set_once_each(tmp_path,
+                                                                                   monkeypatch):
     test_passes = []
     real_make_loaders = part2.make_loaders
 
@@ -480,24 +510,29 @@ def test_part2_compares_all_schedules_in_one_run_and_meets_the_test_set_once_eac
     for s in part2.SCHEDULES:
         assert (folder / f"{s}_checkpoint.pt").exists() and (folder / f"{s}_curves.png").exists()
         # the kept model's validation loss is that of the epoch it kept (the best one, restored)
-        kept = next(r for r in rows if r["schedule"] == s and int(r["epoch"]) == summary[f"kept_epoch_{s}"])
+        kept = next(r for r in rows
+                    if r["schedule"] == s and int(r["epoch"]) == summary[f"kept_epoch_{s}"])
         assert summary[f"val_loss_{s}"] == pytest.approx(float(kept["val_loss"]), rel=1e-5)
         assert summary[f"val_loss_{s}"] == pytest.approx(min(float(r["val_loss"]) for r in rows
                                                              if r["schedule"] == s), rel=1e-5)
     assert summary["best_schedule"] == min(part2.SCHEDULES, key=lambda s: summary[f"val_loss_{s}"])
     assert summary["test_acc"] == summary[f"test_acc_{summary['best_schedule']}"]
     assert all((folder / f"schedules_{key}.png").exists() for key in ("val_loss", "val_acc", "lr"))
-    assert all(f"week04/part2/{s}" in (folder / "comparison.txt").read_text() for s in part2.SCHEDULES)
+    comparison = (folder / "comparison.txt").read_text()
+    assert all(f"week04/part2/{s}" in comparison for s in part2.SCHEDULES)
 
 
 def test_train_subset_is_drawn_at_random_so_a_copy_sorted_by_class_keeps_every_class():
     data = load("cifar10", smoke=True)
-    order = data.y_train.argsort(stable=True)  # stored class by class, as the JPEG copy of CIFAR-10 is
+    order = data.y_train.argsort(stable=True)  # stored class by class, as CIFAR-10's JPEG copy is
     x = data.x_train[order].clone()
-    x[:, 0, 0, 0] = data.y_train[order].to(torch.uint8)  # each image carries its label: pairs must stay together
+    # each image carries its label: pairs must stay together
+    x[:, 0, 0, 0] = data.y_train[order].to(torch.uint8)
     small = subset(dataclasses.replace(data, x_train=x, y_train=data.y_train[order]), 200, seed=0)
-    assert len(small.y_train) == 200 and torch.equal(small.x_train[:, 0, 0, 0].long(), small.y_train)
-    assert torch.bincount(small.y_train, minlength=10).min() >= 10  # about 20 each; the first 200: 4 classes
+    assert len(small.y_train) == 200
+    assert torch.equal(small.x_train[:, 0, 0, 0].long(), small.y_train)
+    # about 20 each; the first 200: 4 classes
+    assert torch.bincount(small.y_train, minlength=10).min() >= 10
     assert subset(data, 0, seed=0) is data and subset(data, 10**9, seed=0) is data
     assert part2.subset is subset  # one copy, in common.data (Weeks 4, 8 and 12 use it)
 
@@ -518,7 +553,8 @@ def test_part2_never_mirrors_digits_but_does_mirror_photos(dataset, mirrors, tmp
 
     monkeypatch.setattr(part2, "train_one_epoch", capture)
     with pytest.raises(_Captured):
-        part2.main(parse_config(part2.Config, ["--out", str(tmp_path), *TINY, "--dataset", dataset]))
+        part2.main(parse_config(part2.Config,
+                                ["--out", str(tmp_path), *TINY, "--dataset", dataset]))
     channels, size = (1, 28) if dataset == "mnist" else (3, 32)
     images = torch.zeros(64, channels, size, size, dtype=torch.uint8)
     images[..., 4:6] = 255
@@ -537,12 +573,15 @@ def model_weights(folder: Path, pattern: str) -> dict:
 
 @pytest.mark.parametrize("schedule, lr, epochs, interrupt_in_epoch", [
     ("plateau", "0.1", "8", 5),  # best epoch 4, stops after 6: cut after the best, before the stop
-    ("step", "0.03", "6", 6),  # best epoch 5 of 6: cut in the last epoch, the restore comes after the resume
+    # best epoch 5 of 6: cut in the last epoch, the restore comes after the resume
+    ("step", "0.03", "6", 6),
 ])
-def test_part2_resumes_exactly_after_ctrl_c(schedule, lr, epochs, interrupt_in_epoch, tmp_path, ctrl_c):
+def test_part2_resumes_exactly_after_ctrl_c(schedule, lr, epochs, interrupt_in_epoch, tmp_path,
+                                            ctrl_c):
     argv = (*TINY, "--schedule", schedule, "--lr", lr, "--epochs", epochs, "--patience", "2")
     whole = lab(part2, tmp_path / "whole", *argv)
-    assert whole["kept_epoch"] < whole["epochs_done"], "the case must restore earlier weights at its end"
+    assert whole["kept_epoch"] < whole["epochs_done"], (
+        "the case must restore earlier weights at its end")
 
     ctrl_c((interrupt_in_epoch - 1) * STEPS_PER_EPOCH + 3)  # 3 steps into that epoch
     assert lab(part2, tmp_path / "cut", *argv) == {"exit": 130}
@@ -550,16 +589,21 @@ def test_part2_resumes_exactly_after_ctrl_c(schedule, lr, epochs, interrupt_in_e
     assert read_checkpoint(checkpoint)["epoch"] == interrupt_in_epoch - 1  # the last whole epoch
 
     steps = ctrl_c(0)  # no more interrupts; counts the resumed run's steps
-    resumed = lab(part2, tmp_path / "cut", "--resume", str(checkpoint))  # its own --out (a resume keeps it)
-    assert steps.steps == (whole["epochs_done"] - interrupt_in_epoch + 1) * STEPS_PER_EPOCH  # the rest only
+    # its own --out (a resume keeps it)
+    resumed = lab(part2, tmp_path / "cut", "--resume", str(checkpoint))
+    # the rest only
+    assert steps.steps == (whole["epochs_done"] - interrupt_in_epoch + 1) * STEPS_PER_EPOCH
     for key in ("val_loss", "test_acc", "kept_epoch", "epochs_done", "stopped_early"):
         assert resumed[key] == whole[key], key
     pattern = "week04/part2/*/*_checkpoint.pt"
-    expected, got = model_weights(tmp_path / "whole", pattern), model_weights(tmp_path / "cut", pattern)
+    expected = model_weights(tmp_path / "whole", pattern)
+    got = model_weights(tmp_path / "cut", pattern)
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit for bit
-    whole_rows, resumed_rows = (list(csv.DictReader(next(p.glob("week04/part2/*/metrics.csv")).open()))
-                                for p in (tmp_path / "whole", tmp_path / "cut"))
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731
+    whole_rows, resumed_rows = (
+        list(csv.DictReader(next(p.glob("week04/part2/*/metrics.csv")).open()))
+        for p in (tmp_path / "whole", tmp_path / "cut"))
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"}  # noqa: E731
+                              for r in rows]
     assert drop_time(resumed_rows) == drop_time(whole_rows)  # one run folder with every epoch once
 
 
@@ -567,34 +611,51 @@ def test_part2_refuses_to_resume_a_schedule_all_comparison(tmp_path, capsys):
     with pytest.raises(ConfigError, match="cannot be resumed"):
         part2.Config(schedule="all", resume="x.pt")
     # a checkpoint as a --schedule all run writes it (its settings say "all")
-    checkpoint = save_checkpoint(tmp_path / "cosine_checkpoint.pt", part2.CNN(3, 10, (4, 8)), epoch=1,
-                                 config=part2.Config(smoke=True, schedule="all", out=str(tmp_path)).to_dict(),
-                                 script="week04/part2")
+    config = part2.Config(smoke=True, schedule="all", out=str(tmp_path)).to_dict()
+    checkpoint = save_checkpoint(tmp_path / "cosine_checkpoint.pt", part2.CNN(3, 10, (4, 8)),
+                                 epoch=1, config=config, script="week04/part2")
     assert lab(part2, tmp_path, "--resume", str(checkpoint)) == {"exit": 2}
     err = capsys.readouterr().err
     assert "cannot be resumed" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("sigterm, exit_code", [(False, 130), (True, 143)], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_in_a_schedule_all_run_does_not_offer_a_resume_that_is_refused(sigterm, exit_code, tmp_path, ctrl_c,
+@pytest.mark.parametrize("sigterm, exit_code", [(False, 130), (True, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_a_schedule_all_run_does_not_offer_a_resume_that_is_refused(sigterm, exit_code,
+                                                                              tmp_path, ctrl_c,
                                                                               capsys):
     """Ctrl-C / SIGTERM in the second schedule of a comparison: one line, saying it cannot be
-    resumed, not common.runner.launch's "--resume <some schedule>_checkpoint.pt" (which is refused)."""
+    resumed, not common.runner.launch's "--resume <some schedule>_checkpoint.pt" (which is
+    refused)."""
     ctrl_c(STEPS_PER_EPOCH + 3, sigterm=sigterm)  # one epoch per schedule: 3 steps into the second
     assert lab(part2, tmp_path, *TINY, "--schedule", "all", "--epochs", "1") == {"exit": exit_code}
     err = capsys.readouterr().err
     (folder,) = (tmp_path / "week04" / "part2").iterdir()
-    assert (folder / f"{part2.SCHEDULES[0]}_checkpoint.pt").exists()  # the first schedule had finished
+    # the first schedule had finished
+    assert (folder / f"{part2.SCHEDULES[0]}_checkpoint.pt").exists()
     assert err.count("\n") == 1 and "cannot be resumed" in err and "--resume" not in err, err
-    assert str(folder) in err and part2.SCHEDULES[1] in err  # where its results are, and what it was doing
+    # where its results are, and what it was doing
+    assert str(folder) in err and part2.SCHEDULES[1] in err
 
 
 def test_part2_checks_settings_before_creating_a_run_folder(tmp_path, capsys):
     assert lab(part2, tmp_path, *TINY, "--dataset", "mnist", "--blocks", "5") == {"exit": 2}
     assert "at most 4" in capsys.readouterr().err
-    assert lab(part2, tmp_path, *TINY, "--batch-size", "1000") == {"exit": 1}
-    assert "more than the 461 training images" in capsys.readouterr().err
+    assert lab(part2, tmp_path, *TINY, "--batch-size", "1000") == {"exit": 2}  # Week 3's check
+    err = capsys.readouterr().err
+    assert "--batch-size 1000 is more than the 461 training images" in err, err
+    assert err.count("\n") == 1, err
     assert lab(part2, tmp_path, "--smoke", "--val-fraction", "0") == {"exit": 2}
+    assert not (tmp_path / "week04").exists()
+
+
+def test_best_cnn_refuses_a_batch_larger_than_the_training_set_before_the_run_folder(
+        tmp_path, capsys):
+    """No validation split here: all 512 of the twin's training images are the limit."""
+    assert lab(best_cnn, tmp_path, "--smoke", "--batch-size", "513") == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "--batch-size 513 is more than the 512 training images" in err, err
+    assert err.count("\n") == 1, err
     assert not (tmp_path / "week04").exists()
 
 
@@ -602,7 +663,8 @@ def test_part2_checks_settings_before_creating_a_run_folder(tmp_path, capsys):
 # The best-CNN recipe
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype, rtol", [
-    # float32 is the training path (bf16 logits are upcast to it): float32 rounding, ~6e-8 per operation.
+    # float32 is the training path (bf16 logits are upcast to it): float32 rounding, ~6e-8 per
+    # operation.
     (torch.float32, 1e-6),
     (torch.float64, 1e-10),
 ], ids=["float32", "float64"])
@@ -611,17 +673,20 @@ def test_label_smoothing_loss_matches_torch(smoothing, dtype, rtol):
     torch.manual_seed(0)
     logits, target = torch.randn(32, 10, dtype=torch.float64), torch.randint(0, 10, (32,))
     logits[0] = 0.0  # equal logits: a uniform softmax
-    logits[1, [3, 8]] = logits[1].max() + 1.0  # a tied maximum, with the target on one of the tied classes
+    # a tied maximum, with the target on one of the tied classes
+    logits[1, [3, 8]] = logits[1].max() + 1.0
     target[1] = 8
     loss = best_cnn.label_smoothing_loss(logits.to(dtype), target, smoothing)
     expected = F.cross_entropy(logits, target, label_smoothing=smoothing)  # float64 reference
     assert loss.dtype == dtype, f"a {dtype} input gave a {loss.dtype} loss"
-    assert_close(loss.item(), expected.item(), f"label-smoothed cross-entropy ({dtype})", rtol=rtol, atol=0)
+    assert_close(loss.item(), expected.item(), f"label-smoothed cross-entropy ({dtype})",
+                 rtol=rtol, atol=0)
 
 
 def test_label_smoothing_loss_upcasts_bf16_logits():
     logits = torch.randn(8, 10).to(torch.bfloat16)
-    assert best_cnn.label_smoothing_loss(logits, torch.zeros(8, dtype=torch.long), 0.1).dtype == torch.float32
+    loss = best_cnn.label_smoothing_loss(logits, torch.zeros(8, dtype=torch.long), 0.1)
+    assert loss.dtype == torch.float32
 
 
 def test_flip_tta_averages_the_two_views_and_is_mirror_invariant():
@@ -639,7 +704,8 @@ def test_whitening_filters_decorrelate_patches():
     moment of the outputs is diag(lambda / (lambda + eps)), i.e. ~identity for a tiny eps."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(64, 3, 12, 12, generator=g)
-    images = images + 0.8 * images.roll(1, dims=3) + 0.5 * images.mean(1, keepdim=True)  # correlate neighbours
+    # correlate neighbours
+    images = images + 0.8 * images.roll(1, dims=3) + 0.5 * images.mean(1, keepdim=True)
     filters = best_cnn.whitening_filters(images, size=2, eps=1e-9)
     assert filters.shape == (24, 3, 2, 2)
     torch.testing.assert_close(filters[12:], -filters[:12])
@@ -649,15 +715,17 @@ def test_whitening_filters_decorrelate_patches():
     torch.testing.assert_close(second_moment, torch.eye(12, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
-def test_best_cnn_whitens_with_images_of_every_class_even_from_a_copy_stored_class_by_class(monkeypatch):
+def test_best_cnn_whitens_with_images_of_every_class_even_from_a_copy_stored_class_by_class(
+        monkeypatch):
     """CIFAR-10's JPEG copy is stored class by class: its first 1000 training images are all
     airplanes. The whitening statistics must come from a random sample of the training set."""
     data = load("cifar10", synthetic=True, n_synthetic=3000)
     order = data.y_train.argsort(stable=True)
     x = data.x_train[order].clone()
-    x[:, 0, 0, 0] = 20 * data.y_train[order].to(torch.uint8)  # each image carries its label in one pixel
-    monkeypatch.setattr(best_cnn, "load", lambda *a, **k: dataclasses.replace(data, x_train=x,
-                                                                                y_train=data.y_train[order]))
+    # each image carries its label in one pixel
+    x[:, 0, 0, 0] = 20 * data.y_train[order].to(torch.uint8)
+    sorted_copy = dataclasses.replace(data, x_train=x, y_train=data.y_train[order])
+    monkeypatch.setattr(best_cnn, "load", lambda *a, **k: sorted_copy)
     whitened = []
 
     def capture(images, *args, **kwargs):
@@ -669,7 +737,8 @@ def test_best_cnn_whitens_with_images_of_every_class_even_from_a_copy_stored_cla
         best_cnn.main(best_cnn.Config(device="cpu"))
     pixel = whitened[0][:, 0, 0, 0] * data.std[0] + data.mean[0]  # undo the normalization
     labels = torch.round(pixel * 255 / 20).long()
-    assert len(whitened[0]) == 1000 and torch.bincount(labels, minlength=10).min() >= 50  # ~100 of each class
+    assert len(whitened[0]) == 1000
+    assert torch.bincount(labels, minlength=10).min() >= 50  # ~100 of each class
 
 
 def test_residual_branches_start_at_zero_and_other_gammas_are_frozen():
@@ -691,16 +760,20 @@ def test_lr_factor_is_a_triangle():
 
 def test_gpu_recipe_fills_in_only_what_the_user_did_not_say():
     gpu = best_cnn.Config.PRESETS["recipe"]["gpu"]
-    cfg = parse_config(best_cnn.Config, ["--recipe", "gpu", "--batch-size", "256", "--epochs", "10"])
-    assert (cfg.batch_size, cfg.epochs) == (256, 10.0)  # said explicitly: kept, although equal to the defaults
-    assert (cfg.width2, cfg.lr, cfg.eval_each_epoch) == (gpu["width2"], gpu["lr"], False)  # the rest: the recipe
+    cfg = parse_config(best_cnn.Config,
+                       ["--recipe", "gpu", "--batch-size", "256", "--epochs", "10"])
+    # said explicitly: kept, although equal to the defaults
+    assert (cfg.batch_size, cfg.epochs) == (256, 10.0)
+    # the rest: the recipe
+    assert (cfg.width2, cfg.lr, cfg.eval_each_epoch) == (gpu["width2"], gpu["lr"], False)
     assert parse_config(best_cnn.Config, ["--recipe", "gpu"]).batch_size == gpu["batch_size"]
     assert parse_config(best_cnn.Config, []) == best_cnn.Config()  # the CPU recipe is the defaults
 
 
 def test_cuda_with_the_cpu_recipe_prints_a_hint(monkeypatch, capsys):
     monkeypatch.setattr(best_cnn, "pick_device", lambda name: torch.device("cuda"))  # no GPU needed
-    monkeypatch.setattr(best_cnn, "load", lambda *a, **k: (_ for _ in ()).throw(_Captured()))  # stop there
+    # stop there
+    monkeypatch.setattr(best_cnn, "load", lambda *a, **k: (_ for _ in ()).throw(_Captured()))
     for recipe, hint in (("cpu", True), ("gpu", False)):
         with pytest.raises(_Captured):
             best_cnn.main(best_cnn.Config(recipe=recipe))
@@ -732,7 +805,8 @@ def test_best_cnn_resumes_exactly_without_a_budget(tmp_path, monkeypatch):
     resumed = lab(best_cnn, tmp_path / "cut", "--resume", str(checkpoint))
     assert (resumed["steps"], resumed["test_acc"]) == (whole["steps"], whole["test_acc"])
     pattern = "week04/best_cnn/*/checkpoint.pt"
-    expected, got = model_weights(tmp_path / "whole", pattern), model_weights(tmp_path / "cut", pattern)
+    expected = model_weights(tmp_path / "whole", pattern)
+    got = model_weights(tmp_path / "cut", pattern)
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit for bit
     rows = next((tmp_path / "cut").glob("week04/best_cnn/*/metrics.csv")).read_text().splitlines()
     assert [r.split(",")[:2] for r in rows[1:]] == [["1", "8"], ["2", "16"], ["3", "24"]]
@@ -756,7 +830,8 @@ def test_best_cnn_damaged_or_foreign_checkpoint_is_one_line_and_writes_nothing(t
     foreign = next((tmp_path / "p2").glob("week04/part2/*/onecycle_checkpoint.pt"))
     before = {p: p.read_bytes() for p in foreign.parent.iterdir()}
     capsys.readouterr()
-    assert lab(best_cnn, tmp_path / "out", "--resume", str(foreign)) == {"exit": 2}  # refused with the settings
+    # refused with the settings
+    assert lab(best_cnn, tmp_path / "out", "--resume", str(foreign)) == {"exit": 2}
     err = capsys.readouterr().err
     assert "written by week04/part2, not week04/best_cnn" in err and err.count("\n") == 1
     assert {p: p.read_bytes() for p in foreign.parent.iterdir()} == before

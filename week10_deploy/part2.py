@@ -34,7 +34,7 @@ from common.checkpoint import load_checkpoint, read_checkpoint
 from common.config import BaseConfig, Range
 from common.data import ImageData, load
 from common.device import pick_device, prepare_model, seed_everything
-from common.errors import CheckpointError, ConfigError, LabError
+from common.errors import CheckpointError, ConfigError
 from common.loader import TensorLoader, normalizer
 from common.runner import launch
 from common.runs import Run
@@ -80,15 +80,6 @@ def week3_config(cfg: Config) -> week3.Config:
     keys = ("dataset", "epochs", "batch_size", "lr", "width", "blocks", "smoke", "seed", "device",
             "data_dir")
     return week3.Config(**{k: getattr(cfg, k) for k in keys})
-
-
-def training_loaders(w3: week3.Config, data: ImageData, device: torch.device):
-    """Week 3's training and validation batches, built before the run folder exists."""
-    try:
-        train, val, _ = week3.make_loaders(w3, data, device)
-    except LabError as e:  # a batch larger than the training set: a setting, so exit 2
-        raise ConfigError(str(e)) from None
-    return train, val
 
 
 def train_model(w3: week3.Config, data: ImageData, train, val, device: torch.device,
@@ -186,7 +177,9 @@ def main(cfg: Config) -> dict:
     if cfg.checkpoint:
         model = checkpoint_model(cfg.checkpoint, data)
     else:
-        train, val = training_loaders(w3, data, device)
+        # Week 3's batches, built before the run folder: a batch larger than the training set
+        # is a ConfigError (exit 2) raised here, so nothing is written.
+        train, val, _ = week3.make_loaders(w3, data, device)
     run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no folder
     if not cfg.checkpoint:
         model = train_model(w3, data, train, val, device, run)
