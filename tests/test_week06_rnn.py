@@ -26,6 +26,7 @@ from common.parity import assert_close
 from tests.conftest import run_lab
 from tests.test_common_text import write_reviews
 from week06_rnn import glove_vs_random, max_length, part1, part2
+from week06_rnn.baseline import NgramBag
 from week06_rnn.tokens import PAD, UNK, LengthBatches, Vocab, encode_texts, pad_batch, tokenize
 
 
@@ -340,7 +341,7 @@ def test_extra_padding_does_not_change_a_prediction(model_name):
 
 
 def test_ngram_bag_bigrams_never_touch_padding():
-    bag = part2.NgramBag(10, 2, 3, buckets=7)
+    bag = NgramBag(10, 2, 3, buckets=7)
     ids = bag.ngrams(torch.tensor([[4, 5, 6, PAD], [4, 5, PAD, PAD]]))
     assert ids.shape == (2, 7) and ids[0, 4:6].ge(10).all()
     assert ids[0, 6] == PAD and ids[1, 5:].eq(PAD).all()
@@ -350,7 +351,7 @@ def test_ngram_bag_bigrams_never_touch_padding():
 def test_train_one_epoch_clips_the_global_norm_and_logs_the_norm_before_clipping():
     """One batch and plain SGD with lr 1: the step taken is the (clipped) gradient itself."""
     torch.manual_seed(0)
-    model = part2.NgramBag(10, 2, 3, buckets=7)
+    model = NgramBag(10, 2, 3, buckets=7)
     x, y = torch.tensor([[4, 5, 6, PAD], [2, 3, PAD, PAD]]), torch.tensor([0, 1])
     train = LengthBatches(x, torch.tensor([3, 2]), y, batch_size=2)
 
@@ -488,6 +489,15 @@ def test_glove_missing_is_one_line_and_leaves_no_run(tmp_path, offline, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "glove.6B.100d.txt" in err
     assert "--glove PATH" in err and "--smoke" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_max_length_refuses_a_batch_larger_than_the_training_set_before_the_run_folder(
+        tmp_path, offline, capsys):
+    assert lab(max_length, tmp_path / "runs", "--smoke", "--batch-size", "923") == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "--batch-size 923 is more than the 922 training reviews" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()
 
 

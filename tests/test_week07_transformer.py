@@ -25,7 +25,8 @@ from common.runs import Run
 from common.text import AG_NEWS_CLASSES, TOPIC_WORDS, ag_news_twin, load_text
 from tests.conftest import run_lab
 from week06_rnn.tokens import PAD, UNK
-from week07_transformer import part1, part2, seq2seq, tweaks
+from week07_transformer import part1, part2, seq2seq, tweaks, vs_rnn
+from week07_transformer.baseline import BagOfEmbeddings
 from week07_transformer.data import encode
 
 
@@ -298,7 +299,7 @@ def test_an_empty_text_gives_finite_scores():
 
 
 def test_bag_of_embeddings_averages_real_tokens_only():
-    model = part2.BagOfEmbeddings(20, 4, dim=6)
+    model = BagOfEmbeddings(20, 4, dim=6)
     ids = torch.tensor([[5, 7, PAD, PAD]])
     expected = model.head(model.bag.weight[[5, 7]].mean(0, keepdim=True))
     torch.testing.assert_close(model(ids), expected)
@@ -373,9 +374,11 @@ def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, argv, messa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("module", [part2, tweaks, vs_rnn], ids=lambda m: m.__name__)
 def test_a_batch_larger_than_the_training_set_is_refused_before_the_run_folder(tmp_path, offline,
-                                                                              capsys):
-    assert lab(tmp_path, "--smoke", "--batch-size", "100000000") == {"exit": 2}
+                                                                              capsys, module):
+    """data.encode checks it, for every script that encodes AG News."""
+    assert lab(tmp_path, "--smoke", "--batch-size", "100000000", module=module) == {"exit": 2}
     err = capsys.readouterr().err
     assert "--batch-size 100000000 is more than the" in err and "training texts" in err, err
     assert err.count("\n") == 1, err

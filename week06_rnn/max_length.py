@@ -56,6 +56,14 @@ class Config(BaseConfig):
                               "give distinct lengths >= 1")
 
 
+def lab_config(cfg: Config, max_len: int) -> part2.Config:
+    """Part 2's settings for one length: all else (reviews, seed, model) the same for every one."""
+    return part2.Config(model=cfg.model, embed_dim=cfg.embed_dim, hidden=cfg.hidden,
+                        max_len=max_len, keep=cfg.keep, vocab_size=cfg.vocab_size,
+                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                        dropout=cfg.dropout, train_subset=cfg.train_subset, seed=cfg.seed)
+
+
 def plot_study(rows: list[dict], path, title: str):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     lengths = [r["max_len"] for r in rows]
@@ -79,16 +87,16 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     data = load_text("imdb", cfg.data_dir, smoke=cfg.smoke, n_synthetic=1024, seed=cfg.seed)
     lengths = sorted(cfg.lengths)
+    # The split does not depend on the length: a --batch-size larger than the training reviews
+    # (or a --train-subset too small to split) is refused here, before the run folder exists.
+    part2.split_reviews(lab_config(cfg, lengths[0]), len(data.train_texts))
     run = Run.start(cfg, __file__, device)
     rows = []
     # Reviews longer than max_len lose words. (Not the padded lengths >= max_len: those are cut
     # at max_len, so a review of exactly max_len tokens, which lost nothing, would count too.)
     token_counts = torch.tensor([len(tokenize(t)) for t in data.train_texts])
     for max_len in lengths:
-        lab = part2.Config(model=cfg.model, embed_dim=cfg.embed_dim, hidden=cfg.hidden,
-                           max_len=max_len, keep=cfg.keep, vocab_size=cfg.vocab_size,
-                           epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                           dropout=cfg.dropout, train_subset=cfg.train_subset, seed=cfg.seed)
+        lab = lab_config(cfg, max_len)
         b = part2.make_batches(lab, data, device)
         cut = (token_counts > max_len).float().mean().item()  # share of reviews that lost words
         print(f"--- max_len {max_len}: {cut:.0%} of training reviews cut ---")

@@ -9,7 +9,7 @@
                              clips it in one line and logs the norm it measured
     best checkpoint          kept on validation accuracy; the test set is read once, at the end
 
-``--model ngram_bag``: the fastText-style baseline (word + bigram vectors) an RNN has to beat.
+``--model ngram_bag``: the fastText-style baseline an RNN has to beat (baseline.py).
 
 Run: python week06_rnn/part2.py [--smoke] [--help]
      python week06_rnn/part2.py --model gru --no-bidirectional
@@ -38,6 +38,7 @@ from common.runner import launch
 from common.runs import Run
 from common.text import TextData, load_text
 from common.train import check_finite, evaluate, predict
+from week06_rnn.baseline import NgramBag
 from week06_rnn.tokens import PAD, LengthBatches, Vocab, encode_texts, tokenize
 
 
@@ -100,7 +101,6 @@ class TextRNN(nn.Module):
         self.packed = packed
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)  # <pad>'s vector is 0
         rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
-
         kw = dict(num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
         self.forward_rnn = rnn(embed_dim, hidden, **kw)
         self.backward_rnn = rnn(embed_dim, hidden, **kw) if bidirectional else None
@@ -146,30 +146,6 @@ class TextRNN(nn.Module):
         return self.head(self.drop(self.summary(x)))  # (N, classes)
 
 
-class NgramBag(nn.Module):
-    """fastText-style baseline: the mean of the vectors of every word and every bigram (hashed
-    into ``buckets`` slots), then a linear classifier. No order beyond neighbouring pairs."""
-
-    PRIME = 1_000_003  # bigram (a, b) -> (a * PRIME + b) mod buckets, shifted past the vocabulary
-
-    def __init__(self, vocab_size: int, num_classes: int, embed_dim: int, buckets: int,
-                 dropout: float = 0.0):
-        super().__init__()
-        self.vocab_size, self.buckets = vocab_size, buckets
-        self.bag = nn.EmbeddingBag(vocab_size + buckets, embed_dim, mode="mean", padding_idx=PAD)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(embed_dim, num_classes)
-
-    def ngrams(self, x: torch.Tensor) -> torch.Tensor:
-        """Word ids and bigram ids side by side (N, 2L - 1); PAD where a bigram touches padding."""
-        a, b = x[:, :-1], x[:, 1:]
-        bigrams = self.vocab_size + (a * self.PRIME + b) % self.buckets
-        return torch.cat([x, bigrams.masked_fill((a == PAD) | (b == PAD), PAD)], dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.bag(self.ngrams(x))))  # PADs are left out of the mean
-
-
 def make_model(cfg: Config, vocab_size: int, num_classes: int) -> nn.Module:
     if cfg.model == "ngram_bag":
         return NgramBag(vocab_size, num_classes, cfg.embed_dim, cfg.ngram_buckets, cfg.dropout)
@@ -186,18 +162,23 @@ class Batches(NamedTuple):
     vocab: Vocab
 
 
-def make_batches(cfg: Config, data: TextData, device: torch.device) -> Batches:
-    """Hold out validation reviews, build the vocabulary on the rest, batch each split by length."""
+def split_reviews(cfg: Config, n_reviews: int) -> tuple[list[int], list[int]]:
+    """Validation and training indices, at random, checked (cheap: call it before Run.start)."""
     g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(data.train_texts), generator=g)[:cfg.train_subset or None]  # 0: all
+    order = torch.randperm(n_reviews, generator=g)[:cfg.train_subset or None]  # 0: all
     n_val = int(round(cfg.val_fraction * len(order)))
     if n_val < 1 or len(order) - n_val < 1:
         raise ConfigError(f"--val-fraction {cfg.val_fraction} of {len(order)} training reviews "
                           "leaves none for validation or training; change it or use more reviews")
-    val_idx, train_idx = order[:n_val].tolist(), order[n_val:].tolist()
-    if cfg.batch_size > len(train_idx):  # one short batch would train, but the rule is one for all
-        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(train_idx)} "
+    if cfg.batch_size > len(order) - n_val:  # one short batch would train, but one rule for all
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(order) - n_val} "
                           "training reviews")
+    return order[:n_val].tolist(), order[n_val:].tolist()
+
+
+def make_batches(cfg: Config, data: TextData, device: torch.device) -> Batches:
+    """Hold out validation reviews, build the vocabulary on the rest, batch each split by length."""
+    val_idx, train_idx = split_reviews(cfg, len(data.train_texts))
     train_texts = [data.train_texts[i] for i in train_idx]
     vocab = Vocab.build((tokenize(t) for t in train_texts), max_size=cfg.vocab_size)
 
@@ -278,9 +259,8 @@ def train_and_test(cfg: Config, b: Batches, model: nn.Module, run: Run) -> tuple
 
 def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
-    # Gradients that vanish through time (Part 1) pass through "denormal" floats (below 1e-38),
-    # which x86 CPUs process up to 100x slower; flushing them to zero changes nothing we can
-    # measure and made the LSTM's backward pass 6x faster here.
+    # Gradients that vanish through time (Part 1) pass through "denormal" floats (< 1e-38), up to
+    # 100x slower on x86 CPUs; flushed to zero (no measurable change) the LSTM trains 6x faster.
     torch.set_flush_denormal(True)
     device = pick_device(cfg.device)
     data = load_text("imdb", cfg.data_dir, smoke=cfg.smoke, n_synthetic=1024, seed=cfg.seed)

@@ -44,7 +44,8 @@ def load_ag_news(cfg) -> TextData:
 def encode(cfg, data: TextData) -> tuple[Splits, Vocab]:
     """Hold out validation texts at random, build the vocabulary from the remaining training
     texts only (a validation or test word is unknown to the model, as it would be in use), then
-    tokenize, encode and pad every split to at most ``max_len`` tokens."""
+    tokenize, encode and pad every split to at most ``max_len`` tokens. A ``batch_size`` larger
+    than the training texts is refused here, before a script starts its run folder."""
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data.train_texts), generator=g)[:cfg.train_subset or None]
     n_val = int(round(cfg.val_fraction * len(order)))
@@ -52,6 +53,9 @@ def encode(cfg, data: TextData) -> tuple[Splits, Vocab]:
         raise ConfigError(f"--val-fraction {cfg.val_fraction} of {len(order)} training texts "
                           "leaves none for validation or training; change it or use more texts")
     val_idx, train_idx = order[:n_val].tolist(), order[n_val:].tolist()
+    if cfg.batch_size > len(train_idx):  # one short batch would train, but the rule is one for all
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(train_idx)} "
+                          "training texts")
     train_texts = [data.train_texts[i] for i in train_idx]
     vocab = Vocab.build(map(tokenize, train_texts), max_size=cfg.vocab_size)  # training texts only
     x_train, _ = encode_texts(train_texts, vocab, cfg.max_len)  # (N, L) ids, right-padded

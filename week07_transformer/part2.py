@@ -1,18 +1,13 @@
 """Week 7, Part 2: a Transformer-encoder text classifier on AG News (4 news topics).
 
-The pieces of Part 1 as PyTorch modules: token embeddings plus the sinusoidal positional
-encoding, ``nn.TransformerEncoder`` told which positions are <pad> (``src_key_padding_mask``),
-then one vector per text, pooled one of two ways (``--pool``):
+Part 1's pieces as PyTorch modules: token embeddings plus the sinusoidal positional encoding,
+``nn.TransformerEncoder`` told which positions are <pad> (``src_key_padding_mask``), then one
+vector per text (``--pool``): ``mean`` of the outputs over the real tokens, or ``cls``, the
+output of a learned [CLS] vector put in front of every text (every layer lets it attend to all).
 
-    mean   the average of the encoder outputs over the real tokens (pads left out)
-    cls    a learned [CLS] vector put in front of every text; its output is the summary,
-           because every layer lets it attend to all the tokens
-
-AdamW with a learning rate stepped after every batch (``warmup_then_cosine``: a linear warmup
-over ``--warmup`` of the steps, then a half cosine to 0), early stopping on the validation loss
-deciding in the loop (Week 4's ``EarlyStopping``), the test set touched once at the end:
-accuracy and a confusion matrix. ``--model bag`` trains the classic fast baseline instead: an
-``nn.EmbeddingBag`` (the mean of the word vectors, order ignored) and a linear layer.
+AdamW with the learning rate stepped after every batch (``warmup_then_cosine``), early stopping
+on the validation loss deciding in the loop (Week 4's ``EarlyStopping``), the test set touched
+once at the end. ``--model bag``: the ``nn.EmbeddingBag`` baseline (baseline.py).
 
 Run: python week07_transformer/part2.py [--smoke] [--help]
      python week07_transformer/part2.py --data-dir DATA            # DATA/ag_news_csv[.tgz]
@@ -34,16 +29,17 @@ from common.config import BaseConfig, Range
 from common.device import autocast, pick_device, prepare_model, seed_everything
 from common.errors import ConfigError
 from common.loader import TensorLoader
-from common.plots import confusion_matrix, plot_confusion, plot_history
+from common.plots import plot_history
 from common.progress import progress
 from common.runner import launch
 from common.runs import Run
-from common.train import check_finite, evaluate, predict
+from common.train import check_finite, evaluate
 from week02_mlp.data import Splits
-from week03_cnn.part2 import per_class_accuracy
 from week04_regularization.part2 import EarlyStopping
 from week06_rnn.tokens import PAD
+from week07_transformer.baseline import BagOfEmbeddings
 from week07_transformer.data import encode, load_ag_news, loaders
+from week07_transformer.report import report_test_set
 
 
 @dataclass
@@ -69,7 +65,6 @@ class Config(BaseConfig):
     max_len: Annotated[int, Range(1, 4096)] = 64  # tokens kept per text (title + description)
     val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.05  # training texts held out
     train_subset: Annotated[int, Range(0)] = 0  # use only N training texts, at random (0: all)
-
     SMOKE: ClassVar[dict] = {"d_model": 32, "nhead": 2, "layers": 1, "epochs": 8, "batch_size": 32,
                              "lr": 3e-3, "max_len": 24, "vocab_size": 400, "val_fraction": 0.1}
     # The bag of embeddings has no attention to destabilize and few, sparse updates: a larger lr.
@@ -84,11 +79,10 @@ class Config(BaseConfig):
                               "pairs sin and cos)")
 
 
-# ---- Positional encoding: Part 1's table, as a buffer ----
+# ---- The model: Part 1's positional encoding as a buffer, then the encoder ----
 class PositionalEncoding(nn.Module):
     """Adds PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d)) to
-    (N, L, d) inputs. A buffer, not a parameter: it moves with ``.to(device)`` and is not trained
-    (``persistent=False``: recomputed, not stored in checkpoints)."""
+    (N, L, d) inputs. A buffer: moves with ``.to(device)``, not trained, not checkpointed."""
 
     def __init__(self, d_model: int, max_len: int = 4096):
         super().__init__()
@@ -101,12 +95,10 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > len(self.pe):
-            raise ValueError(f"sequence of {x.shape[1]} positions, but the encoding was built for "
-                             f"{len(self.pe)}")
+            raise ValueError(f"{x.shape[1]} positions, but the encoding has {len(self.pe)}")
         return x + self.pe[:x.shape[1]].to(x.dtype)
 
 
-# ---- The models ----
 class TransformerClassifier(nn.Module):
     """ids (N, L) -> class scores (N, K): embed * sqrt(d) + PE, encoder layers, pool, linear."""
 
@@ -149,19 +141,6 @@ class TransformerClassifier(nn.Module):
         return self.head(pooled)  # (N, K)
 
 
-class BagOfEmbeddings(nn.Module):
-    """The fastText-style baseline: the mean of the word vectors (``nn.EmbeddingBag`` with
-    ``padding_idx`` leaves pads out of the mean), then a linear layer. Word order is ignored."""
-
-    def __init__(self, vocab_size: int, num_classes: int, dim: int = 64):
-        super().__init__()
-        self.bag = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=PAD)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.bag(ids))  # (N, dim) -> (N, K)
-
-
 def build_model(cfg: Config, vocab_size: int, num_classes: int) -> nn.Module:
     if cfg.model == "bag":
         return BagOfEmbeddings(vocab_size, num_classes, cfg.d_model)
@@ -174,10 +153,8 @@ def build_model(cfg: Config, vocab_size: int, num_classes: int) -> nn.Module:
 def warmup_then_cosine(total_steps: int, warmup_steps: int):
     """The factor LambdaLR multiplies the peak lr by after ``step`` optimizer steps:
     (step + 1) / warmup_steps while warming up, then 0.5 (1 + cos(pi t)), t going 0 -> 1.
-
-    Why warm up: at the start Adam's second-moment estimates rest on a handful of batches and
-    attention can lock onto whatever pattern the random weights show; small steps until both
-    settle avoid an early blow-up (post-LN Transformers barely train without it)."""
+    Why warm up: Adam's second moments first rest on a few batches, and attention can lock onto
+    patterns of the random weights; small steps until both settle avoid an early blow-up."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -210,8 +187,7 @@ def train_one_epoch(model: nn.Module, train: TensorLoader, optimizer: torch.opti
 
 def train_model(cfg: Config, model: nn.Module, splits: Splits, device: torch.device,
                 run: Run) -> tuple[list[dict], int]:
-    """AdamW + warmup/cosine per batch + early stopping on the validation loss; the model ends
-    with the weights of its best validation epoch. Returns the rows logged and that epoch."""
+    """Train with early stopping; returns the rows logged and the epoch whose weights are kept."""
     train, val, _ = loaders(cfg, splits, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(train)
@@ -242,10 +218,7 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = load_ag_news(cfg)
-    splits, vocab = encode(cfg, data)
-    if cfg.batch_size > len(splits.x_train):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(splits.x_train)} "
-                          "training texts")
+    splits, vocab = encode(cfg, data)  # refuses a --batch-size larger than the training texts
     print(f"{data.name}: train {len(splits.x_train)}, validation {len(splits.x_val)}, test "
           f"{len(splits.x_test)} texts; vocabulary {len(vocab)} tokens; padded to "
           f"{splits.x_train.shape[1]} tokens")
@@ -256,22 +229,15 @@ def main(cfg: Config) -> dict:
     print(f"{type(model).__name__}: {params:,} parameters")
     rows, kept = train_model(cfg, model, splits, device, run)
     plot_history(rows, run.path("curves.png"), title=f"{cfg.model} on {data.name}")
-
     _, val, test = loaders(cfg, splits, device)
     kept_val = evaluate(model, val)
-    logits, targets = predict(model, test)  # the test set, once, with the kept weights
-    pred = logits.argmax(1).numpy()
-    matrix = confusion_matrix(targets.numpy(), pred, len(splits.classes))
-    plot_confusion(matrix, splits.classes, run.path("confusion.png"), title=f"{cfg.model}, test")
-    per_class = dict(zip(splits.classes, np.round(per_class_accuracy(matrix), 4).tolist()))
-    print("per-class test accuracy: " + "  ".join(f"{c} {a:.3f}" for c, a in per_class.items()))
+    test_result = report_test_set(model, test, splits.classes, run, f"{cfg.model}, test")  # once
     run.save_checkpoint(model, epoch=rows[-1]["epoch"], vocab=vocab.state_dict(), kept_epoch=kept)
     epoch_times = [r["epoch_time_s"] for r in rows]
-    return run.finish(test_acc=float((pred == targets.numpy()).mean()), val_acc=kept_val["acc"],
-                      val_loss=kept_val["loss"], kept_epoch=kept, epochs_done=rows[-1]["epoch"],
-                      params=params, train_time_s=round(sum(epoch_times), 2),
-                      epoch_time_s=round(float(np.median(epoch_times)), 3),
-                      per_class_acc=per_class, confusion=matrix.tolist(), data=data.name)
+    return run.finish(**test_result, val_acc=kept_val["acc"], val_loss=kept_val["loss"],
+                      kept_epoch=kept, epochs_done=rows[-1]["epoch"], params=params,
+                      train_time_s=round(sum(epoch_times), 2),
+                      epoch_time_s=round(float(np.median(epoch_times)), 3), data=data.name)
 
 
 if __name__ == "__main__":

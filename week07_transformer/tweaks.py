@@ -82,10 +82,7 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = load_ag_news(cfg)
-    splits, vocab = encode(variant_config(cfg, VARIANTS["plain"]), data)
-    if cfg.batch_size > len(splits.x_train):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the "
-                          f"{len(splits.x_train)} training texts")
+    splits, vocab = encode(variant_config(cfg, VARIANTS["plain"]), data)  # checks --batch-size
     run = Run.start(cfg, __file__, device)
     summaries: dict[str, dict] = {}
     for name, settings in VARIANTS.items():
