@@ -1,6 +1,7 @@
 """Week 9 benchmark: the DCGAN of week09_gan/part2.py on real MNIST, scored without downloads.
 
-    python benchmarks/run.py mnist_dcgan --data-dir DATA [--set epochs=3] [--set out=DIR] [--set threads=1]
+    python benchmarks/run.py mnist_dcgan --data-dir DATA [--set epochs=3] [--set out=DIR]
+        [--set threads=1]
 
 A fixed compute budget, not a clock: ``epochs`` (default 3) whole passes over the 50,000
 training images (390 steps each at batch 128), so the result repeats exactly on a CPU however
@@ -36,24 +37,30 @@ def mnist_dcgan(data_dir: str, device: str, options: dict) -> dict:
     fields, _ = config_options(options, part2.Config, default_threads=1)
     settings = {"dataset": "mnist", "epochs": 3, **fields}
     t0 = time.perf_counter()
-    get_scorer("mnist", load("mnist", data_dir), smoke=False, device=pick_device(device))  # trained once, cached
+    # The scoring classifier: trained once, then cached.
+    get_scorer("mnist", load("mnist", data_dir), smoke=False, device=pick_device(device))
     classifier_s = time.perf_counter() - t0
-    keep = settings.pop("out", "")  # --set out=DIR keeps the run folder (grids, plots); else a temporary one
+    # --set out=DIR keeps the run folder (grids, plots); else a temporary one.
+    keep = settings.pop("out", "")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = part2.Config(**settings, data_dir=data_dir, device=device, out=keep or tmp)
         summary = part2.main(cfg)
     shares = summary["class_shares"]
-    return {"metric": "fd", "value": summary["fd"], "fd_real": summary["fd_real"], "fd_ratio": summary["fd_ratio"],
-            "fd_untrained": summary["fd_start"], "fd_samples": summary["fd_samples"],
+    return {"metric": "fd", "value": summary["fd"], "fd_real": summary["fd_real"],
+            "fd_ratio": summary["fd_ratio"], "fd_untrained": summary["fd_start"],
+            "fd_samples": summary["fd_samples"],
             "class_shares": dict(zip(summary["classes"], shares)), "min_class_share": min(shares),
-            "max_class_share": max(shares), "coverage_goal_met": all(0.07 <= s <= 0.13 for s in shares),
+            "max_class_share": max(shares),
+            "coverage_goal_met": all(0.07 <= s <= 0.13 for s in shares),
             "gan_train_s": summary["train_time_s"], "gan_wall_s": summary["wall_time_s"],
-            "classifier_s": round(classifier_s, 1), "classifier_val_acc": summary["classifier_val_acc"],
+            "classifier_s": round(classifier_s, 1),
+            "classifier_val_acc": summary["classifier_val_acc"],
             "steps": summary["steps"], "config": settings}
 
 
 ENTRIES = {
-    "mnist_dcgan": Benchmark(mnist_dcgan, "Week 9 DCGAN on MNIST, 3 epochs: classifier-feature Frechet distance "
-                                          "(lower is better) vs real-vs-real, class coverage of 10,000 samples",
-                             higher_is_better=False),
+    "mnist_dcgan": Benchmark(
+        mnist_dcgan, "Week 9 DCGAN on MNIST, 3 epochs: classifier-feature Frechet distance (lower "
+                     "is better) vs real-vs-real, class coverage of 10,000 samples",
+        higher_is_better=False),
 }

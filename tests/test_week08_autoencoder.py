@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from common.checkpoint import read_checkpoint, save_checkpoint
+from common.data import ImageData
 from common.parity import assert_close
 from common.runs import Run
 from tests.conftest import run_lab
@@ -87,7 +88,8 @@ def check_latent_kmeans(summary: dict, rows: list[dict]) -> None:
     # The twin's 102 test images cannot judge clustering quality: a random labelling of them
     # already scores about 0.25 accuracy after matching and 0.21 NMI (measured, 200 draws), as
     # much as k-means does on the twin. Part 1's k-means is judged by its unit tests and its
-    # smoke run on real digits (accuracy > 0.6); here: every view was clustered and scored.
+    # smoke run on real digits (accuracy > 0.6), this script's pipeline on clearly separated
+    # classes (test_latent_kmeans_recovers_...); here: every view was clustered and scored.
     assert summary["clustered"] == 102
     for view in ("pixels", "pca", "latent"):
         assert 0 < summary[f"acc_{view}"] <= 1 and 0 <= summary[f"nmi_{view}"] <= 1, view
@@ -390,6 +392,35 @@ def test_the_pca_baseline_uses_the_same_pixels_and_test_images():
     assert mse < mean_mse
 
 
+def quadrant_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images of 4 clearly separated classes: class k lights up quadrant k (at a random
+    brightness), over noise. Any sound clustering of them matches the labels exactly."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.arange(n) % 4)[torch.randperm(n, generator=g)]
+    x = torch.rand(n, 1, 28, 28, generator=g) * 40
+    lit = torch.zeros(4, 28, 28)
+    for k, (r, c) in enumerate([(0, 0), (0, 14), (14, 0), (14, 14)]):
+        lit[k, r:r + 14, c:c + 14] = 1
+    x += lit[y].unsqueeze(1) * (150 + 60 * torch.rand(n, 1, 1, 1, generator=g))
+    return x.round().to(torch.uint8), y
+
+
+def test_latent_kmeans_recovers_clearly_separated_classes_in_every_view(tmp_path, monkeypatch):
+    # The twin cannot judge the clustering (a random labelling of its 102 test images scores
+    # like k-means): here the classes are plain, so each view must match the labels, and a
+    # script that scored against other images' labels or encoded other images would not.
+    x_train, y_train = quadrant_images(320, 0)
+    x_test, y_test = quadrant_images(100, 1)
+    data = ImageData(x_train, y_train, x_test, y_test, ["a", "b", "c", "d"], (0.3,), (0.3,),
+                     "quadrants")
+    monkeypatch.setattr(part2, "load_images", lambda cfg: data)
+    summary = lab(tmp_path, "--smoke", "--clusters", "4", "--bottleneck", "4", "--epochs", "4",
+                  "--cluster-points", "60", module=latent_kmeans)
+    assert summary["clustered"] == 60, summary
+    for view in ("pixels", "pca", "latent"):  # measured: 1.0 and 1.0 for all three
+        assert summary[f"acc_{view}"] > 0.95 and summary[f"nmi_{view}"] > 0.9, (view, summary)
+
+
 # ---------------------------------------------------------------------------------------------
 # The lab: settings, bad input, resume
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +443,24 @@ def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, module, arg
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("module", [part2, bottleneck_sweep, latent_kmeans],
+                         ids=["part2", "bottleneck_sweep", "latent_kmeans"])
+def test_a_batch_larger_than_the_training_set_is_a_setting_error_before_the_run_folder(
+        tmp_path, offline, capsys, module):
+    # 461 = the twin's 512 training images less the 10% held out for validation
+    assert lab(tmp_path, "--smoke", "--batch-size", "462", module=module) == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "--batch-size 462 is more than the 461 training images" in err, err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_batch_of_all_the_training_images_is_one_step_per_epoch():
+    cfg = part2.Config(smoke=True, batch_size=461, device="cpu")
+    train, _, _ = part2.make_loaders(cfg, part2.load_images(cfg), torch.device("cpu"))
+    assert len(train) == 1 and len(train.x) == 461
 
 
 def test_missing_mnist_offline_is_one_line_and_leaves_nothing(tmp_path, offline, capsys):

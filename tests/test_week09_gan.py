@@ -18,7 +18,7 @@ from torch import nn
 from common.checkpoint import read_checkpoint, save_checkpoint
 from common.parity import assert_close, torch_reference
 from tests.conftest import ROOT, offline_env, run_lab
-from week09_gan import part1, part2, quality
+from week09_gan import part1, part2, quality, sweep
 
 
 # ------------------------------------------------------------------------------------------
@@ -31,7 +31,11 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
     assert {r["variant"] for r in rows} == {"plain", "minibatch std"}
     fixed = [r for r in rows if r["variant"] == "minibatch std"]
     assert all(float(r["jsd"]) < float(r["jsd_start"]) for r in fixed), rows  # G moved to the data
-    assert summary["modes_mbstd"] >= summary["modes_plain"] and summary["modes_mbstd"] >= 3, summary
+    # The minibatch std must make the difference. Measured (800 smoke steps, seeds 0-5): plain
+    # covers 1-3 of the 5 modes, minibatch std 5 on every seed; with the std feature removed
+    # (both variants plain) the two counts are equal.
+    assert summary["modes_mbstd"] >= summary["modes_plain"] + 2, summary
+    assert summary["modes_mbstd"] >= 4, summary
 
 
 def check_part2(summary: dict, rows: list[dict]) -> None:
@@ -181,9 +185,16 @@ def test_a_diverging_tiny_gan_stops_with_an_error_not_nan_scores():
 def test_minibatch_std_lets_d_see_the_spread_of_the_batch():
     torch.manual_seed(0)
     d = part1.TinyDiscriminator(minibatch_std=True)
+    seen = []  # what D's MLP gets: each sample beside the std of its whole batch
+    d.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
     x = torch.randn(8, 1)
     alone = d(x[:1].repeat(8, 1))  # the same first sample in a batch of copies (std 0)
     mixed = d(x)
+    copies, varied = seen
+    assert copies.shape == varied.shape == (8, 2)
+    assert torch.equal(copies[:, 0], x[:1].repeat(8, 1)[:, 0]) and torch.all(copies[:, 1] == 0)
+    torch.testing.assert_close(varied[:, 1], x.std().expand(8))  # the same std beside each one
+    assert varied[0, 1] > 0.5
     assert not torch.allclose(alone[0], mixed[0]), \
         "the same sample in another batch must be judged differently"
     plain = part1.TinyDiscriminator(minibatch_std=False)
@@ -410,10 +421,19 @@ def test_impossible_settings_fail_in_parsing_with_one_line(tmp_path, argv, messa
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_batch_larger_than_the_training_set_and_missing_data_stop_before_the_run_folder(
-        tmp_path, offline, capsys):
-    assert lab(tmp_path, "--smoke", "--batch-size", "5000") == {"exit": 1}
-    assert "--batch-size 5000 is more than the 427 training images" in capsys.readouterr().err
+@pytest.mark.parametrize("script", [part2, sweep], ids=["part2", "sweep"])
+def test_a_batch_larger_than_the_training_set_is_a_setting_error_before_the_run_folder(
+        tmp_path, offline, capsys, script):
+    # 427 = the twin's 512 training images less the 1/6 held out for the score
+    assert lab(tmp_path, "--smoke", "--batch-size", "428", main=script.main,
+               cls=script.Config) == {"exit": 2}
+    err = capsys.readouterr().err
+    assert "--batch-size 428 is more than the 427 training images" in err, err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_stops_before_the_run_folder(tmp_path, offline, capsys):
     assert lab(tmp_path, "--data-dir", str(tmp_path / "nowhere")) == {"exit": 1}
     err = capsys.readouterr().err
     assert "mnist" in err and "does not exist" in err and err.count("\n") == 1

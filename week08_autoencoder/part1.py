@@ -1,4 +1,4 @@
-"""Week 8, Part 1: PCA (two ways) and k-means (with k-means++) from scratch in NumPy, on real digits.
+"""Week 8, Part 1: PCA (two ways) and k-means (k-means++ starts) from scratch in NumPy, on digits.
 
 Run: python week08_autoencoder/part1.py [--smoke] [--help]
      python week08_autoencoder/part1.py --dataset digits        # scikit-learn's 8x8 digits, offline
@@ -51,11 +51,11 @@ from common.runs import Run
 class Config(BaseConfig):
     """Week 8, Part 1: PCA by eigendecomposition and by SVD, k-means++ and k-means, in NumPy."""
 
-    dataset: Literal["mnist", "digits"] = "mnist"  # mnist: 28x28 (--data-dir or download); digits: sklearn's 8x8
-    samples: Annotated[int, Range(0)] = 10000  # training images used (drawn at random; 0: all of them)
-    components: Annotated[int, Range(1)] = 50  # principal components kept for the figures and the summary
-    clusters: Annotated[int, Range(2, 100)] = 10  # k of k-means (10: one per digit, if the data agrees)
-    restarts: Annotated[int, Range(1, 100)] = 3  # k-means runs from different k-means++ starts; lowest inertia kept
+    dataset: Literal["mnist", "digits"] = "mnist"  # mnist: 28x28, downloaded; digits: sklearn's 8x8
+    samples: Annotated[int, Range(0)] = 10000  # training images used (at random; 0: all of them)
+    components: Annotated[int, Range(1)] = 50  # principal components in the figures and summary
+    clusters: Annotated[int, Range(2, 100)] = 10  # k of k-means (10: one per digit, if data agrees)
+    restarts: Annotated[int, Range(1, 100)] = 3  # k-means++ starts; the lowest inertia is kept
     max_iter: Annotated[int, Range(1, 10000)] = 100  # most assign/update rounds per k-means run
 
     SMOKE: ClassVar[dict] = {"dataset": "digits", "restarts": 2, "components": 20}
@@ -140,7 +140,8 @@ def squared_distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """||x_i - c_j||^2 = ||x_i||^2 - 2 x_i . c_j + ||c_j||^2 for all pairs, as one matrix product
     (an (n, k, d) array of differences would not fit in memory for MNIST). Rounding can leave a
     tiny negative where x_i = c_j: clip at 0."""
-    d2 = (x * x).sum(axis=1)[:, None] - 2 * x @ centres.T + (centres * centres).sum(axis=1)[None, :]
+    d2 = ((x * x).sum(axis=1)[:, None] - 2 * x @ centres.T
+          + (centres * centres).sum(axis=1)[None, :])
     return np.maximum(d2, 0)
 
 
@@ -157,10 +158,12 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     d2 = squared_distances(x, x[chosen])[:, 0]
     for _ in range(1, k):
         cumulative = np.cumsum(d2)
-        if cumulative[-1] <= 0:  # every point sits on a chosen centre (duplicates): any other will do
+        # Every point sits on a chosen centre (duplicates): any other point will do.
+        if cumulative[-1] <= 0:
             chosen.append(int(rng.choice(np.setdiff1d(np.arange(n), chosen))))
         else:
-            chosen.append(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")))
+            u = rng.random() * cumulative[-1]
+            chosen.append(int(np.searchsorted(cumulative, u, side="right")))
         d2 = np.minimum(d2, squared_distances(x, x[chosen[-1:]])[:, 0])
     return np.array(chosen)
 
@@ -196,7 +199,8 @@ def kmeans(x: np.ndarray, centres: np.ndarray, max_iter: int = 100) -> KMeansRes
     return KMeansResult(centres, labels, inertia, max_iter, False)
 
 
-def best_of_restarts(x: np.ndarray, k: int, restarts: int, max_iter: int, seed: int) -> KMeansResult:
+def best_of_restarts(x: np.ndarray, k: int, restarts: int, max_iter: int,
+                     seed: int) -> KMeansResult:
     """k-means from ``restarts`` k-means++ starts; the run with the lowest final inertia (J
     has local minima: the start matters)."""
     rng = np.random.default_rng(seed)
@@ -210,8 +214,8 @@ def best_of_restarts(x: np.ndarray, k: int, restarts: int, max_iter: int, seed: 
 def contingency(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """counts[j, c]: how many rows of cluster j have label c."""
     true, pred = np.asarray(true), np.asarray(pred)
-    return np.bincount(pred * (true.max() + 1) + true, minlength=(pred.max() + 1) * (true.max() + 1)).reshape(
-        pred.max() + 1, true.max() + 1)
+    shape = (pred.max() + 1, true.max() + 1)
+    return np.bincount(pred * shape[1] + true, minlength=shape[0] * shape[1]).reshape(shape)
 
 
 def match_clusters(true: np.ndarray, pred: np.ndarray) -> dict[int, int]:
@@ -223,10 +227,13 @@ def match_clusters(true: np.ndarray, pred: np.ndarray) -> dict[int, int]:
     return dict(zip(rows.tolist(), cols.tolist()))
 
 
-def matched_accuracy(true: np.ndarray, pred: np.ndarray, mapping: dict[int, int] | None = None) -> float:
-    """Share of rows whose cluster maps to their label (the map: ``match_clusters``, unless given)."""
+def matched_accuracy(true: np.ndarray, pred: np.ndarray,
+                     mapping: dict[int, int] | None = None) -> float:
+    """Share of rows whose cluster maps to their label (the map: ``match_clusters``, unless
+    given)."""
     mapping = match_clusters(true, pred) if mapping is None else mapping
-    mapped = np.array([mapping.get(int(c), -1) for c in range(int(np.max(pred)) + 1)])[np.asarray(pred)]
+    label_of = np.array([mapping.get(int(c), -1) for c in range(int(np.max(pred)) + 1)])
+    mapped = label_of[np.asarray(pred)]
     return float(np.mean(mapped == np.asarray(true)))
 
 
@@ -239,7 +246,8 @@ def entropy(counts: np.ndarray) -> float:
 def nmi(true: np.ndarray, pred: np.ndarray) -> float:
     """Normalized mutual information, NMI = I(T; P) / ((H(T) + H(P)) / 2), where
     I(T; P) = sum_{j,c} p(j, c) log(p(j, c) / (p(j) p(c))). 1: the clusters are the labels up to
-    renaming; 0: they say nothing about them. No matching needed. (Both constant: 1 by convention.)"""
+    renaming; 0: they say nothing about them. No matching needed. (Both constant: 1 by
+    convention.)"""
     counts = contingency(true, pred).astype(np.float64)
     h_pred, h_true = entropy(counts.sum(axis=1)), entropy(counts.sum(axis=0))
     if h_pred == 0 and h_true == 0:
@@ -269,7 +277,8 @@ def load_pixels(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
         keep = np.random.default_rng(cfg.seed).permutation(len(x_train))[:cfg.samples]
         x_train, y_train = x_train[keep], y_train[keep]
     if cfg.clusters > len(x_train):
-        raise ConfigError(f"--clusters {cfg.clusters} is more than the {len(x_train)} training images")
+        raise ConfigError(f"--clusters {cfg.clusters} is more than the {len(x_train)} "
+                          "training images")
     return x_train, y_train, x_test, y_test, side, data.name
 
 
@@ -280,7 +289,8 @@ def plot_scree(ratio: np.ndarray, shown: int, path, title: str):
     ax.bar(np.arange(1, shown + 1), ratio[:shown], color="tab:blue", label="per component")
     ax.set(xlabel="component", ylabel="share of variance", title=title)
     twin = ax.twinx()
-    twin.plot(np.arange(1, shown + 1), np.cumsum(ratio)[:shown], color="tab:red", marker=".", label="cumulative")
+    twin.plot(np.arange(1, shown + 1), np.cumsum(ratio)[:shown], color="tab:red", marker=".",
+              label="cumulative")
     twin.set(ylim=(0, 1.02), ylabel="cumulative share")
     for share in (0.8, 0.9):
         twin.axhline(share, color="gray", lw=0.6, ls="--")
@@ -289,7 +299,8 @@ def plot_scree(ratio: np.ndarray, shown: int, path, title: str):
     return save(fig, path)
 
 
-def plot_vectors(vectors: np.ndarray, side: int, path, titles: list[str], title: str, signed: bool = True):
+def plot_vectors(vectors: np.ndarray, side: int, path, titles: list[str], title: str,
+                 signed: bool = True):
     """Rows of length side^2 as images: components on a red/blue scale (sign matters, 0 is
     white), centres and reconstructions in grey."""
     n = len(vectors)
@@ -314,8 +325,8 @@ def reconstruction_grid(pca: PCA, images: np.ndarray, ks: list[int], side: int, 
     """Row 1: test images; each next row: the same images from k components."""
     rows = [images] + [np.clip(pca.reconstruct(images, k), 0, 1) for k in ks]
     titles = [f"original {i}" for i in range(len(images))] + [f"k={k}" for k in ks for _ in images]
-    return plot_vectors(np.concatenate(rows), side, path, titles, "PCA reconstructions from k components",
-                        signed=False)
+    return plot_vectors(np.concatenate(rows), side, path, titles,
+                        "PCA reconstructions from k components", signed=False)
 
 
 def main(cfg: Config) -> dict:
@@ -330,20 +341,23 @@ def main(cfg: Config) -> dict:
     by_eig, by_svd = pca_eig(x_train), pca_svd(x_train)
     variance_gap = float(np.abs(by_eig.explained_variance - by_svd.explained_variance).max())
     top = min(cfg.components, len(by_svd.components))
-    reliable = by_svd.explained_variance[:top] > 1e-6 * by_svd.explained_variance[0]  # eigh's digits run out below
-    component_gap = float(np.abs(by_eig.components[:top][reliable] - by_svd.components[:top][reliable]).max())
+    # Below a millionth of the top variance eigh's digits run out: compare the components above.
+    reliable = by_svd.explained_variance[:top] > 1e-6 * by_svd.explained_variance[0]
+    component_gap = float(np.abs(by_eig.components[:top][reliable]
+                                 - by_svd.components[:top][reliable]).max())
     print(f"eigh vs SVD: max |variance difference| {variance_gap:.2e}, max |component difference| "
           f"{component_gap:.2e} (first {top} components, signs fixed)")
     pca = by_svd
     ratio = pca.explained_variance_ratio
     kept = float(ratio[:top].sum())
     needed = {share: components_for(ratio, share) for share in (0.5, 0.8, 0.9, 0.95)}
-    print(f"{top} components explain {kept:.1%} of the variance; 50% needs {needed[0.5]}, 80% {needed[0.8]}, "
-          f"90% {needed[0.9]}, 95% {needed[0.95]} (of {d})")
+    print(f"{top} components explain {kept:.1%} of the variance; 50% needs {needed[0.5]}, "
+          f"80% {needed[0.8]}, 90% {needed[0.9]}, 95% {needed[0.95]} (of {d})")
     plot_scree(ratio, max(top, needed[0.9]), run.path("scree.png"), f"PCA of {name}: scree plot")
     shown = min(20, top)
     plot_vectors(pca.components[:shown], side, run.path("components.png"),
-                 [f"#{i + 1} {ratio[i]:.1%}" for i in range(shown)], "first principal components (red +, blue -)")
+                 [f"#{i + 1} {ratio[i]:.1%}" for i in range(shown)],
+                 "first principal components (red +, blue -)")
     ks = sorted({k for k in (1, 2, 5, 10, 20, top) if k <= top})
     test_mse = {k: float(np.mean((x_test - pca.reconstruct(x_test, k)) ** 2)) for k in ks}
     for k in ks:
@@ -355,13 +369,17 @@ def main(cfg: Config) -> dict:
     for i, value in enumerate(result.inertia, start=1):
         run.log(iteration=i, inertia=value)
     mapping = match_clusters(y_train, result.labels)
-    train_acc, train_nmi = matched_accuracy(y_train, result.labels, mapping), nmi(y_train, result.labels)
-    test_labels = squared_distances(x_test, result.centres).argmin(axis=1)  # nearest centre, map from training
+    train_acc = matched_accuracy(y_train, result.labels, mapping)
+    train_nmi = nmi(y_train, result.labels)
+    # Test images: each to its nearest centre, scored with the matching found on training ones.
+    test_labels = squared_distances(x_test, result.centres).argmin(axis=1)
     test_acc, test_nmi = matched_accuracy(y_test, test_labels, mapping), nmi(y_test, test_labels)
-    print(f"k-means, k={cfg.clusters}: {result.iterations} iterations ({'converged' if result.converged else 'cut'}), "
+    ending = "converged" if result.converged else "cut"
+    print(f"k-means, k={cfg.clusters}: {result.iterations} iterations ({ending}), "
           f"inertia {result.inertia[0]:.1f} -> {result.inertia[-1]:.1f}")
     print(f"  training images: accuracy after matching {train_acc:.3f}, NMI {train_nmi:.3f}; "
-          f"test images (nearest centre, same matching): accuracy {test_acc:.3f}, NMI {test_nmi:.3f}")
+          f"test images (nearest centre, same matching): accuracy {test_acc:.3f}, "
+          f"NMI {test_nmi:.3f}")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(1, len(result.inertia) + 1), result.inertia, marker=".")
     ax.set(xlabel="iteration", ylabel="inertia J", title="k-means: J never rises")
@@ -379,14 +397,15 @@ def main(cfg: Config) -> dict:
     plot_confusion(matched, [str(c) for c in range(n_labels)], run.path("clusters_vs_labels.png"),
                    title="true label vs the label its cluster matched")
 
-    return run.finish(dataset=name, samples=n, pixels=d, variance_explained_top=kept, components_shown=top,
-                       components_for_90pct=needed[0.9], components_for_95pct=needed[0.95],
-                       eig_svd_max_variance_diff=variance_gap, eig_svd_max_component_diff=component_gap,
-                       **{f"pca_test_mse_k{k}": v for k, v in test_mse.items()},
-                       kmeans_iterations=result.iterations, kmeans_converged=result.converged,
-                       inertia_first=result.inertia[0], inertia_final=result.inertia[-1],
-                       kmeans_train_acc=train_acc, kmeans_train_nmi=train_nmi, kmeans_test_acc=test_acc,
-                       kmeans_test_nmi=test_nmi)
+    return run.finish(dataset=name, samples=n, pixels=d, variance_explained_top=kept,
+                      components_shown=top, components_for_90pct=needed[0.9],
+                      components_for_95pct=needed[0.95], eig_svd_max_variance_diff=variance_gap,
+                      eig_svd_max_component_diff=component_gap,
+                      **{f"pca_test_mse_k{k}": v for k, v in test_mse.items()},
+                      kmeans_iterations=result.iterations, kmeans_converged=result.converged,
+                      inertia_first=result.inertia[0], inertia_final=result.inertia[-1],
+                      kmeans_train_acc=train_acc, kmeans_train_nmi=train_nmi,
+                      kmeans_test_acc=test_acc, kmeans_test_nmi=test_nmi)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from torch import nn
 from common.config import BaseConfig, Range, ResumableConfig
 from common.data import ImageData, load, subset
 from common.device import autocast, pick_device, prepare_model, seed_everything
-from common.errors import ConfigError, LabError
+from common.errors import ConfigError
 from common.loader import TensorLoader, split
 from common.plots import plot_history
 from common.progress import progress
@@ -166,7 +166,8 @@ def make_loaders(cfg: Settings, data: ImageData, device: torch.device):
     if len(x_val) == 0:
         raise ConfigError(f"--val-fraction {cfg.val_fraction} holds out no training image")
     if len(x_train) < cfg.batch_size:  # drop_last: an epoch would have no batch at all
-        raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} images")
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} "
+                          "training images")
     train = TensorLoader(x_train, x_train, cfg.batch_size, shuffle=True, drop_last=True,
                          transform=to_unit, device=device, seed=cfg.seed)
     val = TensorLoader(x_val, x_val, 1024, transform=to_unit, device=device)

@@ -61,15 +61,18 @@ from common.runs import Run
 
 @dataclass
 class Config(BaseConfig):
-    """Week 9, Part 1: V(D, G), D* and the JS divergence on a grid; mode collapse in a tiny 1-D GAN."""
+    """Week 9, Part 1: V(D, G), D* and the JSD on a grid; mode collapse in a tiny 1-D GAN."""
 
-    grid_points: Annotated[int, Range(101, 100_000)] = 4001  # points of the grid the integrals are sums over
-    steps: Annotated[int, Range(1)] = 2000  # training steps of each tiny GAN (one D step + one G step each)
-    batch_size: Annotated[int, Range(2)] = 256  # samples per step (the minibatch std needs at least 2)
-    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # Adam learning rate of both tiny players
-    seeds: Annotated[int, Range(1, 100)] = 3  # tiny GANs trained per variant (collapse is partly luck)
+    grid_points: Annotated[int, Range(101, 100_000)] = 4001  # points of the grid integrals sum over
+    steps: Annotated[int, Range(1)] = 2000  # steps of each tiny GAN (one D step and one G step)
+    batch_size: Annotated[int, Range(2)] = 256  # samples per step (minibatch std needs at least 2)
+    lr: Annotated[float, Range(0, 1e6, lo_open=True)] = 1e-3  # Adam learning rate of both tiny nets
+    seeds: Annotated[int, Range(1, 100)] = 3  # tiny GANs per variant (collapse is partly luck)
     snapshots: Annotated[int, Range(2, 20)] = 5  # moments of training whose densities are plotted
-    SMOKE: ClassVar[dict] = {"grid_points": 801, "steps": 400, "seeds": 1, "batch_size": 64, "lr": 3e-3}
+    # 800 steps: enough for the plain GAN to collapse (1-3 of 5 modes, seeds 0-5) and for the
+    # minibatch std to keep all 5 (tests/test_week09_gan.py checks the difference).
+    SMOKE: ClassVar[dict] = {"grid_points": 801, "steps": 800, "seeds": 1, "batch_size": 64,
+                             "lr": 3e-3}
     UNUSED: ClassVar[tuple] = ("device", "data_dir")  # tiny nets on the CPU, data drawn in memory
 
 
@@ -137,7 +140,8 @@ def sigmoid(a: np.ndarray) -> np.ndarray:
     return np.where(a >= 0, 1 / (1 + e), e / (1 + e))
 
 
-def value_gradient(logits: np.ndarray, p_data: np.ndarray, p_g: np.ndarray, dx: float) -> np.ndarray:
+def value_gradient(logits: np.ndarray, p_data: np.ndarray, p_g: np.ndarray,
+                   dx: float) -> np.ndarray:
     """dV/da for a discriminator given by its logits a (D = sigmoid(a)), point by point:
 
         d/da [p_data log sigma(a) + p_g log(1 - sigma(a))] dx = [p_data (1 - D) - p_g D] dx
@@ -167,7 +171,7 @@ def train_discriminator(p_data: np.ndarray, p_g: np.ndarray, dx: float, steps: i
 def generator_loss_gradients(d_fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gradients with respect to D's logit a at a fake sample (D = sigmoid(a)):
 
-        minimax          d/da  log(1 - sigma(a)) = -sigma(a)      = -D         (G minimizes this loss)
+        minimax          d/da  log(1 - sigma(a)) = -sigma(a)       = -D      (G minimizes it)
         non-saturating   d/da -log sigma(a)      = -(1 - sigma(a)) = -(1 - D)
 
     When D rejects the fakes (D -> 0) the minimax gradient vanishes and the non-saturating one
@@ -187,11 +191,13 @@ def theory_in_numbers(cfg: Config, run: Run) -> dict:
     identity_gap = abs(v_star - (-math.log(4) + 2 * jsd))
     print("=== The optimal discriminator, on a grid of", cfg.grid_points, "points ===")
     print("p_data: two Gaussians at -2 and 2 (std 0.7); p_g: one Gaussian at 0.5 (std 1.5)")
-    print(f"V(D*, G) = {v_star:.6f};  -log 4 + 2 JSD = {-math.log(4) + 2 * jsd:.6f}  (|gap| {identity_gap:.1e})")
+    print(f"V(D*, G) = {v_star:.6f};  -log 4 + 2 JSD = {-math.log(4) + 2 * jsd:.6f}  "
+          f"(|gap| {identity_gap:.1e})")
     print(f"JSD(p_data || p_g) = {jsd:.6f}  (0 <= JSD <= log 2 = {math.log(2):.6f})")
     rng = np.random.default_rng(cfg.seed)
-    worse = [value_function(np.clip(d_star + rng.normal(0, 0.02, d_star.shape), 1e-9, 1 - 1e-9), p_data, p_g, dx)
-             for _ in range(20)]
+    nudged = [np.clip(d_star + rng.normal(0, 0.02, d_star.shape), 1e-9, 1 - 1e-9)
+              for _ in range(20)]
+    worse = [value_function(d, p_data, p_g, dx) for d in nudged]
     print(f"V at D* + random perturbations: all lower? {all(v < v_star for v in worse)} "
           f"(largest {max(worse):.6f} < {v_star:.6f})")
     # Where D* is within 1e-3 of 0 or 1 its logit is far out and ascent takes long to get there.
@@ -200,7 +206,8 @@ def theory_in_numbers(cfg: Config, run: Run) -> dict:
     print(f"D trained by gradient ascent on V vs the formula: max |D - D*| = {max_gap:.1e} "
           f"(where 0.001 < D* < 0.999)")
     same = value_function(np.full_like(x, 0.5), p_data, p_data, dx)
-    print(f"when p_g = p_data: D* = 1/2 everywhere and V = {same:.6f} = -log 4 = {-math.log(4):.6f}")
+    print(f"when p_g = p_data: D* = 1/2 everywhere and V = {same:.6f} "
+          f"= -log 4 = {-math.log(4):.6f}")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     axes[0].plot(x, p_data, label="p_data")
@@ -209,7 +216,8 @@ def theory_in_numbers(cfg: Config, run: Run) -> dict:
     axes[1].plot(x, d_star, label="D* = p_data / (p_data + p_g)")
     axes[1].plot(x, d_trained, "--", label="D trained by gradient ascent")
     axes[1].axhline(0.5, color="grey", lw=0.5)
-    axes[1].set(xlim=(-6, 6), ylim=(0, 1), title=f"V(D*, G) = {v_star:.3f} = -log 4 + 2 JSD", xlabel="x")
+    axes[1].set(xlim=(-6, 6), ylim=(0, 1), title=f"V(D*, G) = {v_star:.3f} = -log 4 + 2 JSD",
+                xlabel="x")
     for ax in axes:
         ax.legend(fontsize=8)
     save(fig, run.path("optimal_discriminator.png"))
@@ -232,8 +240,9 @@ def theory_in_numbers(cfg: Config, run: Run) -> dict:
     minimax, non_saturating = generator_loss_gradients(levels)
     for level, a, b in zip(levels, minimax, non_saturating):
         print(f"{level:9.3f} {a:12.4f} {b:24.4f}")
-    return {"v_star": v_star, "jsd": jsd, "identity_gap": identity_gap, "trained_d_max_gap": max_gap,
-            "perturbations_lower": all(v < v_star for v in worse), "jsd_far": curve[-1], "jsd_slope_far": slope_far}
+    return {"v_star": v_star, "jsd": jsd, "identity_gap": identity_gap,
+            "trained_d_max_gap": max_gap, "perturbations_lower": all(v < v_star for v in worse),
+            "jsd_far": curve[-1], "jsd_slope_far": slope_far}
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,7 +250,8 @@ def theory_in_numbers(cfg: Config, run: Run) -> dict:
 # ----------------------------------------------------------------------------------------
 MODES = (-8.0, -4.0, 0.0, 4.0, 8.0)  # the data: an equal mixture of 5 narrow Gaussians, far apart
 MODE_STD = 0.25
-LATENT = 1  # G maps one noise number to one number: to cover 5 separate modes it must make steep jumps
+# G maps one noise number to one number: to cover 5 separate modes it must make steep jumps.
+LATENT = 1
 
 
 def sample_data(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -251,7 +261,8 @@ def sample_data(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def mlp(n_in: int, n_out: int, hidden: int = 64) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.LeakyReLU(0.2),
+                         nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
                          nn.Linear(hidden, n_out))
 
 
@@ -285,7 +296,8 @@ def sample_density(samples: np.ndarray, x: np.ndarray, dx: float) -> np.ndarray:
     return counts / (counts.sum() * dx)
 
 
-def train_tiny_gan(minibatch_std: bool, seed: int, cfg: Config, snapshot_steps: list[int]) -> list[np.ndarray]:
+def train_tiny_gan(minibatch_std: bool, seed: int, cfg: Config,
+                   snapshot_steps: list[int]) -> list[np.ndarray]:
     """The alternating game of Part 2 on numbers: D step on real and detached fakes, then a G
     step through the frozen D with the non-saturating loss. Returns samples at the snapshots."""
     torch.manual_seed(seed)
@@ -315,9 +327,10 @@ def train_tiny_gan(minibatch_std: bool, seed: int, cfg: Config, snapshot_steps: 
         g_loss.backward()
         opt_g.step()
         d.requires_grad_(True)
-        if not (math.isfinite(d_loss.item()) and math.isfinite(g_loss.item())):  # e.g. --lr far too large
-            raise NonFiniteLoss(f"the tiny GAN's loss became non-finite at step {step + 1} (seed {seed}); "
-                                f"try a smaller --lr than {cfg.lr:g}")
+        # A non-finite loss: e.g. --lr far too large.
+        if not (math.isfinite(d_loss.item()) and math.isfinite(g_loss.item())):
+            raise NonFiniteLoss(f"the tiny GAN's loss became non-finite at step {step + 1} "
+                                f"(seed {seed}); try a smaller --lr than {cfg.lr:g}")
     return snapshots
 
 
@@ -326,17 +339,19 @@ def mode_collapse(cfg: Config, run: Run) -> dict:
     densities over training of the first seed; score every run by modes covered and JSD."""
     x, dx = make_grid(-11, 11, cfg.grid_points)
     p_data = normalize(mixture_pdf(x, MODES, MODE_STD), dx)
-    snapshot_steps = sorted({round(i * cfg.steps / (cfg.snapshots - 1)) for i in range(cfg.snapshots)})
+    snapshot_steps = sorted({round(i * cfg.steps / (cfg.snapshots - 1))
+                             for i in range(cfg.snapshots)})
     variants = {"plain": False, "minibatch std": True}
     results, first = {}, {}
-    print(f"\n=== A tiny GAN on a mixture of {len(MODES)} Gaussians at {MODES}, {cfg.steps} steps ===")
+    print(f"\n=== A tiny GAN on a mixture of {len(MODES)} Gaussians at {MODES}, "
+          f"{cfg.steps} steps ===")
     for name, flag in variants.items():
         covered, jsds = [], []
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             snapshots = train_tiny_gan(flag, seed, cfg, snapshot_steps)
             if not np.isfinite(snapshots[-1]).all():  # finite losses, but G's samples overflowed
-                raise NonFiniteLoss(f"the tiny GAN's samples became non-finite ({name}, seed {seed}); "
-                                    f"try a smaller --lr than {cfg.lr:g}")
+                raise NonFiniteLoss(f"the tiny GAN's samples became non-finite ({name}, "
+                                    f"seed {seed}); try a smaller --lr than {cfg.lr:g}")
             n_modes, shares = modes_covered(snapshots[-1])
             jsd = js_divergence(p_data, sample_density(snapshots[-1], x, dx), dx)
             jsd_start = js_divergence(p_data, sample_density(snapshots[0], x, dx), dx)
@@ -345,7 +360,8 @@ def mode_collapse(cfg: Config, run: Run) -> dict:
             run.log(variant=name, seed=seed, modes_covered=n_modes, jsd=jsd, jsd_start=jsd_start,
                      **{f"share_mode{i + 1}": s for i, s in enumerate(shares)})
             print(f"{name:14s} seed {seed}: modes covered {n_modes}/{len(MODES)}  shares "
-                  + " ".join(f"{s:.2f}" for s in shares) + f"  JSD to the data {jsd:.3f} (untrained {jsd_start:.3f})")
+                  + " ".join(f"{s:.2f}" for s in shares)
+                  + f"  JSD to the data {jsd:.3f} (untrained {jsd_start:.3f})")
             if seed == cfg.seed:
                 first[name] = snapshots
         results[name] = {"modes": covered, "jsd": jsds}
@@ -356,18 +372,21 @@ def mode_collapse(cfg: Config, run: Run) -> dict:
         for col, step in enumerate(snapshot_steps):
             ax = axes[row, col]
             ax.fill_between(x, p_data, color="grey", alpha=0.3, label="data")
-            ax.hist(first[name][col], bins=150, range=(-11, 11), density=True, histtype="step", color="C3", label="G")
+            ax.hist(first[name][col], bins=150, range=(-11, 11), density=True, histtype="step",
+                    color="C3", label="G")
             ax.set(xlim=(-10, 10), ylim=(0, 1.6 * p_data.max()), yticks=[])
             ax.set_title(f"{name}, step {step}", fontsize=8)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("density of G's samples over training (grey: the data)")
     save(fig, run.path("densities.png"))
-    mean = {name: (float(np.mean(r["modes"])), float(np.mean(r["jsd"]))) for name, r in results.items()}
+    mean = {name: (float(np.mean(r["modes"])), float(np.mean(r["jsd"])))
+            for name, r in results.items()}
     for name, (modes, jsd) in mean.items():
         print(f"{name:14s} mean modes covered {modes:.2f}/{len(MODES)}, mean JSD {jsd:.3f}")
     return {"modes_plain": mean["plain"][0], "modes_mbstd": mean["minibatch std"][0],
             "jsd_plain": mean["plain"][1], "jsd_mbstd": mean["minibatch std"][1],
-            "modes_plain_runs": results["plain"]["modes"], "modes_mbstd_runs": results["minibatch std"]["modes"]}
+            "modes_plain_runs": results["plain"]["modes"],
+            "modes_mbstd_runs": results["minibatch std"]["modes"]}
 
 
 def main(cfg: Config) -> dict:

@@ -30,7 +30,7 @@ from torch import nn
 from common.config import Range, ResumableConfig
 from common.data import ImageData, load
 from common.device import pick_device, seed_everything
-from common.errors import LabError
+from common.errors import ConfigError
 from common.loader import TensorLoader
 from common.progress import progress
 from common.runner import launch
@@ -273,8 +273,8 @@ def main(cfg: Config) -> dict:
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
     x_train, _, x_val, _ = gan_split(data)  # the held-out images are the real side of the score
     if len(x_train) < cfg.batch_size:  # whole batches only: an epoch would have no step at all
-        raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} "
-                       "training images")
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} "
+                          "training images")
     scorer = get_scorer(cfg.dataset, data, cfg.smoke, device)
     run = Run.start(cfg, __file__, device)  # after every check: a bad setting leaves no run folder
     print(f"training on {len(x_train)} images of {data.name}; {len(x_val)} held out for the score")

@@ -33,7 +33,7 @@ import torch
 from common.config import BaseConfig, Range
 from common.data import load
 from common.device import pick_device, seed_everything
-from common.errors import ConfigError, LabError
+from common.errors import ConfigError
 from common.plots import save
 from common.runner import launch
 from common.runs import Run, compare_table
@@ -110,8 +110,8 @@ def main(cfg: Config) -> dict:
         g = torch.Generator().manual_seed(cfg.seed)
         x_train = x_train[torch.randperm(len(x_train), generator=g)[:cfg.train_subset]]
     if len(x_train) < cfg.batch_size:
-        raise LabError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} "
-                       "training images")
+        raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(x_train)} "
+                          "training images")
     scorer = get_scorer(cfg.dataset, data, cfg.smoke, device)
     run = Run.start(cfg, __file__, device)
     real_val = part2.to_tanh_range(x_val)
