@@ -131,9 +131,10 @@ def run_once(name: str, data_dir: str, device: str, options: dict) -> dict:
     t0, load_start = time.perf_counter(), os.getloadavg()[0]
     result = bench.run(data_dir, device, options)
     result["wall_s"] = round(time.perf_counter() - t0, 2)
-    # This process's CPU time: steady when others load the machine.
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
+    # CPU time of this process and the processes it waited for (an entry may time whole child
+    # processes): steadier than wall time when others load the machine.
+    own, children = map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    result["cpu_s"] = round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 2)
     result["load_start"], result["load_end"] = round(load_start, 2), round(os.getloadavg()[0], 2)
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         # not a result.
         "load_start": round(load_before, 2),
         "load_end": round(os.getloadavg()[0], 2),
-        "busy": max(load_before, *(r["load_end"] for r in runs)) > BUSY_LOAD,
+        "busy": load_before > BUSY_LOAD,  # the load during and after includes our own runs
         "repeats": len(runs),
         "runs": runs,
         "command": "python benchmarks/run.py " + " ".join(command),
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
           f"cpu={record['cpu_s']}s load={record['load_start']}->{record['load_end']} "
           f"peak_rss={record['peak_rss_mib']}MiB -> {RESULTS / (args.name + '.json')}")
     if record["busy"]:
-        print(f"warning: the machine was busy (load above {BUSY_LOAD}) during {args.name}: "
+        print(f"warning: the machine was busy (load above {BUSY_LOAD}) before {args.name}: "
               "its wall time is not a result; run it again alone", file=sys.stderr)
     return 0
 

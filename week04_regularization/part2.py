@@ -35,7 +35,7 @@ from common.errors import ConfigError, Interrupted
 from common.loader import TensorLoader
 from common.plots import plot_curves, plot_history
 from common.runner import interruption, launch
-from common.runs import Run, compare_table
+from common.runs import Run
 from common.train import check_finite, evaluate
 from week03_cnn.part2 import CNN, IMAGE_SIZE, make_loaders
 
@@ -279,12 +279,7 @@ def main(cfg: Config) -> dict:
                   for s in schedules}
         plot_curves(curves, run.path(f"schedules_{key}.png"), ylabel=key, logy=key == "lr",
                     title=data.name)
-    entries = [{"week": run.week, "script": run.script, "dir": schedule, "summary": summary,
-                "config": {**run.config, "schedule": schedule}}
-               for schedule, summary in summaries.items()]
-    table = compare_table(entries, metrics=list(summaries[schedules[0]]))  # the experiment log
-    run.path("comparison.txt").write_text(table + "\n")
-    print(table)
+    run.write_comparison(summaries, list(summaries[schedules[0]]), column="schedule")
 
     best = min(summaries, key=lambda s: summaries[s]["val_loss"])  # on validation, never on test
     per_schedule = {f"{key}_{s}": value for s, summary in summaries.items()

@@ -36,7 +36,7 @@ from common.device import pick_device, prepare_model, seed_everything
 from common.errors import ConfigError
 from common.plots import plot_curves
 from common.runner import launch
-from common.runs import Run, compare_table
+from common.runs import Run
 from common.train import check_finite, evaluate
 from week04_regularization.part2 import EarlyStopping, step_per_epoch
 from week05_transfer import images, part2
@@ -151,11 +151,8 @@ def main(cfg: Config) -> dict:
         curves[schedule] = [(r["epoch"], r["val_acc"]) for r in rows]
     plot_curves(curves, run.path("val_acc.png"), ylabel="validation accuracy",
                 title="freeze schedules")
-    entries = [{"week": run.week, "script": run.script, "dir": s, "summary": summary,
-                "config": {**run.config, "schedules": s}} for s, summary in summaries.items()]
-    table = compare_table(entries, metrics=["kept_epoch", "val_acc", "test_acc", "train_time_s"])
-    run.path("comparison.txt").write_text(table + "\n")
-    print(table)
+    run.write_comparison(summaries, ["kept_epoch", "val_acc", "test_acc", "train_time_s"],
+                         column="schedules")
     # chosen on validation, never on the test set
     best = max(summaries, key=lambda s: (summaries[s]["val_acc"], -summaries[s]["val_loss"]))
     per_schedule = {f"{k}_{s}": v for s, summary in summaries.items() for k, v in summary.items()}

@@ -42,7 +42,7 @@ from common.errors import ConfigError, Interrupted
 from common.loader import TensorLoader, normalizer
 from common.plots import confusion_matrix, plot_confusion, plot_curves
 from common.runner import interruption, launch
-from common.runs import Run, compare_table
+from common.runs import Run
 from common.train import check_finite, evaluate, predict
 from week04_regularization.part2 import EarlyStopping, step_per_epoch
 from week05_transfer import images
@@ -277,13 +277,8 @@ def main(cfg: Config) -> dict:
         curves[mode] = [(r["epoch"], r["val_acc"]) for r in rows]
     plot_curves(curves, run.path("val_acc.png"), ylabel="validation accuracy",
                 title=f"{cfg.backbone} on {data.name}")
-    entries = [{"week": run.week, "script": run.script, "dir": mode, "summary": s,
-                "config": {**run.config, "mode": mode}} for mode, s in summaries.items()]
-    table = compare_table(entries, metrics=["trainable_params", "frozen_params", "epochs_done",
-                                            "val_acc", "test_acc", "feature_time_s",
-                                            "train_time_s"])
-    run.path("comparison.txt").write_text(table + "\n")
-    print(table)
+    run.write_comparison(summaries, ["trainable_params", "frozen_params", "epochs_done", "val_acc",
+                                     "test_acc", "feature_time_s", "train_time_s"], column="mode")
 
     # The mode to keep is chosen on validation (accuracy, then loss), never on the test set.
     best = max(summaries, key=lambda m: (summaries[m]["val_acc"], -summaries[m]["val_loss"]))

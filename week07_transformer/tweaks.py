@@ -29,7 +29,7 @@ from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import plot_curves
 from common.runner import launch
-from common.runs import Run, compare_table
+from common.runs import Run
 from common.train import evaluate
 from week07_transformer import part2
 from week07_transformer.data import encode, load_ag_news, loaders
@@ -106,11 +106,7 @@ def main(cfg: Config) -> dict:
                   for v in VARIANTS}
         plot_curves(curves, run.path(f"variants_{key}.png"), ylabel=key,
                     title=f"post-LN={not cfg.norm_first}, lr {cfg.lr:g}, {data.name}")
-    entries = [{"week": run.week, "script": run.script, "dir": v, "summary": s,
-                "config": {"variant": v}} for v, s in summaries.items()]
-    table = compare_table(entries, metrics=list(summaries["plain"]))
-    run.path("comparison.txt").write_text(table + "\n")
-    print(table)
+    run.write_comparison(summaries, list(summaries["plain"]), column="variant")
     # chosen on validation, never on test
     best = max(summaries, key=lambda v: summaries[v]["kept_val_acc"])
     return run.finish(**{f"{k}_{v}": x for v, s in summaries.items() for k, x in s.items()},

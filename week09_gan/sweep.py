@@ -36,7 +36,7 @@ from common.device import pick_device, seed_everything
 from common.errors import ConfigError
 from common.plots import save
 from common.runner import launch
-from common.runs import Run, compare_table
+from common.runs import Run
 from week09_gan import part2
 from week09_gan.plots import GRID_SIDE, save_grid
 from week09_gan.quality import gan_split, get_scorer
@@ -133,13 +133,9 @@ def main(cfg: Config) -> dict:
     plot_scores(summaries, run.path("sweep_fd.png"))
     save_grid(torch.cat(finals), run.path("sweep_samples.png"),
               "the same noise through each final generator", row_labels=list(summaries))
-    entries = [{"week": run.week, "script": run.script, "dir": name, "summary": s,
-                "config": {"setting": name}} for name, s in summaries.items()]
-    table = compare_table(entries, metrics=["fd", "fd_real", "min_class_share", "max_class_share",
-                                            "last_epoch_d_real", "last_epoch_d_fake",
-                                            "train_time_s"])
-    run.path("comparison.txt").write_text(table + "\n")
-    print(table)
+    run.write_comparison(summaries, ["fd", "fd_real", "min_class_share", "max_class_share",
+                                     "last_epoch_d_real", "last_epoch_d_fake", "train_time_s"],
+                         column="setting")
     best = min(summaries, key=lambda n: summaries[n]["fd"])  # held-out real images, not test ones
     print(f"lowest Frechet distance: {best} ({summaries[best]['fd']:.3f}; real vs real "
           f"{summaries[best]['fd_real']:.3f})")
