@@ -14,6 +14,13 @@ Each phase is bounded in time (``--duration``, then ``--timeout`` for the last a
 Only loopback addresses are accepted: this is a tool for your own machine, not for load on
 someone else's server.
 
+This client is a lesson, not a capacity meter: Python and httpx cost far more CPU per request
+than the server does, and on the same cores that cost is what the closed loop measures.
+Against the MNIST CNN service on 2 cores (benchmarks/run.py serve_mnist_hey) its closed loop of
+50 clients reached 298 requests/s where wrk reached 1,529 (3.7 ms of CPU per request here,
+0.03 ms in wrk: it saturated a core). At 100 requests/s open loop it is close: p99 6.6 ms vs
+hey's 5.3 ms, at a quarter of a core. For capacity figures, use wrk or hey (week README).
+
 Run: python week10_deploy/load_test.py [--smoke] --url http://127.0.0.1:8000 [--concurrency 50] [--rate 100]
      (--smoke serves a tiny untrained model itself and loads it for a second or two)
 """
