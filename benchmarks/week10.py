@@ -46,17 +46,20 @@ from benchmarks.run import Benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEFAULTS = {"epochs": {"mnist": 1, "cifar10": 1}, "duration": 10.0, "concurrency": 50, "rate": 100.0,
-            "repeats": 2000, "warmup": 2.0}
+DEFAULTS = {"epochs": {"mnist": 1, "cifar10": 1}, "duration": 10.0, "concurrency": 50,
+            "rate": 100.0, "repeats": 2000, "warmup": 2.0}
 
 
-def train_and_bundle(dataset: str, data_dir: str, epochs: int, out: str) -> tuple[dict, Path, torch.nn.Module]:
+def train_and_bundle(dataset: str, data_dir: str, epochs: int,
+                     out: str) -> tuple[dict, Path, torch.nn.Module]:
     from common.config import parse_config
     from common.data import load
     from week10_deploy import part2
 
-    cfg = parse_config(part2.Config, ["--dataset", dataset, "--data-dir", data_dir, "--epochs", str(epochs),
-                                      "--out", out, "--load-seconds", "0", "--n-check", "1000", "--device", "cpu"])
+    cfg = parse_config(part2.Config, ["--dataset", dataset, "--data-dir", data_dir,
+                                      "--epochs", str(epochs), "--out", out,
+                                      "--load-seconds", "0", "--n-check", "1000",
+                                      "--device", "cpu"])
     summary = part2.main(cfg)
     data = load(dataset, data_dir)
     model = part2.checkpoint_model(str(Path(summary["run_dir"]) / "checkpoint.pt"), data).eval()
@@ -75,7 +78,8 @@ def reuse_run(run_dir: Path, dataset: str, data_dir: str) -> tuple[dict, Path, t
 
 
 def batch1_latency(bundle: Path, model: torch.nn.Module, repeats: int) -> dict:
-    """Median ms for one image: eager PyTorch (normalize + nn.Module) vs ONNX Runtime, 1 thread each."""
+    """Median ms for one image: eager PyTorch (normalize + nn.Module) vs ONNX Runtime,
+    1 thread each."""
     from week10_deploy.export import read_bundle
     from week10_deploy.part1 import median_ms
     from week10_deploy.standalone.predict_onnx import OnnxClassifier
@@ -115,9 +119,12 @@ def serve(bundle: Path, backend: str, opts: dict) -> dict:
     from week10_deploy.service import free_port
 
     port = free_port()
-    env = {**os.environ, "DL_LABS_BUNDLE": str(bundle), "DL_LABS_BACKEND": backend, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "week10_deploy.service:app_from_env", "--factory",
-                               "--port", str(port), "--log-level", "warning", "--no-access-log"], cwd=ROOT, env=env)
+    env = {**os.environ, "DL_LABS_BUNDLE": str(bundle), "DL_LABS_BACKEND": backend,
+           "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn",
+                               "week10_deploy.service:app_from_env", "--factory",
+                               "--port", str(port), "--log-level", "warning", "--no-access-log"],
+                              cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -131,15 +138,19 @@ def serve(bundle: Path, backend: str, opts: dict) -> dict:
                 time.sleep(0.2)
         body, headers = request_body(meta["input_shape"], "png")
         results = {}
-        asyncio.run(closed_loop(url, body, headers, opts["concurrency"], opts["warmup"]))  # warm-up, not counted
+        # warm-up, not counted
+        asyncio.run(closed_loop(url, body, headers, opts["concurrency"], opts["warmup"]))
         for mode in ("closed", "open"):
             server_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds()
-            results.update(asyncio.run(load(url, body, headers, mode, opts["concurrency"], opts["rate"],
-                                            opts["duration"])))
+            results.update(asyncio.run(load(url, body, headers, mode, opts["concurrency"],
+                                            opts["rate"], opts["duration"])))
             answered = results[f"{mode}_requests"]
-            # CPU time per request, server and load client: what the cores cost whatever else runs on them
-            results[f"{mode}_server_cpu_ms_per_request"] = 1000 * (cpu_seconds(server.pid) - server_cpu) / answered
-            results[f"{mode}_client_cpu_ms_per_request"] = 1000 * (cpu_seconds() - client_cpu) / answered
+            # CPU time per request, server and load client: what the cores cost whatever else
+            # runs on them
+            results[f"{mode}_server_cpu_ms_per_request"] = (
+                1000 * (cpu_seconds(server.pid) - server_cpu) / answered)
+            results[f"{mode}_client_cpu_ms_per_request"] = (
+                1000 * (cpu_seconds() - client_cpu) / answered)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -149,18 +160,22 @@ def serve(bundle: Path, backend: str, opts: dict) -> dict:
 def serving_benchmark(dataset: str):
     def bench(data_dir: str, device: str, options: dict) -> dict:
         opts = {**DEFAULTS, **options}
-        epochs = int(opts["epochs"][dataset] if isinstance(opts["epochs"], dict) else opts["epochs"])
+        epochs = int(opts["epochs"][dataset] if isinstance(opts["epochs"], dict)
+                     else opts["epochs"])
         uptime_before = Path("/proc/loadavg").read_text().split()[:3]
-        if opts.get("run_dir"):  # a part2 run to serve again (its bundle and checkpoint): no training
+        if opts.get("run_dir"):  # a part2 run to serve again (bundle, checkpoint): no training
             summary, bundle, model = reuse_run(Path(opts["run_dir"]), dataset, data_dir)
         else:
-            summary, bundle, model = train_and_bundle(dataset, data_dir, epochs, opts.get("out", "runs"))
+            summary, bundle, model = train_and_bundle(dataset, data_dir, epochs,
+                                                      opts.get("out", "runs"))
         result = {"dataset": dataset, "epochs": epochs, "test_acc": summary["test_acc"],
-                  "service_agrees_with_eager": summary["service_agrees_with_eager"], "bundle": str(bundle)}
+                  "service_agrees_with_eager": summary["service_agrees_with_eager"],
+                  "bundle": str(bundle)}
         result.update(batch1_latency(bundle, model, int(opts["repeats"])))
         for backend in ("onnx", "torch"):
             result.update(serve(bundle, backend, opts))
-        result["onnx_vs_torch_service_rps"] = result["onnx_closed_rps"] / max(result["torch_closed_rps"], 1e-9)
+        result["onnx_vs_torch_service_rps"] = (result["onnx_closed_rps"]
+                                               / max(result["torch_closed_rps"], 1e-9))
         result["loadavg_before"] = uptime_before
         result["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
         result.update({k: opts[k] for k in ("duration", "concurrency", "rate")})
@@ -492,13 +507,15 @@ def capacity_benchmark(dataset: str):
 
 ENTRIES = {
     "serve_mnist": Benchmark(serving_benchmark("mnist"),
-                             "Week 10: MNIST CNN served on loopback: ONNX vs eager at batch 1 (goal >= 2x), closed "
-                             "loop 50 clients (goal >= 500 req/s, 0 errors), open loop 100 req/s (goal p99 <= 20 ms)"),
+                             "Week 10: MNIST CNN served on loopback: ONNX vs eager at batch 1 "
+                             "(goal >= 2x), closed loop 50 clients (goal >= 500 req/s, 0 errors), "
+                             "open loop 100 req/s (goal p99 <= 20 ms)"),
     "serve_mnist_hey": Benchmark(
         capacity_benchmark("mnist"),
         "Week 10: MNIST CNN service (ONNX, loopback) loaded by wrk and hey: closed loop 50 "
-        "connections (goal >= 500 req/s, 0 errors), paced open loop 100 req/s (goal p99 <= 20 ms), "
-        "micro-batching on/off, 1 vs 2 uvicorn workers"),
+        "connections (goal >= 500 req/s, 0 errors), paced open loop 100 req/s "
+        "(goal p99 <= 20 ms), micro-batching on/off, 1 vs 2 uvicorn workers"),
     "serve_cifar10": Benchmark(serving_benchmark("cifar10"),
-                               "Week 10: CIFAR-10 CNN served on loopback: the same figures as serve_mnist"),
+                               "Week 10: CIFAR-10 CNN served on loopback: "
+                               "the same figures as serve_mnist"),
 }

@@ -21,7 +21,8 @@ Against the MNIST CNN service on 2 cores (benchmarks/run.py serve_mnist_hey) its
 0.03 ms in wrk: it saturated a core). At 100 requests/s open loop it is close: p99 6.6 ms vs
 hey's 5.3 ms, at a quarter of a core. For capacity figures, use wrk or hey (week README).
 
-Run: python week10_deploy/load_test.py [--smoke] --url http://127.0.0.1:8000 [--concurrency 50] [--rate 100]
+Run: python week10_deploy/load_test.py [--smoke] --url http://127.0.0.1:8000
+         [--concurrency 50] [--rate 100]
      (--smoke serves a tiny untrained model itself and loads it for a second or two)
 """
 
@@ -49,15 +50,15 @@ LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 class Config(BaseConfig):
     """Load-test a running service: closed loop (N clients) and open loop (a fixed rate)."""
 
-    url: str = "http://127.0.0.1:8000"  # base URL of the service; loopback only (127.0.0.0/8, ::1, localhost)
-    mode: Literal["both", "closed", "open"] = "both"  # which load: N clients back to back, a fixed rate, or both
-    concurrency: Annotated[int, Range(1, 1000)] = 50  # closed loop: clients, each waiting for its answer
-    rate: Annotated[float, Range(0, 10000, lo_open=True)] = 100.0  # open loop: requests sent per second
+    url: str = "http://127.0.0.1:8000"  # base URL; loopback only (127.0.0.0/8, ::1, localhost)
+    mode: Literal["both", "closed", "open"] = "both"  # N clients back to back, fixed rate, or both
+    concurrency: Annotated[int, Range(1, 1000)] = 50  # closed loop: clients, each awaits its answer
+    rate: Annotated[float, Range(0, 10000, lo_open=True)] = 100.0  # open loop: requests per second
     duration: Annotated[float, Range(0, 600, lo_open=True)] = 10.0  # seconds of load per phase
-    warmup: Annotated[float, Range(0, 60)] = 1.0  # seconds of closed-loop load before measuring (not counted)
-    max_requests: Annotated[int, Range(0)] = 0  # stop a phase after this many requests (0: the duration decides)
+    warmup: Annotated[float, Range(0, 60)] = 1.0  # seconds of closed-loop load first (not counted)
+    max_requests: Annotated[int, Range(0)] = 0  # stop a phase after this many (0: duration decides)
     payload: Literal["png", "json"] = "png"  # send an image file (image/png) or JSON pixels
-    timeout: Annotated[float, Range(0, 120, lo_open=True)] = 5.0  # seconds before a request counts as an error
+    timeout: Annotated[float, Range(0, 120, lo_open=True)] = 5.0  # seconds before a request fails
 
     SMOKE: ClassVar[dict] = {"duration": 0.3, "concurrency": 4, "rate": 40.0, "warmup": 0.1}
     UNUSED: ClassVar[tuple] = ("device", "data_dir")
@@ -77,8 +78,8 @@ def check_loopback(url: str) -> None:
     except ValueError:
         loopback = host.lower() in LOOPBACK_NAMES
     if not loopback:
-        raise ConfigError(f"--url {url}: this load test only targets this machine (127.0.0.1, ::1, localhost), "
-                          f"not {host}")
+        raise ConfigError(f"--url {url}: this load test only targets this machine "
+                          f"(127.0.0.1, ::1, localhost), not {host}")
 
 
 # ---- What is sent ----
@@ -87,7 +88,8 @@ def request_body(shape: list[int], payload: str, seed: int = 0) -> tuple[bytes, 
     from PIL import Image
 
     channels, height, width = shape
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, channels),
+                                                  dtype=np.uint8)
     if payload == "json":
         import json
 
@@ -106,12 +108,14 @@ def _stats(phase: str, latencies: list[float], errors: dict[str, int], elapsed: 
     return {f"{phase}_requests": len(latencies) + n_errors, f"{phase}_ok": len(latencies),
             f"{phase}_errors": n_errors, f"{phase}_error_kinds": dict(errors),
             f"{phase}_rps": len(latencies) / elapsed if elapsed > 0 else 0.0,
-            f"{phase}_p50_ms": float(np.percentile(ms, 50)), f"{phase}_p95_ms": float(np.percentile(ms, 95)),
+            f"{phase}_p50_ms": float(np.percentile(ms, 50)),
+            f"{phase}_p95_ms": float(np.percentile(ms, 95)),
             f"{phase}_p99_ms": float(np.percentile(ms, 99)), f"{phase}_max_ms": float(ms.max()),
             f"{phase}_seconds": elapsed}
 
 
-async def _send(client: httpx.AsyncClient, path: str, body: bytes, headers: dict, errors: dict) -> bool:
+async def _send(client: httpx.AsyncClient, path: str, body: bytes, headers: dict,
+                errors: dict) -> bool:
     try:
         r = await client.post(path, content=body, headers=headers)
         if r.status_code == 200:
@@ -137,8 +141,10 @@ async def closed_loop(url: str, body: bytes, headers: dict, concurrency: int, du
     errors: dict[str, int] = {}
     async with _client(url, concurrency, timeout) as client:
         warm_until = time.perf_counter() + warmup
-        while time.perf_counter() < warm_until:  # open the connections, fill caches: not measured
-            await asyncio.gather(*(_send(client, path, body, headers, {}) for _ in range(concurrency)))
+        # open the connections, fill caches: not measured
+        while time.perf_counter() < warm_until:
+            await asyncio.gather(*(_send(client, path, body, headers, {})
+                                   for _ in range(concurrency)))
         start = time.perf_counter()
         stop = start + duration
         sent = 0
@@ -155,21 +161,21 @@ async def closed_loop(url: str, body: bytes, headers: dict, concurrency: int, du
         return _stats("closed", latencies, errors, time.perf_counter() - start)
 
 
-async def open_loop(url: str, body: bytes, headers: dict, rate: float, duration: float, max_requests: int = 0,
-                    timeout: float = 5.0, path: str = "/predict") -> dict:
+async def open_loop(url: str, body: bytes, headers: dict, rate: float, duration: float,
+                    max_requests: int = 0, timeout: float = 5.0, path: str = "/predict") -> dict:
     """Requests due every 1/rate seconds; each one's latency counts from when it was due."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
     n = int(duration * rate) if not max_requests else min(int(duration * rate), max_requests)
     async with _client(url, 1000, timeout) as client:
-        await _send(client, path, body, headers, {})  # one connection open before the clock starts
+        await _send(client, path, body, headers, {})  # a connection open before the clock starts
 
         async def one_request(due: float) -> None:
             if await _send(client, path, body, headers, errors):
                 latencies.append(time.perf_counter() - due)
 
         # Each request is started when it is due, not all created up front: only the requests in
-        # flight are held in memory (--rate 10000 --duration 600 would otherwise be 6 million tasks).
+        # flight are held in memory (else --rate 10000 --duration 600 would be 6 million tasks).
         start = time.perf_counter() + 0.05
         in_flight: set[asyncio.Task] = set()
         for i in range(max(n, 1)):
@@ -179,15 +185,18 @@ async def open_loop(url: str, body: bytes, headers: dict, rate: float, duration:
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         await asyncio.gather(*in_flight)
-        # requests/s answered: below the offered rate when the server fell behind (the last answers late)
+        # requests/s answered: below the offered rate when the server fell behind (the last
+        # answers came late)
         return _stats("open", latencies, errors, time.perf_counter() - start)
 
 
-async def load(url: str, body: bytes, headers: dict, mode: str, concurrency: int, rate: float, duration: float,
-               max_requests: int = 0, timeout: float = 5.0, warmup: float = 0.0) -> dict:
+async def load(url: str, body: bytes, headers: dict, mode: str, concurrency: int, rate: float,
+               duration: float, max_requests: int = 0, timeout: float = 5.0,
+               warmup: float = 0.0) -> dict:
     results: dict = {}
     if mode in ("both", "closed"):
-        results.update(await closed_loop(url, body, headers, concurrency, duration, max_requests, timeout, warmup))
+        results.update(await closed_loop(url, body, headers, concurrency, duration, max_requests,
+                                         timeout, warmup))
     if mode in ("both", "open"):
         results.update(await open_loop(url, body, headers, rate, duration, max_requests, timeout))
     return results
@@ -197,10 +206,12 @@ def report(results: dict) -> str:
     lines = []
     for phase, what in (("closed", "closed loop"), ("open", "open loop")):
         if f"{phase}_requests" in results:
-            r = {k.removeprefix(f"{phase}_"): v for k, v in results.items() if k.startswith(f"{phase}_")}
+            r = {k.removeprefix(f"{phase}_"): v for k, v in results.items()
+                 if k.startswith(f"{phase}_")}
             kinds = f" ({r['error_kinds']})" if r["errors"] else ""
-            lines.append(f"{what:>11s}: {r['requests']} requests in {r['seconds']:.1f} s, {r['rps']:.0f} req/s, "
-                         f"latency p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+            lines.append(f"{what:>11s}: {r['requests']} requests in {r['seconds']:.1f} s, "
+                         f"{r['rps']:.0f} req/s, latency p50 {r['p50_ms']:.1f} ms, "
+                         f"p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
                          f"max {r['max_ms']:.1f} ms, errors {r['errors']}{kinds}")
     return "\n".join(lines)
 
@@ -243,8 +254,8 @@ def service_metadata(url: str, timeout: float = 5.0) -> dict:
         with httpx.Client(base_url=url, timeout=timeout, trust_env=False) as client:
             metadata = client.get("/metadata").json()
     except (httpx.HTTPError, ValueError) as e:
-        raise LabError(f"no service answers at {url}/metadata ({type(e).__name__}); start it first (see "
-                       "week10_deploy/README.md) or pass --url") from None
+        raise LabError(f"no service answers at {url}/metadata ({type(e).__name__}); "
+                       "start it first (see week10_deploy/README.md) or pass --url") from None
     if not isinstance(metadata, dict) or "input_shape" not in metadata:
         raise LabError(f"{url}/metadata is not this project's service (no input_shape)")
     return metadata
@@ -253,18 +264,21 @@ def service_metadata(url: str, timeout: float = 5.0) -> dict:
 def measure(cfg: Config, url: str) -> dict:
     from common.runs import Run
 
-    metadata = service_metadata(url, cfg.timeout)  # before the run folder: an absent service leaves none
+    # before the run folder: an absent service leaves none
+    metadata = service_metadata(url, cfg.timeout)
     run = Run.start(cfg, __file__, _cpu())
     body, headers = request_body(metadata["input_shape"], cfg.payload)
-    print(f"loading {url}/predict ({metadata.get('name')}, backend {metadata.get('backend')}): {cfg.mode} loop, "
-          f"{cfg.duration:g} s per phase, {cfg.payload} payload of {len(body):,} bytes")
-    results = asyncio.run(load(url, body, headers, cfg.mode, cfg.concurrency, cfg.rate, cfg.duration,
-                               cfg.max_requests, cfg.timeout, cfg.warmup))
+    print(f"loading {url}/predict ({metadata.get('name')}, backend {metadata.get('backend')}): "
+          f"{cfg.mode} loop, {cfg.duration:g} s per phase, {cfg.payload} payload of "
+          f"{len(body):,} bytes")
+    results = asyncio.run(load(url, body, headers, cfg.mode, cfg.concurrency, cfg.rate,
+                               cfg.duration, cfg.max_requests, cfg.timeout, cfg.warmup))
     print(report(results))
     for phase in ("closed", "open"):
         if f"{phase}_requests" in results:
             run.log(phase=phase, **{k.removeprefix(f"{phase}_"): v for k, v in results.items()
-                                     if k.startswith(f"{phase}_") and not k.endswith("error_kinds")})
+                                     if k.startswith(f"{phase}_")
+                                     and not k.endswith("error_kinds")})
     return run.finish(**results, backend=metadata.get("backend"), model=metadata.get("name"),
                        payload_bytes=len(body))
 
