@@ -31,6 +31,7 @@ the server's and the other jobs' CPU seconds; a setup during which other jobs us
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import subprocess
@@ -116,26 +117,10 @@ def cpu_seconds(pid: int | None = None) -> float:
 def serve(bundle: Path, backend: str, opts: dict) -> dict:
     """The README's uvicorn command for ``backend``, loaded closed-loop then open-loop."""
     from week10_deploy.load_test import closed_loop, load, request_body
-    from week10_deploy.service import free_port
 
-    port = free_port()
-    env = {**os.environ, "DL_LABS_BUNDLE": str(bundle), "DL_LABS_BACKEND": backend,
-           "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn",
-                               "week10_deploy.service:app_from_env", "--factory",
-                               "--port", str(port), "--log-level", "warning", "--no-access-log"],
-                              cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_service(bundle, workers=1, wait_ms=0, backend=backend)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                meta = httpx.get(url + "/metadata", timeout=2, trust_env=False).json()
-                break
-            except httpx.HTTPError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"error: the {backend} service did not start") from None
-                time.sleep(0.2)
+        meta = httpx.get(url + "/metadata", timeout=2, trust_env=False).json()
         body, headers = request_body(meta["input_shape"], "png")
         results = {}
         # warm-up, not counted
@@ -317,12 +302,13 @@ def paced_open_loop(url: str, body_file: Path, rate: float, connections: int, du
     return parse_hey_csv(texts, per_connection, duration), children_cpu_seconds() - before
 
 
-def start_service(bundle: Path, workers: int, wait_ms: float) -> tuple[subprocess.Popen, str]:
-    """The README's uvicorn command (ONNX backend) on a free loopback port, once it answers."""
+def start_service(bundle: Path, workers: int, wait_ms: float,
+                  backend: str = "onnx") -> tuple[subprocess.Popen, str]:
+    """The README's uvicorn command on a free loopback port, once it answers /health."""
     from week10_deploy.service import free_port
 
     port = free_port()
-    env = {**os.environ, "DL_LABS_BUNDLE": str(bundle), "DL_LABS_BACKEND": "onnx",
+    env = {**os.environ, "DL_LABS_BUNDLE": str(bundle), "DL_LABS_BACKEND": backend,
            "OMP_NUM_THREADS": "1", "DL_LABS_BATCH_WAIT_MS": f"{wait_ms:g}"}
     command = [sys.executable, "-m", "uvicorn", "week10_deploy.service:app_from_env", "--factory",
                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
@@ -330,11 +316,9 @@ def start_service(bundle: Path, workers: int, wait_ms: float) -> tuple[subproces
     server = subprocess.Popen(command, cwd=ROOT, env=env)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
     while True:
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
             if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
                 return server, url
-        except httpx.HTTPError:
-            pass
         if server.poll() is not None or time.monotonic() > deadline:
             server.kill()
             raise SystemExit("error: the service did not start")

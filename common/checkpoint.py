@@ -186,6 +186,18 @@ def load_checkpoint(
     return payload
 
 
+
+def resume_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 scheduler: Any | None = None, script: str = "") -> dict:
+    """Where a training loop starts: ``{"epoch": 0}`` when ``path`` is empty; else everything
+    is loaded from that checkpoint (``load_checkpoint``) and the dict holds its epoch and the
+    extras the loop saved with it. ``Run.restore`` calls it; so do the ranks that have no run
+    folder under torchrun."""
+    if not path:
+        return {"epoch": 0}
+    payload = load_checkpoint(path, model, optimizer, scheduler, script=script)
+    return {**payload["extra"], "epoch": payload["epoch"]}
+
 # Scheduler entries that change as it steps; the rest describe its plan (peak, length, shape).
 _PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
              "best", "num_bad_epochs", "cooldown_counter"}

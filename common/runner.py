@@ -102,3 +102,13 @@ def interruption(e: KeyboardInterrupt) -> tuple[str, int]:
     if isinstance(e, Terminated):
         return "terminated", 143
     return "interrupted", Interrupted.exit_code
+
+
+def interrupted(e: KeyboardInterrupt, detail: str) -> Interrupted:
+    """Ctrl-C / SIGTERM in a script that says itself what was kept (no --resume, or a
+    comparison that cannot be resumed): one line "<interrupted|terminated> <detail>" with the
+    matching exit status, raised instead of launch's generic message."""
+    word, code = interruption(e)
+    stopped = Interrupted(f"{word} {detail}")
+    stopped.exit_code = code
+    return stopped

@@ -155,14 +155,13 @@ class Run:
         """The loop's starting point: ``{"epoch": 0}`` for a new run; for ``--resume`` the model,
         optimizer, scheduler and random-number state are loaded from the checkpoint and the
         dict holds its epoch and whatever the loop saved with it (early stopping's best, ...)."""
-        resume = self.config.get("resume", "")
-        if not resume:
-            return {"epoch": 0}
-        from common.checkpoint import load_checkpoint
+        from common.checkpoint import resume_state
 
-        payload = load_checkpoint(resume, model, optimizer, scheduler, script=self.name)
-        print(f"resumed from {resume} after epoch {payload['epoch']}")
-        return {**payload["extra"], "epoch": payload["epoch"]}
+        resume = self.config.get("resume", "")
+        state = resume_state(resume, model, optimizer, scheduler, script=self.name)
+        if resume:
+            print(f"resumed from {resume} after epoch {state['epoch']}")
+        return state
 
     def save_checkpoint(self, model, optimizer=None, scheduler=None, epoch: int = 0,
                         **extra: Any) -> Path:

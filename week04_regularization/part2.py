@@ -34,7 +34,7 @@ from common.device import autocast, pick_device, prepare_model, seed_everything
 from common.errors import ConfigError, Interrupted
 from common.loader import TensorLoader
 from common.plots import plot_curves, plot_history
-from common.runner import interruption, launch
+from common.runner import interrupted, launch
 from common.runs import Run
 from common.train import check_finite, evaluate
 from week03_cnn.part2 import CNN, IMAGE_SIZE, make_loaders
@@ -238,13 +238,10 @@ def comparison_interrupted(e: KeyboardInterrupt, schedule: str, run: Run) -> Int
     """Ctrl-C / SIGTERM in a ``--schedule all`` run: --resume continues one schedule's run and
     refuses a comparison's checkpoints, so launch's "continue with --resume ..." would lead
     nowhere. One line saying what was kept instead, with Ctrl-C's or SIGTERM's exit status."""
-    what, code = interruption(e)
-    stopped = Interrupted(f"{what} in the {schedule} schedule; a --schedule all comparison "
-                          f"cannot be resumed (what it finished is in {run.dir}): start it "
-                          f"again, or train one schedule alone (--schedule {schedule}), which can "
-                          "be paused with Ctrl-C and resumed")
-    stopped.exit_code = code
-    return stopped
+    return interrupted(e, f"in the {schedule} schedule; a --schedule all comparison cannot be "
+                          f"resumed (what it finished is in {run.dir}): start it again, or train "
+                          f"one schedule alone (--schedule {schedule}), which can be paused with "
+                          "Ctrl-C and resumed")
 
 
 def main(cfg: Config) -> dict:

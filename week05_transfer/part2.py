@@ -41,7 +41,7 @@ from common.device import autocast, pick_device, prepare_model, seed_everything
 from common.errors import ConfigError, Interrupted
 from common.loader import TensorLoader, normalizer
 from common.plots import confusion_matrix, plot_confusion, plot_curves
-from common.runner import interruption, launch
+from common.runner import interrupted, launch
 from common.runs import Run
 from common.train import check_finite, evaluate, predict
 from week04_regularization.part2 import EarlyStopping, step_per_epoch
@@ -240,13 +240,10 @@ def stopped_in(e: KeyboardInterrupt, what: str, run: Run,
                shorter: str = "--mode trains one mode alone") -> Interrupted:
     """Ctrl-C / SIGTERM (exit 130 / 143): no --resume in Week 5 (a mode retrains in minutes),
     so one line saying what was kept, instead of launch's "continue with --resume ..."."""
-    word, code = interruption(e)
     files = [run.dir / "metrics.csv", *sorted(run.dir.glob("*checkpoint.pt"))]
     kept = ", ".join(p.name for p in files if p.exists()) or "only config.yaml"
-    stopped = Interrupted(f"{word} in {what}; {run.dir} keeps {kept}. This script has no "
-                          f"--resume: run it again ({shorter})")
-    stopped.exit_code = code
-    return stopped
+    return interrupted(e, f"in {what}; {run.dir} keeps {kept}. This script has no --resume: "
+                          f"run it again ({shorter})")
 
 
 def main(cfg: Config) -> dict:

@@ -32,9 +32,9 @@ import torch
 from common.config import BaseConfig, Range
 from common.data import data_root
 from common.device import pick_device, seed_everything
-from common.errors import DataError, DataUnavailable, Interrupted
+from common.errors import DataError, DataUnavailable
 from common.plots import plot_curves
-from common.runner import interruption, launch
+from common.runner import interrupted, launch
 from common.runs import Run
 from common.text import BAD, GOOD, load_text
 from week06_rnn import part2
@@ -185,13 +185,10 @@ def main(cfg: Config) -> dict:
         try:
             rows, result = part2.train_and_test(lab, b, model.to(device), run.sub(init, init=init))
         except KeyboardInterrupt as e:  # this script has no --resume: say what was kept instead
-            word, code = interruption(e)
             kept = (f"what it finished ({len(run.rows)} epochs in all) is in "
                     f"{run.dir / 'metrics.csv'}" if run.rows else "no epoch had finished")
-            stopped = Interrupted(f"{word} while training the {init} model; {kept}. "
-                                  "This comparison has no --resume: run it again to finish it")
-            stopped.exit_code = code
-            raise stopped from None
+            raise interrupted(e, f"while training the {init} model; {kept}. This comparison "
+                                 "has no --resume: run it again to finish it") from None
         curves[init] = [(r["epoch"], r["val_acc"]) for r in rows]
         summary.update({f"{key}_{init}": result[key]
                         for key in ("test_acc", "val_acc", "best_epoch", "train_time_s")})

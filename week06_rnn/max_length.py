@@ -21,9 +21,9 @@ import torch
 
 from common.config import BaseConfig, Range
 from common.device import pick_device, seed_everything
-from common.errors import ConfigError, Interrupted
+from common.errors import ConfigError
 from common.plots import save
-from common.runner import interruption, launch
+from common.runner import interrupted, launch
 from common.runs import Run
 from common.text import load_text
 from week06_rnn import part2
@@ -106,13 +106,10 @@ def main(cfg: Config) -> dict:
             _, result = part2.train_and_test(lab, b, model,
                                              run.sub(f"len{max_len}", max_len=max_len))
         except KeyboardInterrupt as e:  # this script has no --resume: say what was kept instead
-            word, code = interruption(e)
             kept = (f"what it finished ({len(run.rows)} epochs in all) is in "
                     f"{run.dir / 'metrics.csv'}" if run.rows else "no epoch had finished")
-            stopped = Interrupted(f"{word} while training with max_len {max_len}; {kept}. "
-                                  "This study has no --resume: run it again to finish it")
-            stopped.exit_code = code
-            raise stopped from None
+            raise interrupted(e, f"while training with max_len {max_len}; {kept}. This study "
+                                 "has no --resume: run it again to finish it") from None
         keys = ("test_acc", "val_acc", "best_epoch", "train_time_s")
         rows.append({"max_len": max_len, "cut_share": cut, "epochs": cfg.epochs,
                      **{k: result[k] for k in keys}})

@@ -25,7 +25,7 @@ from common.config import Range
 from common.device import pick_device, seed_everything
 from common.errors import ConfigError, Interrupted
 from common.plots import save
-from common.runner import interruption, launch
+from common.runner import interrupted, launch
 from common.runs import Run
 from week08_autoencoder import part1, part2
 from week08_autoencoder.plots import reconstruction_figure
@@ -65,7 +65,6 @@ def plot_sweep(sizes: list[int], ae: list[float], pca: list[float], mean_mse: fl
 def sweep_interrupted(e: KeyboardInterrupt, size: int, sizes: list[int], run: Run) -> Interrupted:
     """Ctrl-C / SIGTERM during the sweep: there is no --resume here, so say plainly what was
     kept (the metrics rows of the sizes trained so far) and which sizes are left to run."""
-    what, code = interruption(e)
     done = sizes[:sizes.index(size)]
     epochs = sum(r.get("bottleneck") == size for r in run.rows)
     kept = [f"bottlenecks {' '.join(map(str, done))} (finished)"] if done else []
@@ -73,11 +72,9 @@ def sweep_interrupted(e: KeyboardInterrupt, size: int, sizes: list[int], run: Ru
     where = (f"the metrics of {' and '.join(kept)} are in {run.dir / 'metrics.csv'}" if kept
              else f"no epoch finished (run folder {run.dir})")
     left = " ".join(map(str, sizes[len(done):]))
-    stopped = Interrupted(f"{what} while training bottleneck {size}; a sweep keeps no checkpoints "
-                          f"and has no --resume: {where}. To finish, run the sizes left: "
+    return interrupted(e, f"while training bottleneck {size}; a sweep keeps no checkpoints and "
+                          f"has no --resume: {where}. To finish, run the sizes left: "
                           f"--bottlenecks {left}")
-    stopped.exit_code = code  # 130 for Ctrl-C, 143 for SIGTERM
-    return stopped
 
 
 def main(cfg: Config) -> dict:

@@ -84,7 +84,9 @@ def week3_config(cfg: Config) -> week3.Config:
 
 def train_model(w3: week3.Config, data: ImageData, train, val, device: torch.device,
                 run: Run) -> nn.Module:
-    """Week 3's recipe: AdamW, one-cycle stepped per batch, its own train_one_epoch."""
+    """Week 3's recipe: AdamW, one-cycle stepped per batch, and Week 3's own train_one_epoch
+    (forward, backward, optimizer and scheduler steps), imported whole rather than copied: the
+    step is Week 3's lesson; this week's is the export, written out in export.py."""
     model = prepare_model(week3.make_model(w3, data), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=w3.lr, weight_decay=w3.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, w3.lr, epochs=w3.epochs,

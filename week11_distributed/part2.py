@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import resume_state
 from common.config import Range, ResumableConfig
 from common.data import load
 from common.device import autocast, prepare_model, seed_everything
@@ -155,7 +155,8 @@ def main(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, pct_start=0.25,
                                                     total_steps=cfg.epochs * steps)
     run = Run.start(cfg, __file__, info.device) if info.is_main else None  # rank 0 writes
-    start = restore(run, cfg.resume, net, optimizer, scheduler)["epoch"]
+    start = (run.restore(net, optimizer, scheduler) if run  # ranks > 0: no run folder
+             else resume_state(cfg.resume, net, optimizer, scheduler))["epoch"]
     if run is not None:
         backend = dist.get_backend() if info.distributed else "none"
         print(f"{info.world_size} rank(s), backend {backend}; global batch "
@@ -198,16 +199,6 @@ def make_model(cfg: Config, num_classes: int) -> CNN:
     batch statistics, so N ranks would no longer compute what one process with an N times
     larger batch computes, which is what this lab shows (SyncBatchNorm shares them, on GPUs)."""
     return CNN(1, num_classes, tuple(cfg.width * 2**i for i in range(cfg.blocks)))
-
-
-def restore(run: Run | None, resume: str, net: nn.Module, optimizer, scheduler) -> dict:
-    """``{"epoch": 0}``, or on --resume the epoch and extras: every rank loads the checkpoint."""
-    if run is not None:
-        return run.restore(net, optimizer, scheduler)
-    if not resume:
-        return {"epoch": 0}
-    payload = load_checkpoint(resume, net, optimizer, scheduler)
-    return {**payload["extra"], "epoch": payload["epoch"]}
 
 
 @torch.inference_mode()

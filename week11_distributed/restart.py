@@ -33,6 +33,7 @@ from typing import Annotated, ClassVar
 import torch
 import torch.distributed as dist
 
+from common.checkpoint import resume_state
 from common.config import Range
 from common.data import load
 from common.device import prepare_model, seed_everything
@@ -211,7 +212,8 @@ def main(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, pct_start=0.25,
                                                     total_steps=cfg.epochs * steps)
     run = Run.start(cfg, __file__, info.device) if info.is_main else None
-    state = part2.restore(run, cfg.resume, net, optimizer, scheduler)
+    state = (run.restore(net, optimizer, scheduler) if run
+             else resume_state(cfg.resume, net, optimizer, scheduler))
     progress = Progress(state.get("step", 0), state.get("batches_done", 0),
                         state.get("losses", []), state.get("step", 0))
     # A mid-epoch checkpoint holds the epochs done before the one in progress.

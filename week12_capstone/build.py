@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from common.checkpoint import load_checkpoint, read_checkpoint
+from common.checkpoint import read_checkpoint
 from common.data import ImageData
 from common.distributed import DistInfo, shard
 from common.errors import CheckpointError, ConfigError
 from common.loader import TensorLoader, derive_seed, normalizer, split
-from common.runs import Run
 from week03_cnn.part2 import training_augment
 from week04_regularization.best_cnn import SpeedNet, whitening_filters
 from week12_capstone.vit import ViT
@@ -73,13 +72,3 @@ def check_resume_matches_launch(resume: str, info: DistInfo) -> None:
         again = "torchrun --nproc_per_node N " if under_torchrun else "python "
         raise CheckpointError(f"{resume} was saved {how}; resume it the same way "
                               f"({again}week12_capstone/part2.py --resume {resume})")
-
-
-def restore(run: Run | None, resume: str, model, optimizer, scheduler) -> dict:
-    """run.restore on rank 0; the other ranks (no run folder) load the same checkpoint."""
-    if run is not None:
-        return run.restore(model, optimizer, scheduler)
-    if not resume:
-        return {"epoch": 0}
-    payload = load_checkpoint(resume, model, optimizer, scheduler, script="week12/part2")
-    return {**payload["extra"], "epoch": payload["epoch"]}

@@ -25,6 +25,7 @@ from typing import Annotated, ClassVar, Literal
 import torch
 from torch import nn
 
+from common.checkpoint import resume_state
 from common.config import Range, ResumableConfig
 from common.data import load, subset
 from common.device import autocast, prepare_model, seed_everything
@@ -41,7 +42,7 @@ from week04_regularization.part2 import (
     make_scheduler,
     step_per_epoch,
 )
-from week12_capstone.build import check_resume_matches_launch, make_loaders, make_model, restore
+from week12_capstone.build import check_resume_matches_launch, make_loaders, make_model
 from week12_capstone.deploy import check_deploy_dependencies, export_and_serve
 from week12_capstone.report import evaluate_test, write_model_card, write_report
 
@@ -141,7 +142,8 @@ def main(cfg: Config) -> dict:
               f"process(es), validation {len(val.x)}, test {len(test.x)} images ({data.name})")
 
     # ---- train: the loop, with validation deciding (schedule, early stopping) ----
-    state = restore(run, cfg.resume, model, optimizer, scheduler)  # {"epoch": 0} for a new run
+    state = (run.restore(model, optimizer, scheduler) if run  # {"epoch": 0} for a new run
+             else resume_state(cfg.resume, model, optimizer, scheduler, script="week12/part2"))
     if "early" in state:
         early.load_state_dict(state["early"])
     stopped, epoch = state.get("stopped", False), state["epoch"]
