@@ -515,7 +515,9 @@ def check_part1(summary, rows):
 
 def check_part2(summary, rows):
     loss_falls(rows)
-    assert summary["test_acc"] > 2 * summary["chance"], summary
+    # Chance is 0.1. Measured (benchmarks/smoke_margins.py): smoke 0.50; with --lr 1e-9 (nothing
+    # learns) 0.098, 0.2 under the threshold.
+    assert summary["chance"] == 0.1 and summary["test_acc"] > 0.3, summary
     assert summary["epochs"] == len(rows) == part2.Config.SMOKE["epochs"]
 
 

@@ -47,7 +47,9 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
 
 
 def check_part2(summary: dict, rows: list[dict]) -> None:
-    assert summary["test_acc"] > 0.3, summary  # chance is 0.1 on the 10-class twin
+    # Chance is 0.1 on the 10-class twin. Measured (benchmarks/smoke_margins.py): 0.598; with
+    # --lr 1e-9 (nothing learns) 0.108, 0.19 under the threshold.
+    assert summary["test_acc"] > 0.3, summary
     losses = train_losses(rows)
     assert len(losses) == summary["epochs_done"] and losses[-1] < 0.8 * losses[0], losses
     assert float(rows[-1]["lr"]) < 0.01 * max(float(r["lr"]) for r in rows), (

@@ -49,7 +49,9 @@ def losses_fall(rows: list[dict]) -> None:
 def check_part2(summary: dict, rows: list[dict]) -> None:
     losses_fall(rows)
     assert summary["best_schedule"] in part2.SCHEDULES
-    assert summary["val_acc"] > 0.3 and summary["test_acc"] > 0.3  # 10 classes: chance is 0.1
+    # 10 classes: chance is 0.1. Measured (benchmarks/smoke_margins.py): smoke 0.765 val / 0.804
+    # test; with --lr 1e-9 (nothing learns) 0.157 / 0.108, at least 0.24 under the threshold.
+    assert summary["val_acc"] > 0.4 and summary["test_acc"] > 0.4
 
 
 def check_best_cnn(summary: dict, rows: list[dict]) -> None:

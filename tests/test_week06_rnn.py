@@ -43,7 +43,9 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
 
 
 def check_part2(summary: dict, rows: list[dict]) -> None:
-    assert summary["test_acc"] >= summary["majority_baseline"] + 0.2, summary  # the twin is learned
+    # Measured (benchmarks/smoke_margins.py): 0.949, majority class 0.516; with --lr 1e-9
+    # (nothing learns) 0.547, 0.17 under the threshold.
+    assert summary["test_acc"] >= summary["majority_baseline"] + 0.2, summary
     assert summary["last_train_loss"] < 0.5 * summary["first_train_loss"], summary
     accs = [float(r["val_acc"]) for r in rows]
     assert summary["best_epoch"] == 1 + accs.index(max(accs)), (

@@ -49,7 +49,9 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
 def check_part2(summary: dict, rows: list[dict]) -> None:
     losses = [float(r["train_loss"]) for r in rows]
     assert len(losses) == summary["epochs_done"] and losses[-1] < 0.8 * losses[0], losses
-    assert summary["test_acc"] > 0.6 and summary["val_acc"] > 0.6, summary  # chance is 0.25
+    # Chance is 0.25. Measured (benchmarks/smoke_margins.py): 0.930 test / 0.922 val; with
+    # --lr 1e-9 (nothing learns) 0.242 / 0.216, at least 0.36 under the threshold.
+    assert summary["test_acc"] > 0.6 and summary["val_acc"] > 0.6, summary
     assert np.sum(summary["confusion"]) == 128  # every test text counted once
 
 

@@ -53,7 +53,9 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
 
 
 def check_part2(summary: dict, rows: list[dict]) -> None:
-    assert summary["test_acc"] > 0.3, summary  # chance is 0.1 on the 10-class twin
+    # Chance is 0.1 on the 10-class twin. Measured (benchmarks/smoke_margins.py): 0.500; with
+    # --lr 1e-9 (nothing learns) 0.039, 0.26 under the threshold.
+    assert summary["test_acc"] > 0.3, summary
     # HTTP answers == the trained model's argmax
     assert summary["service_agrees_with_eager"] == 1.0, summary
     assert summary["service_acc"] == pytest.approx(summary["eager_acc_checked"], abs=1e-9), summary

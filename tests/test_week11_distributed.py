@@ -53,7 +53,9 @@ def check_part1(summary: dict, rows: list[dict]) -> None:
 def check_part2(summary: dict, rows: list[dict]) -> None:
     losses = [float(r["train_loss"]) for r in rows]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses
-    assert summary["test_acc"] > 0.3, summary  # 10 classes: chance is 0.1
+    # 10 classes: chance is 0.1. Measured (benchmarks/smoke_margins.py): 0.549; with --lr 1e-9
+    # (nothing learns) 0.039, 0.26 under the threshold.
+    assert summary["test_acc"] > 0.3, summary
     assert summary["weights_spread"] == 0 and summary["world_size"] >= 1
 
 

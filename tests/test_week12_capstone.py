@@ -31,12 +31,14 @@ from week12_capstone import build, deploy, part1, part2, report, vit
 # What each script's --smoke run must show (tests/test_smoke.py runs them)
 # ------------------------------------------------------------------------------------------
 def check_part1(summary: dict, rows: list[dict]) -> None:
-    assert summary["baseline_test_acc"] > 0.2 and summary["baseline_val_acc"] > 0.2  # chance 0.1
+    # 10 classes: chance is 0.1. Measured (benchmarks/smoke_margins.py): smoke 0.327 val / 0.325
+    # test; with --baseline-lr 1e-9 (nothing learns) 0.083 / 0.081, 0.17 under the threshold.
+    assert summary["baseline_test_acc"] > 0.25 and summary["baseline_val_acc"] > 0.25
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     for name in ("resnet", "vit", "baseline"):  # the formulas agree with FlopCounterMode exactly
         assert summary[f"flops_formula_{name}"] == summary[f"flops_counted_{name}"] > 0
         assert summary[f"measured_epoch_s_{name}"] > 0 and summary[f"params_{name}"] > 0
-    assert summary["n_train"] + summary["n_val"] == 512 and summary["shared_train_test"] == 0
+    assert summary["n_train"] + summary["n_val"] == 2048 and summary["shared_train_test"] == 0
     folder = Path(summary["run_dir"])
     assert (folder / "plan.md").exists() and (folder / "samples.png").exists()
 
@@ -62,8 +64,8 @@ def check_part2(summary: dict, rows: list[dict]) -> None:
     check_chain(summary, rows)
     losses = [float(r["train_loss"]) for r in rows]
     assert len(losses) == summary["epochs_done"] and losses[-1] < 0.9 * losses[0], losses
-    # 10 classes: chance is 0.1. Measured: smoke 0.65 test / 0.67 val; the same run with
-    # --lr 1e-9 (a model that does not learn) 0.08 / 0.18, at least 0.22 under these thresholds.
+    # 10 classes: chance is 0.1. Measured (benchmarks/smoke_margins.py): smoke 0.647 test / 0.667
+    # val; with --lr 1e-9 (a model that does not learn) 0.078 / 0.176, at least 0.22 under these.
     assert summary["test_acc"] > 0.4 and summary["val_acc"] > 0.4
 
 
@@ -160,7 +162,7 @@ def test_the_baseline_never_sees_the_test_split_before_its_final_evaluation(monk
 def test_part1_refuses_a_batch_larger_than_the_training_set_before_writing(tmp_path, capsys):
     assert lab(part1, tmp_path, "--smoke", "--batch-size", "100000000") == {"exit": 2}
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "more than the 461 training images" in err
+    assert err.count("\n") == 1 and "more than the 1843 training images" in err
     assert not tmp_path.joinpath("week12").exists()
 
 
