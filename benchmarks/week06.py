@@ -26,7 +26,7 @@ from week06_rnn import part2
 
 # The settings measured in week06_rnn/README.md.
 BILSTM = dict(model="lstm", bidirectional=True, embed_dim=64, hidden=64, max_len=256, keep="last",
-              epochs=4, batch_size=64, lr=3e-3, dropout=0.3, vocab_size=25_000, clip=1.0)
+              epochs=10, batch_size=64, lr=3e-3, dropout=0.3, vocab_size=25_000, clip=1.0)
 NGRAM_BAG = dict(model="ngram_bag", embed_dim=16, max_len=1000, keep="first", epochs=3,
                  batch_size=64, lr=5e-3, dropout=0.0, vocab_size=50_000, ngram_buckets=2**18,
                  weight_decay=0.0)
