@@ -36,9 +36,10 @@ def run_script(script: Path | str, *args: str, tmp_path: Path, cwd: Path | None 
                timeout: float = 180) -> subprocess.CompletedProcess:
     """Run ``python script args`` offline, capturing text output. The run is a child forked
     from a warm interpreter that has torch and the other libraries imported (tests/zygote.py),
-    which saves ~3 CPU-s per run; ``DL_LABS_TEST_FORK=0`` starts a fresh ``python`` instead."""
+    which saves ~3 CPU-s per run. Elsewhere than Linux (no fork on Windows; macOS libraries are
+    not fork-safe) or with ``DL_LABS_TEST_FORK=0``, a fresh ``python`` runs it instead."""
     argv, env = [str(script), *args], offline_env(tmp_path)
-    if os.environ.get("DL_LABS_TEST_FORK", "1") == "0":
+    if sys.platform != "linux" or os.environ.get("DL_LABS_TEST_FORK", "1") == "0":
         return subprocess.run([sys.executable, *argv], cwd=cwd or tmp_path, env=env,
                               capture_output=True, text=True, timeout=timeout)
     return Zygote.get().run(argv, cwd or tmp_path, env, tmp_path, timeout)
