@@ -2,7 +2,7 @@
 
 The path from a trained model to an answer over the network, in four steps:
 
-    1. a model: trained here (Week 3's CNN, loaders and train_one_epoch, imported) or loaded
+    1. a model: trained here (Week 3's CNN and loaders, imported; the loop written below) or loaded
        from a run's checkpoint
     2. a bundle: model.onnx + model.pt2 + metadata.json, the normalization baked in, both
        exports checked against eager PyTorch (week10_deploy/export.py: the export calls)
@@ -27,15 +27,17 @@ from typing import Annotated, ClassVar, Literal
 
 import httpx
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from common.checkpoint import load_checkpoint, read_checkpoint
 from common.config import BaseConfig, Range
 from common.data import ImageData, load
-from common.device import pick_device, prepare_model, seed_everything
+from common.device import autocast, pick_device, prepare_model, seed_everything
 from common.errors import CheckpointError, ConfigError
 from common.loader import TensorLoader, normalizer
+from common.progress import progress
 from common.runner import launch
 from common.runs import Run
 from common.train import check_finite, evaluate, predict
@@ -44,8 +46,7 @@ from week10_deploy.export import write_bundle
 from week10_deploy.load_test import closed_loop, report
 from week10_deploy.service import create_app, serving
 
-# What to pass instead of a checkpoint that cannot be served.
-NO_CHECKPOINT = "leave out --checkpoint to train a CNN here"
+NO_CHECKPOINT = "leave out --checkpoint to train a CNN here"  # instead of an unservable file
 
 
 @dataclass
@@ -75,27 +76,40 @@ class Config(BaseConfig):
 
 
 # ---- 1. A model: trained here, or a trained one from a checkpoint ----
-def week3_config(cfg: Config) -> week3.Config:
-    """Week 3's settings for this run (its model and loaders are reused as they are)."""
-    keys = ("dataset", "epochs", "batch_size", "lr", "width", "blocks", "smoke", "seed", "device",
-            "data_dir")
-    return week3.Config(**{k: getattr(cfg, k) for k in keys})
+WEEK3_KEYS = ("dataset", "epochs", "batch_size", "lr", "width", "blocks", "smoke", "seed",
+              "device", "data_dir")
+
+
+def train_one_epoch(model: nn.Module, train: TensorLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> dict:
+    """Week 3's loop: one pass over the batches; the mean loss and accuracy over the epoch."""
+    model.train()
+    total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for x, y in progress(train, "train"):
+        with autocast(device):  # bf16 on CUDA; a no-op on the CPU
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    seen = len(train) * train.batch_size  # drop_last: every batch is full
+    return {"train_loss": (total_loss / seen).item(), "train_acc": (correct / seen).item()}
 
 
 def train_model(w3: week3.Config, data: ImageData, train, val, device: torch.device,
                 run: Run) -> nn.Module:
-    """Week 3's recipe: AdamW, one-cycle stepped per batch, and Week 3's own train_one_epoch
-    (forward, backward, optimizer and scheduler steps), imported whole rather than copied: the
-    step is Week 3's lesson; this week's is the export, written out in export.py."""
+    """Week 3's recipe: its CNN, AdamW, one-cycle stepped per batch, and the loop above."""
     model = prepare_model(week3.make_model(w3, data), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=w3.lr, weight_decay=w3.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, w3.lr, epochs=w3.epochs,
                                                     steps_per_epoch=len(train), pct_start=0.25)
-    # No checkpoints between epochs (this script does not resume; Week 3's part2.py does):
-    # main saves the trained model once, at the end, so that --checkpoint can serve it again.
+    # No checkpoint per epoch (no --resume here): main saves the model once, at the end.
     for epoch in range(1, w3.epochs + 1):
         train.set_epoch(epoch)
-        row = week3.train_one_epoch(model, train, optimizer, scheduler, device)
+        row = train_one_epoch(model, train, optimizer, scheduler, device)
         check_finite(row["train_loss"], epoch)
         if val is not None:
             row.update({f"val_{k}": v for k, v in evaluate(model, val).items()})
@@ -175,7 +189,7 @@ def main(cfg: Config) -> dict:
     if cfg.checkpoint:  # a missing or damaged file is refused before the data loads
         read_checkpoint(cfg.checkpoint, instead=NO_CHECKPOINT)
     data = load(cfg.dataset, cfg.data_dir, smoke=cfg.smoke, seed=cfg.seed)
-    w3 = week3_config(cfg)
+    w3 = week3.Config(**{k: getattr(cfg, k) for k in WEEK3_KEYS})  # as a Week 3 run would
     if cfg.checkpoint:
         model = checkpoint_model(cfg.checkpoint, data)
     else:
@@ -223,16 +237,13 @@ def main(cfg: Config) -> dict:
           f"the model on {agree:.2%} of them (accuracy {service_acc:.2%})")
     if not cfg.checkpoint:  # serve it again: --checkpoint <run folder>/checkpoint.pt
         run.save_checkpoint(model, epoch=cfg.epochs)
-    eager_acc = (eager_pred == y_test).float().mean().item()
-    return run.finish(test_acc=test_acc, eager_acc_checked=eager_acc, service_acc=service_acc,
-                      service_agrees_with_eager=agree, n_checked=n,
+    load_figures = {f"load_{k}": under_load.get(f"closed_{k}", 0)
+            for k in ("requests", "errors", "rps", "p50_ms", "p99_ms")}
+    return run.finish(test_acc=test_acc, service_acc=service_acc, service_agrees_with_eager=agree,
+                      eager_acc_checked=(eager_pred == y_test).float().mean().item(), n_checked=n,
                       bad_requests=len(statuses),
                       bad_requests_4xx=sum(400 <= s < 500 for s in statuses.values()),
-                      bundle=str(bundle), load_requests=under_load.get("closed_requests", 0),
-                      load_errors=under_load.get("closed_errors", 0),
-                      load_rps=under_load.get("closed_rps", 0.0),
-                      load_p50_ms=under_load.get("closed_p50_ms", 0.0),
-                      load_p99_ms=under_load.get("closed_p99_ms", 0.0))
+                      bundle=str(bundle), **load_figures)
 
 
 if __name__ == "__main__":
