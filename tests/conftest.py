@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -76,9 +80,6 @@ class Zygote:
     def _answer(self, word: str, deadline: float | None) -> int:
         """The next ``word N`` line from the zygote, read from its raw pipe (a buffered reader
         could hold the line while select() waits on the pipe)."""
-        import select
-        import time
-
         fd = self.process.stdout.fileno()
         while b"\n" not in self.pending:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -93,10 +94,6 @@ class Zygote:
 
     def run(self, argv: list[str], cwd: Path, env: dict, tmp_path: Path,
             timeout: float) -> subprocess.CompletedProcess:
-        import json
-        import tempfile
-        import time
-
         fd, out = tempfile.mkstemp(prefix="stdout-", dir=tmp_path)
         os.close(fd)
         err = out.replace("stdout-", "stderr-")
