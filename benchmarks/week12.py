@@ -21,9 +21,11 @@ and any week12_capstone.part2 Config field (e.g. ``train_subset=20000``, ``dim=9
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -40,7 +42,8 @@ def epochs_for_budget(cfg: part2.Config, budget_s: float, device: torch.device,
     training steps (part1's probe, on random images) scaled to an epoch, +10% for validation."""
     data = load("cifar10", synthetic=True, n_synthetic=64)
     model = prepare_model(make_model(cfg, data), device, channels_last=cfg.model == "resnet")
-    step_s = part1.measured_step_s(model, cfg.batch_size, tuple(data.x_train.shape[1:]), 3, device)
+    step_s = part1.measured_step_s(model, cfg.batch_size, tuple(data.x_train.shape[1:]), 3, device,
+                                   bf16=cfg.bf16, channels_last=cfg.model == "resnet")
     epoch_s = 1.1 * step_s * (n_train // cfg.batch_size)
     return max(1, min(200, math.floor(budget_s / epoch_s))), epoch_s
 
@@ -66,7 +69,8 @@ def capstone(data_dir: str, device: str, options: dict) -> dict:
         fields["train_subset"] * (1 - plan.val_fraction))
 
     val_acc = {}
-    keep = ("test_acc", "test_acc_low", "test_acc_high", "val_acc", "params", "epochs_done",
+    keep = ("test_acc", "test_acc_low", "test_acc_high", "test_acc_tta", "test_acc_tta_low",
+            "test_acc_tta_high", "val_acc", "params", "epochs_done",
             "kept_epoch", "train_time_s", "onnx_max_prob_diff", "served_same_answer")
     with tempfile.TemporaryDirectory() as out:
         for name in models:
@@ -76,6 +80,7 @@ def capstone(data_dir: str, device: str, options: dict) -> dict:
             epochs, epoch_s = epochs_for_budget(probe, budget_s, dev, n_train)
             summary = part2.main(part2.Config(**{**settings, "epochs": epochs}, **where))
             val_acc[name] = summary["val_acc"]
+            result[f"{name}_val_acc_by_epoch"] = val_by_epoch(summary["run_dir"])
             result.update({f"{name}_{k}": summary[k] for k in keep if k in summary})
             result.update({f"{name}_epochs_planned": epochs,
                            f"{name}_probe_epoch_s": round(epoch_s, 1),
@@ -87,9 +92,57 @@ def capstone(data_dir: str, device: str, options: dict) -> dict:
             "over_baseline": result[f"{chosen}_test_acc"] - baseline["test_acc"], **result}
 
 
+def val_by_epoch(run_dir: str) -> list[float]:
+    """The validation accuracy after each epoch of a part2 run (its metrics.csv)."""
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [round(float(row["val_acc"]), 4) for row in csv.DictReader(f)]
+
+
+# The ViT shapes tried for the CPU budget: part2's default, narrower, wider, bigger patches
+# (16 tokens, so a deeper and wider model costs less), and without the random shifts.
+VIT_SHAPES = {
+    "p4 d128 L4 (part2)": {},
+    "p4 d96 L4": {"dim": 96},
+    "p4 d192 L4": {"dim": 192, "heads": 6},
+    "p8 d192 L6": {"patch": 8, "dim": 192, "depth": 6, "heads": 6},
+    "p4 d128 L4, no shifts": {"translate": 0},
+}
+
+
+def vit_sweep(data_dir: str, device: str, options: dict) -> dict:
+    """Each ViT shape of VIT_SHAPES trained by part2 for the epochs that fit ``budget_s``; the
+    shape is chosen on validation accuracy (the test figures stay unread)."""
+    fields, extra = config_options(options, part2.Config, default_threads=1,
+                                   extra_keys=("budget_s",))
+    dev = pick_device(device)
+    budget_s = float(extra.get("budget_s", 60.0 if dev.type == "cuda" else 300.0))
+    n_train = round((fields.get("train_subset") or 50_000) * (1 - part2.Config.val_fraction))
+    result = {"data": "CIFAR-10, JPEG copy", "budget_s": budget_s,
+              "torch_threads": torch.get_num_threads(), "shapes": {}}
+    with tempfile.TemporaryDirectory() as out:
+        for label, shape in VIT_SHAPES.items():
+            settings = {**part2.Config.PRESETS["model"]["vit"], **shape, **fields, "model": "vit",
+                        "deploy": False, "tta": False, "worst": 0}
+            where = {"data_dir": data_dir, "device": device, "out": out}
+            epochs, epoch_s = epochs_for_budget(part2.Config(**settings, **where), budget_s, dev,
+                                                n_train)
+            summary = part2.main(part2.Config(**{**settings, "epochs": epochs}, **where))
+            result["shapes"][label] = {
+                "settings": shape, "params": summary["params"], "epochs": epochs,
+                "probe_epoch_s": round(epoch_s, 1), "train_time_s": summary["train_time_s"],
+                "val_acc": summary["val_acc"], "val_acc_by_epoch": val_by_epoch(summary["run_dir"])}
+            print(f"{label}: val_acc {summary['val_acc']:.4f} after {epochs} epochs")
+    chosen = max(result["shapes"], key=lambda k: result["shapes"][k]["val_acc"])
+    return {"metric": "val_acc", "value": result["shapes"][chosen]["val_acc"], "chosen": chosen,
+            **result}
+
+
 ENTRIES = {
     "cifar10_capstone": Benchmark(
         capstone, "Week 12 capstone on CIFAR-10 (JPEG copy): residual CNN vs ViT through the "
                   "whole pipeline at a training budget per model (CPU 240 s, GPU 60 s), with the "
                   "part1 baseline in the same run"),
+    "cifar10_vit_sweep": Benchmark(
+        vit_sweep, "Week 12: ViT shapes (patch, width, depth, shifts) at a CPU training budget "
+                   "each (300 s), chosen on validation accuracy"),
 }

@@ -14,10 +14,12 @@ Where a value comes from, strongest first (DESIGN.md 2):
     explicit flag  >  --config FILE.yaml  >  --smoke preset  >  data-set preset  >  Config default
 
 ``SMOKE`` (a class attribute) is the ``--smoke`` preset; ``PRESETS`` maps a field's value to the
-defaults that suit it (e.g. ``{"dataset": {"iris": {"epochs": 30}}}``). A preset never replaces
-what the user said, and the values it applied are printed. ``--resume CHECKPOINT`` (in scripts
-whose Config subclasses ``ResumableConfig``) starts from the settings saved in the checkpoint:
-a resumed run keeps them, except the few that may change (``RESUME_MAY_CHANGE``).
+defaults that suit it (e.g. ``{"dataset": {"iris": {"epochs": 30}}}``), and ``SMOKE_PRESETS``
+maps it to the ``--smoke`` settings that suit it (e.g. a smoke learning rate per optimizer). A
+preset never replaces what the user said, and the values it applied are printed.
+``--resume CHECKPOINT`` (in scripts whose Config subclasses ``ResumableConfig``) starts from the
+settings saved in the checkpoint: a resumed run keeps them, except the few that may change
+(``RESUME_MAY_CHANGE``).
 
 Bad values stop in parsing with one line and exit status 2 (argparse's convention), before any
 work starts. Running the script (signals, exit codes) is ``common.runner``'s concern.
@@ -91,6 +93,8 @@ class BaseConfig:
 
     SMOKE: ClassVar[dict[str, Any]] = {}  # the --smoke preset's values (a script sets its own)
     PRESETS: ClassVar[dict[str, dict[Any, dict[str, Any]]]] = {}  # field -> value -> preset values
+    # field -> value -> --smoke values for that value only (applied after SMOKE)
+    SMOKE_PRESETS: ClassVar[dict[str, dict[Any, dict[str, Any]]]] = {}
     # Common fields this script ignores (e.g. "device"): no flag for them.
     UNUSED: ClassVar[tuple[str, ...]] = ()
 
@@ -357,6 +361,10 @@ def resolve(cls: type, argv: list[str] | None = None, description: str | None = 
                 notes += _apply(values, table.get(chosen, {}), said, f"{name}={chosen} preset")
             if said.get("smoke", values["smoke"]):
                 notes += _apply(values, cls.SMOKE, said, "--smoke preset")
+                for name, table in cls.SMOKE_PRESETS.items():
+                    chosen = said.get(name, values[name])
+                    notes += _apply(values, table.get(chosen, {}), said,
+                                    f"--smoke preset for {name}={chosen}")
         values.update(said)
         cfg = cls(**values)
         check_out(cfg.out)

@@ -184,6 +184,23 @@ def test_presets_say_what_they_applied_and_respect_edited_defaults():
     assert resolve(Edited, ["--smoke"]).preset_notes == ["--smoke preset: epochs=1 hidden=(8,)"]
 
 
+def test_smoke_presets_follow_the_chosen_value_and_never_override_the_user(tmp_path):
+    @dataclass
+    class PerOptimizer(Config):
+        SMOKE_PRESETS: ClassVar[dict] = {"optimizer": {"adam": {"lr": 0.003}}}
+
+    assert parse_config(PerOptimizer, ["--smoke"]).lr == 0.1  # sgd: no smoke preset of its own
+    adam = resolve(PerOptimizer, ["--smoke", "--optimizer", "adam"])
+    assert adam.config.lr == 0.003 and adam.config.epochs == 1
+    assert adam.preset_notes[-1] == "--smoke preset for optimizer=adam: lr=0.003"
+    assert parse_config(PerOptimizer, ["--optimizer", "adam"]).lr == 0.1  # only under --smoke
+    assert parse_config(PerOptimizer, ["--smoke", "--optimizer", "adam", "--lr", "1"]).lr == 1
+    (tmp_path / "c.yaml").write_text("optimizer: adam\nlr: 0.5\n")
+    assert parse_config(PerOptimizer, ["--smoke", "--config", str(tmp_path / "c.yaml")]).lr == 0.5
+    (tmp_path / "c.yaml").write_text("optimizer: adam\n")  # the file's choice selects the preset
+    assert parse_config(PerOptimizer, ["--smoke", "--config", str(tmp_path / "c.yaml")]).lr == 0.003
+
+
 def test_help_keeps_the_docstring_line_breaks_and_shows_ranges(capsys):
     with pytest.raises(SystemExit):
         parse_config(Config, ["--help"], description=Config.__doc__)

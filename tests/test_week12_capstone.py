@@ -258,8 +258,31 @@ def test_the_whole_chain_writes_every_artifact_and_the_served_model_answers_like
     summary = lab(part2, tmp_path, *TINY, "--worst", "4")
     check_chain(summary, [])
     metadata = json.loads((Path(summary["run_dir"]) / "bundle" / "metadata.json").read_text())
-    assert metadata["extra"]["test_acc"] == summary["test_acc"]
+    assert metadata["extra"]["test_acc"] == summary["test_acc"]  # the served model: one view
     assert metadata["classes"][0] == "airplane"
+    assert summary["test_acc_tta_low"] < summary["test_acc_tta"] < summary["test_acc_tta_high"]
+    report_text = (Path(summary["run_dir"]) / "report.md").read_text()
+    assert f"flip test-time augmentation (each image and its mirror, as Week 4 does): " \
+           f"{summary['test_acc_tta']:.2%}" in report_text
+
+
+def test_flip_tta_averages_each_image_with_its_left_right_mirror():
+    class LeftMinusRight(nn.Module):  # class 1 when the left half is brighter: a mirror flips it
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            d = self.scale * (x[..., :16].mean((1, 2, 3)) - x[..., 16:].mean((1, 2, 3)))
+            return torch.stack([-d, d], dim=1)
+
+    x = torch.rand(5, 3, 32, 32)
+    model = LeftMinusRight()
+    assert model(x).abs().min() > 0
+    assert torch.allclose(report.FlipAverage(model)(x), torch.zeros(5, 2), atol=1e-6)
+    up_down = torch.rand(5, 3, 32, 32)
+    up_down[..., :16] += 1  # left half brighter; an up-down flip would keep it so
+    assert report.FlipAverage(model)(up_down).abs().max() < 1e-5
 
 
 def test_vit_learns_the_twin(tmp_path):
@@ -267,7 +290,8 @@ def test_vit_learns_the_twin(tmp_path):
     worse than the CNN: no built-in translation invariance, the capstone's point; test accuracy
     is not asserted.)"""
     summary = lab(part2, tmp_path, "--smoke", "--model", "vit", "--no-deploy", "--epochs", "5",
-                  "--lr", "3e-3")
+                  "--lr", "3e-3", "--no-tta")
+    assert "test_acc_tta" not in summary
     rows = list(csv.DictReader(next(tmp_path.glob("week12/part2/*/metrics.csv")).open()))
     assert float(rows[-1]["train_loss"]) < 0.9 * float(rows[0]["train_loss"])
     assert float(rows[-1]["train_acc"]) > 0.2  # chance is 0.1

@@ -13,8 +13,12 @@ from common.data import ImageData
 from common.distributed import DistInfo, shard
 from common.errors import CheckpointError, ConfigError
 from common.loader import TensorLoader, derive_seed, normalizer, split
-from week03_cnn.part2 import training_augment
-from week04_regularization.best_cnn import SpeedNet, whitening_filters
+from week04_regularization.best_cnn import (
+    SpeedNet,
+    flip_translate,
+    prepare_batch,
+    whitening_filters,
+)
 from week12_capstone.vit import ViT
 
 if TYPE_CHECKING:
@@ -40,9 +44,10 @@ def make_model(cfg: Config, data: ImageData) -> nn.Module:
 
 def make_loaders(cfg: Config, data: ImageData,
                  info: DistInfo) -> tuple[TensorLoader, TensorLoader, TensorLoader]:
-    """Training batches (this process's shard under torchrun, Week 3's crop + flip), validation
-    held out of the training set, and the test set, all normalized with the training statistics.
-    A setting the data cannot satisfy is refused here, before Run.start writes anything."""
+    """Training batches (this process's shard under torchrun, Week 4's shifts + flips), validation
+    held out of the training set, and the test set, all normalized with the training statistics
+    (channels_last for the CNN, whose convs run faster so). A setting the data cannot satisfy is
+    refused here, before Run.start writes anything."""
     x, y, x_val, y_val = split(data.x_train, data.y_train, cfg.val_fraction, cfg.seed)
     if len(x_val) == 0:
         raise ConfigError(f"--val-fraction {cfg.val_fraction} of {len(data.x_train)} training "
@@ -53,11 +58,16 @@ def make_loaders(cfg: Config, data: ImageData,
         raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(x)} training "
                           f"images {where}")
     normalize = normalizer(data.mean, data.std)
+    channels_last = cfg.model == "resnet"
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        return prepare_batch(normalize(x), channels_last)
+
     train = TensorLoader(x, y, cfg.batch_size, shuffle=True, drop_last=True, device=info.device,
-                         seed=derive_seed(cfg.seed, info.rank), augment=training_augment("cifar10"),
-                         transform=normalize)
-    val = TensorLoader(x_val, y_val, 1024, transform=normalize, device=info.device)
-    test = TensorLoader(data.x_test, data.y_test, 1024, transform=normalize, device=info.device)
+                         seed=derive_seed(cfg.seed, info.rank),
+                         augment=flip_translate(cfg.translate, cfg.flip), transform=transform)
+    val = TensorLoader(x_val, y_val, 1024, transform=transform, device=info.device)
+    test = TensorLoader(data.x_test, data.y_test, 1024, transform=transform, device=info.device)
     return train, val, test
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from common.data import ImageData
 from common.plots import confusion_matrix, plot_confusion, plot_images
 from common.train import predict
+from week04_regularization.best_cnn import tta_logits
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
@@ -40,11 +41,24 @@ def wilson_interval(k: np.ndarray, n: np.ndarray, z: float = Z_95) -> tuple[np.n
     return np.where(n > 0, centre - half, 0.0), np.where(n > 0, centre + half, 1.0)
 
 
+class FlipAverage(nn.Module):
+    """Week 4's flip test-time augmentation as a model: the mean of the logits of each image and
+    of its mirror image."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tta_logits(self.model, x)
+
+
 def evaluate_test(model: nn.Module, test, data: ImageData, path: Callable[[str], Path],
-                  worst: int) -> dict:
+                  worst: int, tta: bool = False) -> dict:
     """The test set, once: accuracy with its 95% Wilson interval, per-class accuracy with
     intervals, the confusion matrix, and the most confident mistakes as images (``path(name)``
-    says where each plot goes)."""
+    says where each plot goes). All of it is for the model as served, one view per image;
+    ``tta`` adds the accuracy with flip TTA (``test_acc_tta``), for comparison with Week 4."""
     logits, targets = predict(model, test)  # (N, classes), (N,)
     probs = logits.softmax(dim=1)
     predicted = probs.argmax(dim=1)
@@ -67,8 +81,15 @@ def evaluate_test(model: nn.Module, test, data: ImageData, path: Callable[[str],
                   f"{confidence[i]:.0%}" for i in shown.tolist()]
         plot_images(data.x_test[shown].numpy(), path("worst_errors.png"), titles=titles, ncols=8,
                     title="most confident mistakes (true->predicted, confidence)")
-    return {"test_acc": k / n, "test_acc_low": float(low), "test_acc_high": float(high),
-            "test_n": n, "per_class": per_class, "worst_shown": len(shown)}
+    figures = {"test_acc": k / n, "test_acc_low": float(low), "test_acc_high": float(high),
+               "test_n": n, "per_class": per_class, "worst_shown": len(shown)}
+    if tta:
+        mirrored, _ = predict(FlipAverage(model), test)
+        k_tta = int((mirrored.argmax(dim=1) == targets).sum())
+        low, high = wilson_interval(np.array(k_tta), np.array(n))
+        figures.update(test_acc_tta=k_tta / n, test_acc_tta_low=float(low),
+                       test_acc_tta_high=float(high))
+    return figures
 
 
 def write_report(path: Path, cfg, data: ImageData, training: dict, test: dict) -> None:
@@ -79,7 +100,10 @@ def write_report(path: Path, cfg, data: ImageData, training: dict, test: dict) -
              f"Test accuracy **{test['test_acc']:.2%}** (95% Wilson interval "
              f"{test['test_acc_low']:.2%} to {test['test_acc_high']:.2%}, n = {test['test_n']}); "
              "the test set was evaluated once, after training, on the weights that validation "
-             "chose.", "",
+             "chose." + (f" With flip test-time augmentation (each image and its mirror, as Week 4 "
+                         f"does): {test['test_acc_tta']:.2%} ({test['test_acc_tta_low']:.2%} to "
+                         f"{test['test_acc_tta_high']:.2%}); the served model answers one view."
+                         if "test_acc_tta" in test else ""), "",
              "| | |", "|---|---|",
              f"| model | {cfg.model}, {t['params']:,} parameters |",
              f"| epochs trained | {t['epochs_done']} of {cfg.epochs}"
