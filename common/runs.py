@@ -19,6 +19,7 @@ import copy
 import csv
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -132,6 +133,9 @@ class Run:
         ``resuming``: the checkpoint being resumed, still intact if we stopped before training;
         ``resumable``: whether the script has --resume at all (if not, never offer it)."""
         run = Run.current
+        rank = int(os.environ.get("RANK") or 0)  # set by torchrun; rank 0 alone writes files
+        if rank > 0 and run is None:
+            return f"stopped (rank {rank}; rank 0 says what was saved and how to go on)"
         if not resumable:
             kept = f"what it finished is in {run.dir}" if run else "nothing was written"
             return f"stopped; {kept} (this script has no --resume: run it again to redo it)"

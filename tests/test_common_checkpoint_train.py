@@ -15,6 +15,7 @@ from torch import nn
 from common.checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from common.errors import CheckpointError, NonFiniteLoss
 from common.loader import TensorLoader
+from common.runs import Run
 from common.train import check_finite, evaluate, fit, predict, train_epoch
 from tests import tiny_lab
 from tests.conftest import ROOT, run_lab, run_script
@@ -239,6 +240,15 @@ def test_a_run_writes_metrics_and_checkpoint(tmp_path):
     payload = read_checkpoint(run_dir / "checkpoint.pt")
     assert payload["script"] == "tests/tiny_lab"
     assert [r["epoch"] for r in payload["extra"]["rows"]] == [1, 2]
+
+
+def test_ctrl_c_on_a_rank_other_than_0_leaves_the_checkpoint_news_to_rank_0(monkeypatch):
+    monkeypatch.setattr(Run, "current", None)  # under torchrun, rank 0 alone has a Run
+    monkeypatch.setenv("RANK", "1")
+    message = Run.interrupted_message()
+    assert message.startswith("stopped (rank 1;") and "nothing to resume" not in message
+    monkeypatch.setenv("RANK", "0")
+    assert Run.interrupted_message() == "stopped before a checkpoint was saved; nothing to resume"
 
 
 # ------------------------------------------------------------------------------------------

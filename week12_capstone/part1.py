@@ -210,23 +210,19 @@ def matmul_flops_per_s(device: torch.device, size: int = 1024, seconds: float = 
 
 
 def measured_step_s(model: nn.Module, batch_size: int, shape: tuple[int, ...], steps: int,
-                    device: torch.device, bf16: bool = False,
-                    channels_last: bool = False) -> float:
+                    device: torch.device) -> float:
     """Median seconds of ``steps`` training steps (forward, backward, AdamW) on random images,
-    after one warm-up step; ``bf16`` and ``channels_last`` as part2 trains (bf16 autocast on CPUs
-    with native bf16, NHWC batches)."""
-    from common.device import autocast, cpu_has_native_bf16
+    after one warm-up step."""
+    from common.device import autocast
 
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, *shape, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=device)
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        with autocast(device, cpu_bf16=bf16 and cpu_has_native_bf16()):
+        with autocast(device):
             loss = nn.functional.cross_entropy(model(x).float(), y)
         optimizer.zero_grad()
         loss.backward()

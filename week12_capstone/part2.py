@@ -73,10 +73,11 @@ class Config(ResumableConfig):
     # --- resnet ---
     width: Annotated[int, Range(1, 1024)] = 32  # channels of the first conv group (then 2x, 4x)
     # --- vit ---
-    patch: Annotated[int, Range(1, 32)] = 4  # side of the square patches (4 on 32x32: 64 tokens)
-    dim: Annotated[int, Range(1, 2048)] = 128  # width of every token
-    depth: Annotated[int, Range(1, 48)] = 4  # transformer blocks
-    heads: Annotated[int, Range(1, 64)] = 4  # attention heads; each looks at dim/heads channels
+    # The shape benchmarks/week12.py's cifar10_vit_sweep chose on validation for a CPU budget.
+    patch: Annotated[int, Range(1, 32)] = 8  # side of the square patches (8 on 32x32: 16 tokens)
+    dim: Annotated[int, Range(1, 2048)] = 192  # width of every token
+    depth: Annotated[int, Range(1, 48)] = 6  # transformer blocks
+    heads: Annotated[int, Range(1, 64)] = 6  # attention heads; each looks at dim/heads channels
     mlp_ratio: Annotated[int, Range(1, 16)] = 2  # hidden width of each block's MLP, in units of dim
     dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # on attention outputs and MLPs
     # --- evaluation and deployment ---
