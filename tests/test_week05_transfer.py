@@ -21,6 +21,7 @@ from common.config import parse_config
 from common.data import ImageData
 from common.errors import DataError, DataUnavailable
 from common.imagefolder import load_images
+from common.loader import TensorLoader
 from common.parity import assert_close, torch_reference
 from tests.conftest import run_lab
 from week05_transfer import backbones, data_size, freeze_schedule, part1, part2
@@ -238,6 +239,36 @@ def test_cached_features_equal_a_fresh_forward_pass_in_eval_mode():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_flip_tta_scores_the_mirrored_images_and_averages_the_two_views():
+    g = torch.Generator().manual_seed(0)
+
+    def pictures(n):
+        return torch.randint(0, 256, (n, 3, 6, 6), dtype=torch.uint8, generator=g)
+
+    data = ImageData(pictures(8), torch.zeros(8, dtype=torch.long), pictures(5),
+                     torch.tensor([0, 1, 1, 0, 1]), ["a", "b"], (0.5,) * 3, (0.25,) * 3,
+                     x_val=pictures(4), y_val=torch.tensor([1, 0, 0, 1]))
+    body, head = nn.Sequential(nn.Flatten(), nn.Linear(108, 7)), nn.Linear(7, 2)
+
+    def transform(x):
+        return x.float() / 255
+
+    cpu = torch.device("cpu")
+    val_mirror, test_mirror = week_images.mirrored(data, transform, cpu, body)  # frozen mode
+    with torch.no_grad():
+        left_right = body(transform(data.x_test.flip(3)))  # the features of the mirror images
+        torch.testing.assert_close(test_mirror.x, left_right)
+        assert not torch.allclose(test_mirror.x, body(transform(data.x_test.flip(2))))
+        plain = TensorLoader(body(transform(data.x_test)), data.y_test, 1024)
+        one_view, _ = week_images.scored(head, plain, None)
+        both, targets = week_images.scored(head, plain, test_mirror)
+        torch.testing.assert_close(one_view, head(plain.x))
+        torch.testing.assert_close(both, (head(plain.x) + head(left_right)) / 2)
+    assert torch.equal(targets, data.y_test) and torch.equal(val_mirror.y, data.y_val)
+    image_val, _ = week_images.mirrored(data, transform, cpu)  # other modes: the images
+    assert torch.equal(image_val.x, data.x_val.flip(3))
+
+
 def test_part2_chooses_the_mode_on_validation_not_on_test(tmp_path, monkeypatch):
     val = {"frozen": 0.9, "partial": 0.95, "full": 0.8, "scratch": 0.6}
     test = {"frozen": 0.99, "partial": 0.7, "full": 0.9, "scratch": 0.5}
@@ -256,7 +287,7 @@ def test_part2_chooses_the_mode_on_validation_not_on_test(tmp_path, monkeypatch)
 def test_part2_stops_early_and_keeps_the_epoch_with_the_lowest_validation_loss(tmp_path):
     """The frozen head on the twin (20 epochs at most, patience 4): the loop stops 4 epochs after
     the lowest validation loss, and the model it keeps (and tests) is that epoch's."""
-    summary = lab(part2, tmp_path, "--smoke", "--mode", "frozen")
+    summary = lab(part2, tmp_path, "--smoke", "--mode", "frozen", "--no-tta")  # one view, as rows
     rows = list(csv.DictReader(next(tmp_path.glob("week05/part2/*/metrics.csv")).open()))
     losses = [float(r["val_loss"]) for r in rows]
     best = losses.index(min(losses)) + 1

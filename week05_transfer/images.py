@@ -4,6 +4,8 @@
     train, val, test = image_loaders(cfg, data, transform, device)   # uint8 images, augmented
     features = [extract_features(body, x, transform, device) for x in (x_train, x_val, x_test)]
     train, val, test = feature_loaders(cfg, data, features, device)  # frozen mode: (N, D) each
+    val_mirror, test_mirror = mirrored(data, transform, device, body)  # flip TTA's other view
+    logits, targets = scored(model, test, test_mirror)               # mean logits of both views
 
 Images are decoded once to uint8 tensors at ``cfg.image_size`` (common.imagefolder) and stay in
 memory; each batch is augmented (random resized crops and flips) and normalized on the fly.
@@ -23,6 +25,7 @@ from common.errors import ConfigError
 from common.imagefolder import load_images
 from common.loader import TensorLoader, split
 from common.plots import plot_images
+from common.train import predict
 
 
 def load_splits(cfg, n_synthetic: int = 320) -> ImageData:
@@ -79,6 +82,31 @@ def feature_loaders(cfg, data: ImageData, features: list[torch.Tensor],
                          seed=cfg.seed)
     val = TensorLoader(x_val, data.y_val, 1024, device=device)
     return train, val, TensorLoader(x_test, data.y_test, 1024, device=device)
+
+
+def mirrored(data: ImageData, transform, device: torch.device,
+             body: nn.Module | None = None) -> tuple[TensorLoader, TensorLoader]:
+    """The validation and test images mirrored left-right, for flip TTA: as the frozen
+    ``body``'s features when it is given (what the frozen head reads), else as images."""
+    loaders = []
+    for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test)):
+        x = x.flip(3)  # (N, 3, H, W), each row of pixels reversed
+        if body is not None:
+            loaders.append(TensorLoader(extract_features(body, x, transform, device), y, 1024,
+                                        device=device))
+        else:
+            loaders.append(TensorLoader(x, y, 64, transform=transform, device=device))
+    return loaders[0], loaders[1]
+
+
+def scored(model: nn.Module, batches: TensorLoader,
+           mirror: TensorLoader | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of every batch; with ``mirror`` (flip TTA) the mean of the logits of
+    each image and of its mirror image: a bee facing left is still a bee."""
+    logits, targets = predict(model, batches)
+    if mirror is not None:
+        logits = (logits + predict(model, mirror)[0]) / 2
+    return logits, targets
 
 
 def plot_augmented(cfg, data: ImageData, path) -> None:

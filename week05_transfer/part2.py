@@ -43,7 +43,7 @@ from common.loader import TensorLoader, normalizer
 from common.plots import confusion_matrix, plot_confusion, plot_curves
 from common.runner import interrupted, launch
 from common.runs import Run
-from common.train import check_finite, evaluate, predict
+from common.train import check_finite, evaluate
 from week04_regularization.part2 import EarlyStopping, step_per_epoch
 from week05_transfer import images
 from week05_transfer.backbones import BACKBONES, Backbone, build_backbone
@@ -71,6 +71,7 @@ class Config(BaseConfig):
     augment: bool = True  # random resized crops (+ flips) of the training images (not frozen mode)
     crop_scale: Annotated[float, Range(0.05, 1)] = 0.35  # smallest share of the image a crop keeps
     val_fraction: Annotated[float, Range(0, 0.5, lo_open=True)] = 0.2  # of train/ held out
+    tta: bool = True  # flip TTA: score val and test images with their mirrors (photos: same class)
 
     # Smoke: the twin at 24 px (320 images), a random ResNet-20 (no download, nothing to protect).
     SMOKE: ClassVar[dict] = {"backbone": "resnet20_cifar", "weights": "none", "image_size": 24,
@@ -223,12 +224,16 @@ def train_mode(mode: str, cfg: Config, data: ImageData, pretrained: Backbone | N
         if early.update(row["val_loss"], epoch):  # early stopping decides here
             break
     kept = early.restore_best()  # the weights of the epoch with the lowest validation loss
+    body = net.body if mode == "frozen" else None  # the frozen head reads the body's features
+    val_mirror, test_mirror = (images.mirrored(data, transform, device, body) if cfg.tta
+                               else (None, None))
     train_s = time.perf_counter() - t_start
-    kept_val = evaluate(model, val)
-    logits, targets = predict(model, test)  # the test set, once
+    val_logits, val_targets = images.scored(model, val, val_mirror)  # the mode is chosen on these
+    logits, targets = images.scored(model, test, test_mirror)  # the test set, once
     run.save_checkpoint(net, None, None, epoch=epoch, mode=mode, classes=data.classes)
     rows = [r for r in run.rows if r.get("mode") == mode]
-    summary = {"val_loss": kept_val["loss"], "val_acc": kept_val["acc"],
+    summary = {"val_loss": F.cross_entropy(val_logits, val_targets).item(),
+               "val_acc": (val_logits.argmax(1) == val_targets).float().mean().item(),
                "test_acc": (logits.argmax(1) == targets).float().mean().item(),
                "trainable_params": trainable, "frozen_params": frozen, "kept_epoch": kept,
                "epochs_done": epoch, "train_time_s": round(train_s, 2),
