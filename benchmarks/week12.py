@@ -55,7 +55,7 @@ def epochs_for_budget(cfg: part2.Config, budget_s: float, device: torch.device,
     train, val, _ = make_loaders(cfg, data, DistInfo(device=device))
     model = prepare_model(make_model(cfg, data), device, channels_last=cfg.model == "resnet")
     optimizer = make_decay_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                     cfg.momentum, cfg.bias_lr_scale)
+                                     no_decay_lr_scale=cfg.bias_lr_scale)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     times = []
