@@ -44,24 +44,25 @@ from week12_capstone.build import make_loaders, make_model
 
 
 def epochs_for_budget(cfg: part2.Config, budget_s: float, device: torch.device,
-                      n_train: int) -> tuple[int, float]:
+                      n_images: int) -> tuple[int, float]:
     """Whole epochs of ``cfg``'s model that fit in ``budget_s``, timed with part2's own pieces on
     twin images of the real shape: its loaders (augmentation, normalization, layout), its
-    ``train_one_epoch`` (after a warm-up pass) and its validation, scaled to ``n_train`` images
-    and the validation set."""
-    steps, n_val = 8, round(n_train / (1 - cfg.val_fraction) * cfg.val_fraction)
+    ``train_one_epoch`` (after a warm-up pass) and its validation, scaled to the training and
+    validation images part2 splits from ``n_images`` (or from ``cfg.train_subset`` of them)."""
+    n_used = cfg.train_subset or n_images
+    n_val = round(n_used * cfg.val_fraction)
+    n_train, steps = n_used - n_val, 8
     data = load("cifar10", synthetic=True,
                 n_synthetic=math.ceil(steps * cfg.batch_size / (1 - cfg.val_fraction)) + 1)
     train, val, _ = make_loaders(cfg, data, DistInfo(device=device))
     model = prepare_model(make_model(cfg, data), device, channels_last=cfg.model == "resnet")
     optimizer = make_decay_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay,
                                      no_decay_lr_scale=cfg.bias_lr_scale)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     times = []
     for _ in range(2):  # the first pass warms up (oneDNN picks its kernels)
-        start = time.perf_counter()
-        part2.train_one_epoch(model, train, optimizer, scheduler, True, loss_fn, cfg.bf16)
+        start = time.perf_counter()  # no scheduler: a constant LR costs the same time
+        part2.train_one_epoch(model, train, optimizer, None, False, loss_fn, cfg.bf16)
         times.append((time.perf_counter() - start) / len(train))
     start = time.perf_counter()
     part2.validate(model, val, loss_fn, DistInfo(device=device))
@@ -87,8 +88,6 @@ def capstone(data_dir: str, device: str, options: dict) -> dict:
     _, arrays = part1.audit(data, plan.val_fraction, plan.seed)
     baseline = part1.train_baseline(data, arrays, plan, dev)
     result.update({f"baseline_{k}": v for k, v in baseline.items() if k != "rows"})
-    n_train = len(arrays["y_train"]) if not fields.get("train_subset") else round(
-        fields["train_subset"] * (1 - plan.val_fraction))
 
     val_acc = {}
     keep = ("test_acc", "test_acc_low", "test_acc_high", "test_acc_tta", "test_acc_tta_low",
@@ -99,7 +98,7 @@ def capstone(data_dir: str, device: str, options: dict) -> dict:
             settings = {**part2.Config.PRESETS["model"].get(name, {}), **fields, "model": name}
             where = {"data_dir": data_dir, "device": device, "out": out}
             probe = part2.Config(**settings, **where)
-            epochs, epoch_s = epochs_for_budget(probe, budget_s, dev, n_train)
+            epochs, epoch_s = epochs_for_budget(probe, budget_s, dev, len(data.y_train))
             summary = part2.main(part2.Config(**{**settings, "epochs": epochs}, **where))
             val_acc[name] = summary["val_acc"]
             result[f"{name}_val_acc_by_epoch"] = val_by_epoch(summary["run_dir"])
@@ -120,6 +119,8 @@ def val_by_epoch(run_dir: str) -> list[float]:
         return [round(float(row["val_acc"]), 4) for row in csv.DictReader(f)]
 
 
+CIFAR10_TRAINING_IMAGES = 50_000
+
 # The ViT shapes tried for the CPU budget: part2's default, narrower, wider, bigger patches
 # (16 tokens, so a deeper and wider model costs less), and without the random shifts.
 VIT_SHAPES = {
@@ -138,7 +139,6 @@ def vit_sweep(data_dir: str, device: str, options: dict) -> dict:
                                    extra_keys=("budget_s",))
     dev = pick_device(device)
     budget_s = float(extra.get("budget_s", 60.0 if dev.type == "cuda" else 300.0))
-    n_train = round((fields.get("train_subset") or 50_000) * (1 - part2.Config.val_fraction))
     result = {"data": "CIFAR-10, JPEG copy", "budget_s": budget_s,
               "torch_threads": torch.get_num_threads(), "shapes": {}}
     with tempfile.TemporaryDirectory() as out:
@@ -146,8 +146,8 @@ def vit_sweep(data_dir: str, device: str, options: dict) -> dict:
             settings = {**part2.Config.PRESETS["model"]["vit"], **shape, **fields, "model": "vit",
                         "deploy": False, "tta": False, "worst": 0}
             where = {"data_dir": data_dir, "device": device, "out": out}
-            epochs, epoch_s = epochs_for_budget(part2.Config(**settings, **where), budget_s, dev,
-                                                n_train)
+            probe = part2.Config(**settings, **where)
+            epochs, epoch_s = epochs_for_budget(probe, budget_s, dev, CIFAR10_TRAINING_IMAGES)
             summary = part2.main(part2.Config(**{**settings, "epochs": epochs}, **where))
             result["shapes"][label] = {
                 "settings": shape, "params": summary["params"], "epochs": epochs,

@@ -238,7 +238,7 @@ def main(cfg: Config) -> dict:
     if not cfg.checkpoint:  # serve it again: --checkpoint <run folder>/checkpoint.pt
         run.save_checkpoint(model, epoch=cfg.epochs)
     load_figures = {f"load_{k}": under_load.get(f"closed_{k}", 0)
-            for k in ("requests", "errors", "rps", "p50_ms", "p99_ms")}
+                    for k in ("requests", "errors", "rps", "p50_ms", "p99_ms")}
     return run.finish(test_acc=test_acc, service_acc=service_acc, service_agrees_with_eager=agree,
                       eager_acc_checked=(eager_pred == y_test).float().mean().item(), n_checked=n,
                       bad_requests=len(statuses),
